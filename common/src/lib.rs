@@ -1,0 +1,205 @@
+//! Types shared by the tlsmesh eBPF programs and the node daemon: map keys,
+//! map values, counter indices, well-known ports and marks.
+//!
+//! Every type is `#[repr(C)]`, `Copy`, built from explicit fixed-width
+//! integers and free of implicit padding, so the kernel and userspace agree
+//! on its layout byte for byte (the sizes are asserted in the tests below).
+//! With the `user` feature the types implement `aya::Pod`.
+#![no_std]
+
+/// Outbound capture listener, inside each enrolled pod's netns (127.0.0.1 / ::1).
+pub const PORT_OUTBOUND: u16 = 15001;
+/// Inbound plaintext capture listener, inside each enrolled pod's netns.
+pub const PORT_INBOUND: u16 = 15006;
+/// Tunnel (HBONE over TLS, and QUIC), at the pod address, served by the node daemon.
+pub const PORT_TUNNEL: u16 = 15008;
+/// Admin API (localhost of the node).
+pub const PORT_ADMIN: u16 = 15000;
+/// Prometheus metrics.
+pub const PORT_METRICS: u16 = 15020;
+/// Readiness.
+pub const PORT_READY: u16 = 15021;
+
+/// `SO_MARK` the daemon puts on every socket it opens inside a pod netns, so
+/// the capture programs never capture the daemon itself (ztunnel's 0x539).
+pub const DAEMON_MARK: u32 = 0x539;
+
+/// `Enrollment::mode`: plaintext inbound is accepted (and counted).
+pub const MODE_PERMISSIVE: u32 = 1;
+/// `Enrollment::mode`: only mTLS inbound.
+pub const MODE_STRICT: u32 = 2;
+
+/// `AF_INET` as the kernel numbers it.
+pub const FAMILY_V4: u32 = 2;
+/// `AF_INET6` as the kernel numbers it.
+pub const FAMILY_V6: u32 = 10;
+
+/// Value of the enrollment map, keyed by a pod's network-namespace cookie (`u64`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Enrollment {
+    /// `MODE_PERMISSIVE` or `MODE_STRICT`.
+    pub mode: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+
+/// A socket address as the eBPF side sees it.
+///
+/// `addr` holds the address in network byte order, one `u32` word at a time
+/// exactly as `bpf_sock_addr.user_ip6` does; IPv4 uses `addr[0]` and leaves
+/// the rest zero. `port` is in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct SockAddr {
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u32,
+    /// Port, host byte order.
+    pub port: u32,
+    /// Address words, network byte order.
+    pub addr: [u32; 4],
+}
+
+/// Key of the original-destination map: the captured client socket's own
+/// (local) address, qualified by the pod netns it lives in (every pod's
+/// loopback looks alike).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct ConnKey {
+    /// Network-namespace cookie of the pod.
+    pub netns_cookie: u64,
+    /// The client socket's local address (127.0.0.1 or ::1 and its port).
+    pub client: SockAddr,
+}
+
+/// Key of the inbound socket map: a pod address (port unused, zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct IpKey {
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u32,
+    /// Address words, network byte order (IPv4 in `addr[0]`).
+    pub addr: [u32; 4],
+}
+
+/// Data of a bypass-CIDR LPM-trie key: an IPv6 address, IPv4 written as
+/// IPv4-mapped (`::ffff:a.b.c.d`, prefix length + 96).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CidrKey {
+    /// Address bytes in network order.
+    pub addr: [u8; 16],
+}
+
+/// The one element of the capture configuration array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CaptureConfig {
+    /// Port the outbound listener has inside each pod (host order).
+    pub outbound_port: u32,
+    /// Sockets carrying this mark are never captured.
+    pub daemon_mark: u32,
+    /// Set to 1 once the daemon has written the configuration; until then the
+    /// programs capture nothing.
+    pub ready: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+
+/// Indices of the per-CPU counter array the programs bump.
+pub mod counter {
+    /// connect4/6 rewrote an enrolled pod's connect to the outbound listener.
+    pub const CAPTURED: u32 = 0;
+    /// An enrolled pod's connect matched the bypass list.
+    pub const BYPASSED: u32 = 1;
+    /// A connect carried the daemon's mark and was left alone.
+    pub const DAEMON_SKIPPED: u32 = 2;
+    /// sock_ops recorded an original destination under the client address.
+    pub const ORIG_DST_RECORDED: u32 = 3;
+    /// getpeername was answered with the original destination.
+    pub const PEER_REWRITTEN: u32 = 4;
+    /// sk_lookup steered an inbound SYN to the daemon's in-pod listener.
+    pub const INBOUND_STEERED: u32 = 5;
+    /// sk_lookup dropped an inbound SYN because no daemon listener was there.
+    pub const INBOUND_DROPPED: u32 = 6;
+    /// Number of counters.
+    pub const COUNT: u32 = 8;
+}
+
+/// Names of the maps in the eBPF object (the daemon opens them by name).
+pub mod maps {
+    /// `HashMap<u64 netns cookie, Enrollment>`.
+    pub const ENROLLED: &str = "TLSMESH_ENROLLED";
+    /// `Array<CaptureConfig>` of one element.
+    pub const CONFIG: &str = "TLSMESH_CONFIG";
+    /// `LruHashMap<u64 socket cookie, SockAddr>`: original destination per captured socket.
+    pub const ORIG_BY_COOKIE: &str = "TLSMESH_ORIG_COOKIE";
+    /// `LruHashMap<ConnKey, SockAddr>`: original destination by client address.
+    pub const ORIG_BY_ADDR: &str = "TLSMESH_ORIG_ADDR";
+    /// `HashMap<u32 port, u32>`: destination ports never captured.
+    pub const BYPASS_PORTS: &str = "TLSMESH_BYPASS_PORTS";
+    /// `LpmTrie<CidrKey, u32>`: destination CIDRs never captured.
+    pub const BYPASS_CIDRS: &str = "TLSMESH_BYPASS_CIDRS";
+    /// `SockHash<IpKey>`: the daemon's inbound listener for each pod address.
+    pub const INBOUND: &str = "TLSMESH_INBOUND";
+    /// `PerCpuArray<u64>` of `counter::COUNT`.
+    pub const COUNTERS: &str = "TLSMESH_COUNTERS";
+}
+
+/// Names of the programs in the eBPF object.
+pub mod programs {
+    /// cgroup/connect4.
+    pub const CONNECT4: &str = "tlsmesh_connect4";
+    /// cgroup/connect6.
+    pub const CONNECT6: &str = "tlsmesh_connect6";
+    /// sock_ops (records the original destination by client address).
+    pub const SOCK_OPS: &str = "tlsmesh_sock_ops";
+    /// cgroup/getpeername4.
+    pub const GETPEERNAME4: &str = "tlsmesh_getpeername4";
+    /// cgroup/getpeername6.
+    pub const GETPEERNAME6: &str = "tlsmesh_getpeername6";
+    /// sk_lookup (inbound capture, attached per pod netns).
+    pub const SK_LOOKUP: &str = "tlsmesh_sk_lookup";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is repr(C), Copy, made of plain integers with no
+    // padding (sizes asserted below), so any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::Enrollment {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockAddr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::IpKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CidrKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CaptureConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, size_of};
+
+    #[test]
+    fn layouts_have_no_padding() {
+        assert_eq!(size_of::<Enrollment>(), 8);
+        assert_eq!(size_of::<SockAddr>(), 24);
+        assert_eq!(size_of::<ConnKey>(), 32);
+        assert_eq!(align_of::<ConnKey>(), 8);
+        assert_eq!(size_of::<IpKey>(), 20);
+        assert_eq!(size_of::<CidrKey>(), 16);
+        assert_eq!(size_of::<CaptureConfig>(), 16);
+    }
+
+    #[test]
+    fn ports_are_ztunnels() {
+        assert_eq!(
+            [PORT_OUTBOUND, PORT_INBOUND, PORT_TUNNEL, PORT_ADMIN, PORT_METRICS, PORT_READY],
+            [15001, 15006, 15008, 15000, 15020, 15021]
+        );
+    }
+}

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian 12 machine (root): apt packages,
+# bpf-linker, cgroup v2 and bpffs checks. A second run does nothing and takes
+# seconds. Called by both README commands; safe to run by hand.
+set -euo pipefail
+
+say()  { printf '\033[1mbootstrap:\033[0m %s\n' "$*" >&2; }
+die()  { printf '\033[1;31mbootstrap: %s\033[0m\n' "$*" >&2; exit 1; }
+
+if [[ $(id -u) -ne 0 ]]; then
+  die "tlsmesh needs root (eBPF, network namespaces, apt). Re-run as root, e.g.: sudo $0"
+fi
+
+APT_PACKAGES=(
+  rustc-web cargo-web rust-web-src
+  llvm-22-dev libpolly-22-dev zlib1g-dev libzstd-dev
+  nftables libnftnl-dev libmnl-dev pkg-config
+  iproute2 iperf3 stunnel4 openssl bpftool tcpdump util-linux
+  build-essential ca-certificates curl
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  say "installing apt packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  # llvm-22 and rustc-web 1.96 arrive with bookworm updates: refresh first.
+  apt-get update -qq || die "apt-get update failed: check the network/proxy to deb.debian.org"
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || die "apt-get install failed for: ${missing[*]}"
+fi
+
+# rustup's cargo (stable) is the host toolchain; bpf-linker is built with it.
+export PATH="$HOME/.cargo/bin:$PATH"
+command -v cargo >/dev/null || die "no cargo on PATH. Install Rust with rustup (https://rustup.rs) or: apt-get install cargo-web"
+
+BPF_LINKER_VERSION=0.13.0
+if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+  say "building bpf-linker $BPF_LINKER_VERSION against llvm-22 (about a minute)"
+  PATH=/usr/lib/llvm-22/bin:$PATH LLVM_PREFIX=/usr/lib/llvm-22 \
+    cargo install --locked bpf-linker --version "$BPF_LINKER_VERSION" \
+      --no-default-features --features llvm-22 >/dev/null 2>&1 \
+    || PATH=/usr/lib/llvm-22/bin:$PATH LLVM_PREFIX=/usr/lib/llvm-22 \
+      cargo install bpf-linker --version "$BPF_LINKER_VERSION" \
+        --no-default-features --features llvm-22 \
+    || die "could not build bpf-linker; see the cargo output above"
+fi
+
+# Kernel checks.
+[[ -d /proc/sys/net/ipv4 ]] || die "no IPv4 networking in this kernel"
+if ! grep -qw cgroup2 /proc/filesystems; then
+  die "this kernel has no cgroup v2; tlsmesh needs a kernel with CONFIG_CGROUPS and cgroup2"
+fi
+cg2=$(awk '$3=="cgroup2"{print $2; exit}' /proc/mounts)
+if [[ -z $cg2 ]]; then
+  say "no cgroup v2 mounted: mounting one at /sys/fs/cgroup/unified"
+  mkdir -p /sys/fs/cgroup/unified 2>/dev/null || mkdir -p /run/tlsmesh/cgroup2
+  mount -t cgroup2 none /sys/fs/cgroup/unified 2>/dev/null \
+    || { mkdir -p /run/tlsmesh/cgroup2 && mount -t cgroup2 none /run/tlsmesh/cgroup2; } \
+    || die "could not mount cgroup v2; mount one by hand: mount -t cgroup2 none /sys/fs/cgroup/unified"
+fi
+if ! awk '$3=="bpf"{f=1} END{exit !f}' /proc/mounts; then
+  say "mounting bpffs at /sys/fs/bpf"
+  mkdir -p /sys/fs/bpf
+  mount -t bpf bpf /sys/fs/bpf || die "could not mount bpffs; the kernel needs CONFIG_BPF_SYSCALL"
+fi
+[[ -e /sys/kernel/btf/vmlinux ]] || say "warning: no /sys/kernel/btf/vmlinux (BTF); programs still load without CO-RE"
+say "ok"

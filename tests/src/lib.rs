@@ -1,0 +1,575 @@
+//! netkit: "nodes" and "pods" as network namespaces joined by veth pairs, for
+//! tests, the demo and the benchmark.
+//!
+//! Layout of a topology with N nodes and M pods per node (all addresses are
+//! private and exist only inside the namespaces this kit creates):
+//!
+//! ```text
+//!   pod n0p0 (10.77.1.2, fd77:1::2) ─veth─┐            ┌─veth─ pod n1p0 (10.77.2.2)
+//!   pod n0p1 (10.77.1.3)           ─veth─ node n0 ─┐ ┌─ node n1 ─veth─ pod n1p1 (10.77.2.3)
+//!                                   192.168.77.1   │ │  192.168.77.2
+//!                                                  lan (bridge br0)
+//! ```
+//!
+//! Pods route via their node (default route to 10.77.(n+1).1); nodes forward
+//! and route other nodes' pod subnets via the shared LAN bridge. Each pod gets
+//! its own cgroup-v2 cgroup. Namespace names carry a per-topology id, so
+//! tests run in parallel. `Drop` tears everything down — processes started
+//! through the kit, namespaces (their veths go with them), cgroups and pin
+//! directories registered with it — on success, failure and panic alike.
+//! `cleanup_leaked` removes what a killed test left behind.
+
+use std::{
+    fs,
+    io::{self, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::{fd::AsRawFd, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+/// Prefix of every namespace, cgroup and pin directory the kit creates.
+pub const PREFIX: &str = "tmk-";
+
+/// True when running as root (the kit needs it).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Call at the top of a test that needs root and eBPF. Returns `false` (after
+/// printing why) when the test cannot run here and should return early; under
+/// `CI=true` it panics instead, because a skip in CI is a failure.
+pub fn require_root(test: &str) -> bool {
+    let why = if !is_root() {
+        Some("not running as root".to_string())
+    } else if cgroup2_root().is_none() {
+        Some("no cgroup v2 mount".to_string())
+    } else if !Path::new("/sys/fs/bpf").exists() {
+        Some("no /sys/fs/bpf".to_string())
+    } else {
+        None
+    };
+    match why {
+        None => true,
+        Some(why) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{test}: cannot run ({why}) and CI=true forbids skipping"
+            );
+            eprintln!("SKIP {test}: {why}; run the tests as root (cargo xtask test)");
+            false
+        }
+    }
+}
+
+/// The cgroup-v2 mount point, if any.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(path))
+    })
+}
+
+/// Runs a command, failing with its output when it fails.
+pub fn sh(args: &[&str]) -> io::Result<Output> {
+    let out = Command::new(args[0]).args(&args[1..]).output()?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(io::Error::other(format!(
+            "`{}` failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        )))
+    }
+}
+
+fn ip(ns: &str, args: &str) -> io::Result<()> {
+    let mut v = vec!["ip", "-n", ns];
+    v.extend(args.split_whitespace());
+    sh(&v).map(|_| ())
+}
+
+/// A pod: a network namespace behind its node, with a cgroup.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    /// Short name, e.g. `n0p1`.
+    pub name: String,
+    /// Namespace name (under /run/netns).
+    pub netns: String,
+    /// IPv4 address.
+    pub ip4: Ipv4Addr,
+    /// IPv6 address.
+    pub ip6: Ipv6Addr,
+    /// Index of its node.
+    pub node: usize,
+    /// Its cgroup-v2 directory.
+    pub cgroup: PathBuf,
+}
+
+/// A node: a network namespace on the LAN, routing for its pods.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// Short name, e.g. `n0`.
+    pub name: String,
+    /// Namespace name.
+    pub netns: String,
+    /// LAN IPv4 address.
+    pub ip4: Ipv4Addr,
+    /// LAN IPv6 address.
+    pub ip6: Ipv6Addr,
+    /// Its pods.
+    pub pods: Vec<Pod>,
+}
+
+impl Pod {
+    /// `/run/netns/<netns>`.
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.netns)
+    }
+}
+
+impl Node {
+    /// `/run/netns/<netns>`.
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.netns)
+    }
+}
+
+/// A process started through the kit; killed (by PID) when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    child: Option<Child>,
+    /// What it is, for messages.
+    pub label: String,
+}
+
+impl Proc {
+    /// Its PID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        if let Some(c) = &self.child {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).expect("pid fits i32"));
+            let _ = nix::sys::signal::kill(pid, sig);
+        }
+    }
+
+    /// Kills and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits up to `timeout` for it to exit; `None` if it is still running.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    self.child = None;
+                    return Some(st);
+                }
+            } else {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Takes the child's stdout (if piped).
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.as_mut().and_then(|c| c.stdout.take())
+    }
+
+    /// Is it still running?
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Inner {
+    id: String,
+    nodes: Vec<Node>,
+    lan: String,
+    cgroup_dir: Option<PathBuf>,
+    extra_dirs: Mutex<Vec<PathBuf>>,
+    procs: Mutex<Vec<u32>>,
+}
+
+/// A built topology. Everything is torn down on drop.
+#[derive(Clone)]
+pub struct Topology {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Topology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Topology").field("id", &self.inner.id).finish_non_exhaustive()
+    }
+}
+
+fn unique_id() -> String {
+    let r: u32 = rand::random();
+    format!("{:x}{:04x}", std::process::id() % 0xfff, r & 0xffff)
+}
+
+impl Topology {
+    /// Builds `nodes` nodes with `pods_per_node` pods each.
+    pub fn build(nodes: usize, pods_per_node: usize) -> io::Result<Self> {
+        assert!(nodes >= 1 && nodes <= 200 && pods_per_node <= 250, "topology too large");
+        let id = unique_id();
+        let lan = format!("{PREFIX}{id}-lan");
+        let cgroup_dir = cgroup2_root().map(|r| r.join(format!("{PREFIX}{id}")));
+        // Build into a value whose Drop cleans up, so a failure half-way leaks nothing.
+        let mut t = Inner {
+            id: id.clone(),
+            nodes: Vec::new(),
+            lan: lan.clone(),
+            cgroup_dir: cgroup_dir.clone(),
+            extra_dirs: Mutex::new(Vec::new()),
+            procs: Mutex::new(Vec::new()),
+        };
+        sh(&["ip", "netns", "add", &lan])?;
+        ip(&lan, "link set lo up")?;
+        ip(&lan, "link add br0 type bridge")?;
+        ip(&lan, "link set br0 up")?;
+        if let Some(d) = &cgroup_dir {
+            fs::create_dir_all(d)?;
+        }
+        for n in 0..nodes {
+            let node = Self::add_node(&mut t, &id, n, nodes, pods_per_node)?;
+            t.nodes.push(node);
+        }
+        Ok(Self { inner: Arc::new(t) })
+    }
+
+    fn add_node(t: &mut Inner, id: &str, n: usize, total: usize, pods: usize) -> io::Result<Node> {
+        let nn = u8::try_from(n + 1).expect("<= 200 nodes");
+        let ns = format!("{PREFIX}{id}-n{n}");
+        let node = Node {
+            name: format!("n{n}"),
+            netns: ns.clone(),
+            ip4: Ipv4Addr::new(192, 168, 77, nn),
+            ip6: format!("fd77::{nn:x}").parse().expect("valid v6"),
+            pods: Vec::new(),
+        };
+        // Register first so Drop removes it even if a step below fails.
+        t.nodes.push(node.clone());
+        sh(&["ip", "netns", "add", &ns])?;
+        ip(&ns, "link set lo up")?;
+        sh(&["ip", "netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])?;
+        ip(&t.lan, &format!("link add l{n} type veth peer name eth0 netns {ns}"))?;
+        ip(&t.lan, &format!("link set l{n} master br0 up"))?;
+        ip(&ns, &format!("addr add {}/24 dev eth0", node.ip4))?;
+        ip(&ns, &format!("addr add {}/64 dev eth0 nodad", node.ip6))?;
+        ip(&ns, "link set eth0 up")?;
+        for m in 0..total {
+            if m == n {
+                continue;
+            }
+            let mm = u8::try_from(m + 1).expect("<= 200 nodes");
+            ip(&ns, &format!("route add 10.77.{mm}.0/24 via 192.168.77.{mm}"))?;
+            ip(&ns, &format!("-6 route add fd77:{mm:x}::/64 via fd77::{mm:x}"))?;
+        }
+        let mut node = node;
+        for p in 0..pods {
+            let pod = Self::add_pod(t, id, n, p)?;
+            node.pods.push(pod);
+        }
+        t.nodes.pop();
+        Ok(node)
+    }
+
+    fn add_pod(t: &Inner, id: &str, n: usize, p: usize) -> io::Result<Pod> {
+        let nn = u8::try_from(n + 1).expect("<= 200 nodes");
+        let pp = u8::try_from(p + 2).expect("<= 250 pods");
+        let node_ns = format!("{PREFIX}{id}-n{n}");
+        let ns = format!("{PREFIX}{id}-n{n}p{p}");
+        let cgroup = t.cgroup_dir.as_ref().map(|d| d.join(format!("n{n}p{p}"))).unwrap_or_default();
+        let pod = Pod {
+            name: format!("n{n}p{p}"),
+            netns: ns.clone(),
+            ip4: Ipv4Addr::new(10, 77, nn, pp),
+            ip6: format!("fd77:{nn:x}::{pp:x}").parse().expect("valid v6"),
+            node: n,
+            cgroup: cgroup.clone(),
+        };
+        sh(&["ip", "netns", "add", &ns])?;
+        ip(&ns, "link set lo up")?;
+        ip(&node_ns, &format!("link add p{p} type veth peer name eth0 netns {ns}"))?;
+        if p == 0 {
+            ip(&node_ns, &format!("addr add 10.77.{nn}.1/32 dev lo"))?;
+        }
+        ip(&node_ns, &format!("link set p{p} up"))?;
+        ip(&node_ns, &format!("route add {}/32 dev p{p} src 10.77.{nn}.1", pod.ip4))?;
+        ip(&node_ns, &format!("-6 route add {}/128 dev p{p}", pod.ip6))?;
+        ip(&ns, &format!("addr add {}/24 dev eth0", pod.ip4))?;
+        ip(&ns, &format!("addr add {}/64 dev eth0 nodad", pod.ip6))?;
+        ip(&ns, "link set eth0 up")?;
+        // The node side is an unnumbered point-to-point link: the pod reaches
+        // its gateway on-link and the node answers ARP/ND by proxy.
+        ip(&ns, &format!("route add 10.77.{nn}.1/32 dev eth0"))?;
+        ip(&ns, &format!("route replace default via 10.77.{nn}.1 dev eth0"))?;
+        ip(&ns, &format!("-6 route add fd77:{nn:x}::1/128 dev eth0"))?;
+        ip(&ns, &format!("-6 route replace default via fd77:{nn:x}::1 dev eth0"))?;
+        sh(&["ip", "netns", "exec", &node_ns, "sysctl", "-qw", &format!("net.ipv4.conf.p{p}.proxy_arp=1"), &format!("net.ipv6.conf.p{p}.proxy_ndp=1")])?;
+        ip(&node_ns, &format!("-6 neigh add proxy fd77:{nn:x}::1 dev p{p}"))?;
+        if !cgroup.as_os_str().is_empty() {
+            fs::create_dir_all(&cgroup)?;
+        }
+        Ok(pod)
+    }
+
+    /// The topology's unique id.
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// The nodes.
+    pub fn nodes(&self) -> &[Node] {
+        &self.inner.nodes
+    }
+
+    /// Node `n`.
+    pub fn node(&self, n: usize) -> &Node {
+        &self.inner.nodes[n]
+    }
+
+    /// Pod `p` of node `n`.
+    pub fn pod(&self, n: usize, p: usize) -> &Pod {
+        &self.inner.nodes[n].pods[p]
+    }
+
+    /// A fresh directory under bpffs for pins, removed on drop.
+    pub fn pin_dir(&self, label: &str) -> PathBuf {
+        let d = PathBuf::from(format!("/sys/fs/bpf/{PREFIX}{}-{label}", self.inner.id));
+        self.inner.extra_dirs.lock().expect("lock").push(d.clone());
+        d
+    }
+
+    /// A scratch directory (files, configs) removed on drop.
+    pub fn scratch_dir(&self) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("{PREFIX}{}", self.inner.id));
+        fs::create_dir_all(&d).expect("create scratch dir");
+        let mut dirs = self.inner.extra_dirs.lock().expect("lock");
+        if !dirs.contains(&d) {
+            dirs.push(d.clone());
+        }
+        d
+    }
+
+    /// A command that will run inside `netns` (and `cgroup`, if given).
+    pub fn command_in(netns: &str, cgroup: Option<&Path>, program: &str, args: &[&str]) -> io::Result<Command> {
+        let f = fs::File::open(Path::new("/run/netns").join(netns))?;
+        let procs = match cgroup {
+            Some(c) if !c.as_os_str().is_empty() => {
+                Some(fs::OpenOptions::new().write(true).open(c.join("cgroup.procs"))?)
+            }
+            _ => None,
+        };
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes async-signal-safe calls (setns, write).
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(p) = &procs {
+                    let mut p: &fs::File = p;
+                    p.write_all(b"0")?;
+                }
+                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+
+    /// Starts a tracked process from a prepared command.
+    pub fn spawn(&self, label: &str, mut cmd: Command) -> io::Result<Proc> {
+        let child = cmd.spawn().map_err(|e| io::Error::other(format!("spawn {label}: {e}")))?;
+        self.inner.procs.lock().expect("lock").push(child.id());
+        Ok(Proc { child: Some(child), label: label.to_string() })
+    }
+
+    /// Starts a process inside pod `pod` (in its cgroup).
+    pub fn spawn_in_pod(&self, pod: &Pod, program: &str, args: &[&str]) -> io::Result<Proc> {
+        let mut cmd = Self::command_in(&pod.netns, Some(&pod.cgroup), program, args)?;
+        cmd.stdin(Stdio::null());
+        self.spawn(&format!("{program} in {}", pod.name), cmd)
+    }
+
+    /// Runs a command to completion inside a pod.
+    pub fn run_in_pod(&self, pod: &Pod, program: &str, args: &[&str]) -> io::Result<Output> {
+        let mut cmd = Self::command_in(&pod.netns, Some(&pod.cgroup), program, args)?;
+        cmd.stdin(Stdio::null());
+        cmd.output()
+    }
+
+    /// Runs `f` on a thread inside the given namespace.
+    pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let file = fs::File::open(Path::new("/run/netns").join(netns)).expect("open netns");
+        std::thread::spawn(move || {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("netns thread panicked")
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for pid in self.procs.lock().map(|p| p.clone()).unwrap_or_default() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0));
+            if nix::sys::signal::kill(pid, None).is_ok() {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+            }
+        }
+        for node in &self.nodes {
+            for pod in &node.pods {
+                kill_netns_pids(&pod.netns);
+                let _ = sh(&["ip", "netns", "del", &pod.netns]);
+            }
+            kill_netns_pids(&node.netns);
+            let _ = sh(&["ip", "netns", "del", &node.netns]);
+        }
+        let _ = sh(&["ip", "netns", "del", &self.lan]);
+        if let Some(d) = &self.cgroup_dir {
+            remove_cgroup_tree(d);
+        }
+        for d in self.extra_dirs.lock().map(|d| d.clone()).unwrap_or_default() {
+            let _ = fs::remove_dir_all(&d);
+        }
+    }
+}
+
+/// Kills the processes that live in a kit namespace (only kit namespaces are
+/// touched: their processes were started by tests).
+fn kill_netns_pids(ns: &str) {
+    if !ns.starts_with(PREFIX) {
+        return;
+    }
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+fn remove_cgroup_tree(d: &Path) {
+    if let Ok(entries) = fs::read_dir(d) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    // A cgroup can be removed once its processes are gone; they were killed above.
+    for _ in 0..50 {
+        if fs::remove_dir(d).is_ok() || !d.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Removes everything a killed test run left behind: kit namespaces (and the
+/// processes in them), cgroups and bpffs pin directories. Returns what it removed.
+pub fn cleanup_leaked() -> Vec<String> {
+    let mut removed = Vec::new();
+    if let Ok(entries) = fs::read_dir("/run/netns") {
+        let mut names: Vec<String> =
+            entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        // Pods before nodes before LANs: longer names first.
+        names.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        for n in names.into_iter().filter(|n| n.starts_with(PREFIX)) {
+            kill_netns_pids(&n);
+            if sh(&["ip", "netns", "del", &n]).is_ok() {
+                removed.push(format!("netns {n}"));
+            }
+        }
+    }
+    if let Some(root) = cgroup2_root() {
+        if let Ok(entries) = fs::read_dir(&root) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(PREFIX) {
+                    remove_cgroup_tree(&e.path());
+                    removed.push(format!("cgroup {}", e.path().display()));
+                }
+            }
+        }
+    }
+    for dir in ["/sys/fs/bpf", &std::env::temp_dir().to_string_lossy()] {
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(PREFIX) {
+                    let _ = fs::remove_dir_all(e.path());
+                    removed.push(format!("dir {}", e.path().display()));
+                }
+            }
+        }
+    }
+    removed
+}
+
+/// Path of the `tlsmesh` binary built alongside the tests.
+pub fn tlsmesh_bin() -> PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_tlsmesh") {
+        return PathBuf::from(p);
+    }
+    // Integration tests live in target/<profile>/deps; the binary one up.
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    for cand in [dir.join("tlsmesh"), dir.join("../tlsmesh")] {
+        if cand.is_file() {
+            return cand;
+        }
+    }
+    panic!("tlsmesh binary not found next to {}; build it with `cargo build -p tlsmesh`", exe.display());
+}
+
+/// Waits until `f` returns `Some`, polling, up to `timeout`.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// IP of the given family.
+pub fn pod_ip(pod: &Pod, v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(pod.ip6)
+    } else {
+        IpAddr::V4(pod.ip4)
+    }
+}
