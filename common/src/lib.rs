@@ -122,6 +122,8 @@ pub mod counter {
     pub const INBOUND_STEERED: u32 = 5;
     /// sk_lookup dropped an inbound SYN because no daemon listener was there.
     pub const INBOUND_DROPPED: u32 = 6;
+    /// sk_lookup let one of the daemon's own deliveries through.
+    pub const INBOUND_DELIVERY: u32 = 7;
     /// Number of counters.
     pub const COUNT: u32 = 8;
 }
@@ -142,6 +144,9 @@ pub mod maps {
     pub const BYPASS_CIDRS: &str = "TLSMESH_BYPASS_CIDRS";
     /// `SockHash<IpKey>`: the daemon's inbound listener for each pod address.
     pub const INBOUND: &str = "TLSMESH_INBOUND";
+    /// `LruHashMap<SockAddr, u32>`: source addresses of the daemon's in-flight
+    /// deliveries into pods (sk_lookup leaves them alone).
+    pub const DELIVERIES: &str = "TLSMESH_DELIVERIES";
     /// `PerCpuArray<u64>` of `counter::COUNT`.
     pub const COUNTERS: &str = "TLSMESH_COUNTERS";
 }

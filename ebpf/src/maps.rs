@@ -29,6 +29,10 @@ pub static BYPASS_CIDRS: LpmTrie<CidrKey, u32> = LpmTrie::pinned(1024, 1);
 #[map(name = "TLSMESH_INBOUND")]
 pub static INBOUND: SockHash<IpKey> = SockHash::pinned(16_384, 0);
 
+/// Source addresses of the daemon's in-flight deliveries into pods.
+#[map(name = "TLSMESH_DELIVERIES")]
+pub static DELIVERIES: LruHashMap<SockAddr, u32> = LruHashMap::pinned(65_536, 0);
+
 #[map(name = "TLSMESH_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(tlsmesh_common::counter::COUNT, 0);
 

@@ -1,21 +1,23 @@
 //! sk_lookup, attached to each enrolled pod's netns: inbound capture.
 //!
-//! A TCP SYN that arrives at the pod from outside it (not via loopback) for
-//! any port but the tunnel port is assigned to the daemon's in-pod inbound
-//! listener found under the destination address in `INBOUND`. Arrivals via
-//! loopback are the pod talking to itself or the daemon delivering into the
-//! pod, and are left alone. With no listener (daemon down) the SYN is
-//! dropped: an enrolled pod never takes plaintext behind the daemon's back.
+//! A TCP SYN for any port but the tunnel port is assigned to the daemon's
+//! in-pod inbound listener found under the destination address in `INBOUND`,
+//! except: traffic on loopback addresses, the pod talking to its own address
+//! (source == destination), and the daemon's own deliveries into the pod,
+//! whose source address it registers in `DELIVERIES` just before connecting
+//! (the ingress ifindex cannot tell them apart: for a local destination the
+//! kernel reports the device that owns the address, not `lo`). With no
+//! listener (daemon down) the SYN is dropped: an enrolled pod never takes
+//! plaintext behind the daemon's back.
 
 use core::ptr::read_volatile;
 
 use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
-use tlsmesh_common::{counter, IpKey, FAMILY_V6, PORT_TUNNEL};
+use tlsmesh_common::{counter, IpKey, SockAddr, FAMILY_V6, PORT_TUNNEL};
 
-use crate::maps::{bump, INBOUND};
+use crate::maps::{bump, DELIVERIES, INBOUND};
 
 const IPPROTO_TCP: u32 = 6;
-const LOOPBACK_IFINDEX: u32 = 1;
 
 #[sk_lookup]
 pub fn tlsmesh_sk_lookup(ctx: SkLookupContext) -> u32 {
@@ -25,20 +27,21 @@ pub fn tlsmesh_sk_lookup(ctx: SkLookupContext) -> u32 {
 fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     let l = ctx.lookup;
     // SAFETY: `l` is the kernel's context pointer; 4-byte loads.
-    let (proto, ifindex, port, family) = unsafe {
+    let (proto, port, family) = unsafe {
         (
             read_volatile(&(*l).protocol),
-            read_volatile(&(*l).ingress_ifindex),
             read_volatile(&(*l).local_port),
             read_volatile(&(*l).family),
         )
     };
-    if proto != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX || port == u32::from(PORT_TUNNEL) {
+    if proto != IPPROTO_TCP || port == u32::from(PORT_TUNNEL) {
         return sk_action::SK_PASS;
     }
     let mut key = IpKey { family, addr: [0; 4] };
-    // SAFETY: as above.
+    let mut remote = SockAddr { family, port: 0, addr: [0; 4] };
+    // SAFETY: as above; `remote_port` is a network-order u16 (2-byte load).
     unsafe {
+        remote.port = u32::from(u16::from_be(read_volatile(&(*l).remote_port)));
         if family == FAMILY_V6 {
             key.addr = [
                 read_volatile(&(*l).local_ip6[0]),
@@ -46,9 +49,30 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
                 read_volatile(&(*l).local_ip6[2]),
                 read_volatile(&(*l).local_ip6[3]),
             ];
+            remote.addr = [
+                read_volatile(&(*l).remote_ip6[0]),
+                read_volatile(&(*l).remote_ip6[1]),
+                read_volatile(&(*l).remote_ip6[2]),
+                read_volatile(&(*l).remote_ip6[3]),
+            ];
         } else {
             key.addr[0] = read_volatile(&(*l).local_ip4);
+            remote.addr[0] = read_volatile(&(*l).remote_ip4);
         }
+    }
+    let a0 = key.addr[0].to_ne_bytes();
+    let loopback = if family == FAMILY_V6 {
+        key.addr[0] == 0 && key.addr[1] == 0 && key.addr[2] == 0 && key.addr[3] == u32::from_ne_bytes([0, 0, 0, 1])
+    } else {
+        a0[0] == 127
+    };
+    if loopback || key.addr == remote.addr {
+        return sk_action::SK_PASS;
+    }
+    // SAFETY: read-only lookup of a plain value.
+    if unsafe { DELIVERIES.get(remote) }.is_some() {
+        bump(counter::INBOUND_DELIVERY);
+        return sk_action::SK_PASS;
     }
     if INBOUND.redirect_sk_lookup(ctx, key, 0).is_ok() {
         bump(counter::INBOUND_STEERED);

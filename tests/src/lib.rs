@@ -458,7 +458,12 @@ impl Drop for Inner {
         if let Some(d) = &self.cgroup_dir {
             remove_cgroup_tree(d);
         }
+        let keep_logs = std::env::var_os("NETKIT_KEEP_LOGS").is_some();
         for d in self.extra_dirs.lock().map(|d| d.clone()).unwrap_or_default() {
+            if keep_logs && !d.starts_with("/sys/fs/bpf") {
+                eprintln!("netkit: kept {}", d.display());
+                continue;
+            }
             let _ = fs::remove_dir_all(&d);
         }
     }
@@ -571,5 +576,156 @@ pub fn pod_ip(pod: &Pod, v6: bool) -> IpAddr {
         IpAddr::V6(pod.ip6)
     } else {
         IpAddr::V4(pod.ip4)
+    }
+}
+
+/// How a test pod is enrolled in a generated inventory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Namespace `strict` (mode strict).
+    Strict,
+    /// Namespace `permissive`.
+    Permissive,
+    /// Namespace `plain` (not enrolled).
+    Plain,
+    /// Not in the inventory at all.
+    Absent,
+}
+
+/// Writes an inventory for the topology: every pod in the namespace its role
+/// names, with service account = pod name. Returns the file's path.
+pub fn write_inventory(topo: &Topology, file: &str, role: &dyn Fn(&Pod) -> Role) -> PathBuf {
+    let mut s = String::from("trust_domain = \"cluster.local\"\n");
+    for n in topo.nodes() {
+        s += &format!("[[node]]\nname = \"{}\"\naddresses = [\"{}\", \"{}\", \"{}\"]\n", n.name, n.ip4, n.ip6, gateway4(n));
+    }
+    s += "[[namespace]]\nname = \"strict\"\nmode = \"strict\"\n[[namespace]]\nname = \"permissive\"\nmode = \"permissive\"\n";
+    for n in topo.nodes() {
+        for p in &n.pods {
+            let ns = match role(p) {
+                Role::Strict => "strict",
+                Role::Permissive => "permissive",
+                Role::Plain => "plain",
+                Role::Absent => continue,
+            };
+            s += &format!(
+                "[[pod]]\nname = \"{}\"\nnamespace = \"{ns}\"\nservice_account = \"{}\"\nnode = \"{}\"\nips = [\"{}\", \"{}\"]\nnetns = \"{}\"\n",
+                p.name, p.name, n.name, p.ip4, p.ip6, p.netns_path().display()
+            );
+        }
+    }
+    let path = topo.scratch_dir().join(file);
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, s).expect("write inventory");
+    fs::rename(&tmp, &path).expect("rename inventory");
+    path
+}
+
+/// The node's address on its pod links (the source of its probes to pods).
+pub fn gateway4(n: &Node) -> Ipv4Addr {
+    let o = n.ip4.octets();
+    Ipv4Addr::new(10, 77, o[3], 1)
+}
+
+/// A `tlsmesh node` daemon started in a node's netns.
+#[derive(Debug)]
+pub struct Daemon {
+    /// The process.
+    pub proc: Proc,
+    /// Its pin directory.
+    pub pin_dir: PathBuf,
+    /// The node netns it runs in.
+    pub netns: String,
+    /// Its inventory file.
+    pub inventory: PathBuf,
+    /// Node name.
+    pub node: String,
+}
+
+impl Daemon {
+    /// Starts `tlsmesh node` for node `n` and waits until it is ready.
+    pub fn start(topo: &Topology, n: usize, inventory: &Path, extra: &[&str]) -> Self {
+        let node = topo.node(n).clone();
+        let pin_dir = topo.pin_dir(&format!("n{n}"));
+        Self::start_with_pin(topo, &node, &pin_dir, inventory, extra)
+    }
+
+    /// Starts a daemon with an explicit pin directory (restarts reuse it).
+    pub fn start_with_pin(topo: &Topology, node: &Node, pin_dir: &Path, inventory: &Path, extra: &[&str]) -> Self {
+        let bin = tlsmesh_bin();
+        let mut args = vec![
+            "node".to_string(),
+            "--node".into(),
+            node.name.clone(),
+            "--inventory".into(),
+            inventory.display().to_string(),
+            "--pin-dir".into(),
+            pin_dir.display().to_string(),
+        ];
+        args.extend(extra.iter().map(ToString::to_string));
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut cmd = Topology::command_in(&node.netns, None, &bin.to_string_lossy(), &argv).expect("daemon command");
+        let log = fs::File::create(topo.scratch_dir().join(format!("daemon-{}-{}.log", node.name, rand::random::<u16>())))
+            .expect("daemon log");
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let proc = topo.spawn(&format!("tlsmesh node {}", node.name), cmd).expect("start daemon");
+        let mut d = Self {
+            proc,
+            pin_dir: pin_dir.to_path_buf(),
+            netns: node.netns.clone(),
+            inventory: inventory.to_path_buf(),
+            node: node.name.clone(),
+        };
+        d.wait_ready();
+        d
+    }
+
+    /// Waits for `/healthz/ready`; panics with the daemon's log when it dies.
+    pub fn wait_ready(&mut self) {
+        let ok = wait_for(Duration::from_secs(20), || {
+            assert!(self.proc.running(), "daemon for {} exited during start-up", self.node);
+            self.get("/healthz/ready").ok().filter(|(code, _)| *code == 200)
+        });
+        assert!(ok.is_some(), "daemon for {} not ready within 20 s", self.node);
+    }
+
+    /// GET on the admin API (from inside the node netns): (status, JSON body).
+    pub fn get(&self, path: &str) -> io::Result<(u16, serde_json::Value)> {
+        let path = path.to_string();
+        Topology::in_netns(&self.netns, move || -> io::Result<(u16, serde_json::Value)> {
+            use std::io::Read as _;
+            let mut s = std::net::TcpStream::connect_timeout(&"127.0.0.1:15000".parse().expect("addr"), Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut buf = String::new();
+            s.read_to_string(&mut buf)?;
+            let code = buf.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+            let body = buf.split_once("\r\n\r\n").map_or("", |x| x.1);
+            let v = serde_json::from_str(body).map_err(io::Error::other)?;
+            Ok((code, v))
+        })
+    }
+
+    /// Daemon counters (`/stats`).
+    pub fn stats(&self) -> serde_json::Value {
+        self.get("/stats").expect("admin /stats").1
+    }
+
+    /// One daemon counter.
+    pub fn counter(&self, name: &str) -> u64 {
+        self.stats()["daemon"][name].as_u64().unwrap_or_else(|| panic!("no daemon counter {name}"))
+    }
+
+    /// One kernel counter.
+    pub fn kernel_counter(&self, name: &str) -> u64 {
+        self.stats()["kernel"][name].as_u64().unwrap_or_else(|| panic!("no kernel counter {name}"))
+    }
+
+    /// `/config_dump`.
+    pub fn config_dump(&self) -> serde_json::Value {
+        self.get("/config_dump").expect("admin /config_dump").1
     }
 }

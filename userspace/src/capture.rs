@@ -108,6 +108,7 @@ pub struct Capture {
     enrolled: Mutex<HashMap<MapData, u64, Enrollment>>,
     orig_by_addr: Mutex<HashMap<MapData, ConnKey, SockAddr>>,
     inbound: Mutex<SockHash<MapData, IpKey>>,
+    deliveries: Mutex<HashMap<MapData, SockAddr, u32>>,
     counters: PerCpuArray<MapData, u64>,
     adoption: BTreeMap<&'static str, Adoption>,
 }
@@ -191,6 +192,7 @@ impl Capture {
         let enrolled = take(&mut ebpf, maps::ENROLLED)?;
         let orig_by_addr = take(&mut ebpf, maps::ORIG_BY_ADDR)?;
         let inbound = take(&mut ebpf, maps::INBOUND)?;
+        let deliveries = take(&mut ebpf, maps::DELIVERIES)?;
         let counters = take(&mut ebpf, maps::COUNTERS)?;
 
         // Bypass lists first, then the switch that turns capture on.
@@ -224,6 +226,7 @@ impl Capture {
             enrolled: Mutex::new(enrolled),
             orig_by_addr: Mutex::new(orig_by_addr),
             inbound: Mutex::new(inbound),
+            deliveries: Mutex::new(deliveries),
             counters,
             adoption,
         })
@@ -311,6 +314,19 @@ impl Capture {
             Err(e) if is_enoent(&e) => Ok(()),
             Err(source) => Err(CaptureError::Map { name: maps::INBOUND, source }),
         }
+    }
+
+    /// Marks `src` as the source of one of the daemon's own deliveries into a
+    /// pod, so inbound capture lets its SYN through. Call before connecting.
+    pub fn register_delivery(&self, src: SocketAddr) -> Result<(), CaptureError> {
+        let mut m = self.deliveries.lock().expect("deliveries lock");
+        m.insert(sock_addr(src), 1, 0).map_err(|source| CaptureError::Map { name: maps::DELIVERIES, source })
+    }
+
+    /// Forgets a delivery source (after the connect completed or failed).
+    pub fn unregister_delivery(&self, src: SocketAddr) {
+        let mut m = self.deliveries.lock().expect("deliveries lock");
+        let _ = m.remove(&sock_addr(src));
     }
 
     /// Takes (looks up and deletes) the original destination of a captured

@@ -2,9 +2,19 @@
 //!
 //! This crate is the node daemon and the `tlsmesh` CLI. Modules by concern:
 //! `capture` (eBPF load/attach/pin, maps), `netns` (namespaces and sockets in
-//! them), `inventory` (who runs where), `config` (the one typed config),
-//! `proxy` (outbound and inbound connection handling), `node` (the daemon's
-//! wiring), `cli` (command line).
+//! them), `inventory` (who runs where; pure decisions), `config` (the one
+//! typed config), `proxy` (outbound and inbound connection handling), `node`
+//! (the daemon's wiring), `admin` (localhost API), `stats`, `logging`, `cli`,
+//! `status`.
 
+pub mod admin;
 pub mod capture;
+pub mod cli;
+pub mod config;
+pub mod inventory;
+pub mod logging;
 pub mod netns;
+pub mod node;
+pub mod proxy;
+pub mod stats;
+pub mod status;

@@ -1,1 +1,46 @@
-fn main() {}
+//! The `tlsmesh` binary: parses the command line and hands over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tlsmesh::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Node(args) => {
+            let cfg = match args.resolve() {
+                Ok(c) => c,
+                Err(e) => return fail(&e),
+            };
+            tlsmesh::logging::init(cfg.log_format);
+            if args.uninstall {
+                return match tlsmesh::node::uninstall(&cfg.pin_dir) {
+                    Ok(n) => {
+                        println!("removed {n} pinned objects from {}", cfg.pin_dir.display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(&e),
+                };
+            }
+            let cfg = match cfg.validate() {
+                Ok(c) => c,
+                Err(e) => return fail(&e),
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            match rt.block_on(tlsmesh::node::run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Status(args) => match tlsmesh::status::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&*e),
+        },
+    }
+}
+
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("tlsmesh: {e}");
+    ExitCode::FAILURE
+}

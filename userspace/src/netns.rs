@@ -218,3 +218,92 @@ mod tests {
         assert_eq!(a, ns.cookie().unwrap(), "cookie is stable");
     }
 }
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// A thread that lives inside a namespace and runs jobs there: the cheap way
+/// to create many sockets in a pod's netns (one `setns` for the pod's life,
+/// not one per connection). The thread ends when the last handle is dropped.
+#[derive(Debug, Clone)]
+pub struct NetnsWorker {
+    tx: std::sync::mpsc::Sender<Job>,
+    path: PathBuf,
+}
+
+impl NetnsWorker {
+    /// Starts a worker inside `ns`.
+    pub fn start(ns: &Netns) -> Result<Self, NetnsError> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let fd = Arc::clone(&ns.fd);
+        let path = ns.path.clone();
+        let p2 = path.clone();
+        std::thread::Builder::new()
+            .name("tlsmesh-nsworker".into())
+            .spawn(move || {
+                let r = setns(fd.as_fd(), CloneFlags::CLONE_NEWNET)
+                    .map_err(|source| NetnsError::Enter { path: p2, source });
+                let ok = r.is_ok();
+                let _ = ready_tx.send(r);
+                if ok {
+                    while let Ok(job) = rx.recv() {
+                        job();
+                    }
+                }
+            })
+            .map_err(|source| NetnsError::Socket { path: path.clone(), what: "spawn worker".into(), source })?;
+        ready_rx.recv().map_err(|_| NetnsError::Thread { path: path.clone() })??;
+        Ok(Self { tx, path })
+    }
+
+    /// Runs `f` inside the namespace and awaits its result.
+    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, NetnsError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| NetnsError::Thread { path: self.path.clone() })?;
+        rx.await.map_err(|_| NetnsError::Thread { path: self.path.clone() })
+    }
+
+    /// Connects a TCP socket created inside the namespace to `dst`.
+    pub async fn connect(&self, dst: SocketAddr, opts: SocketOpts) -> Result<tokio::net::TcpStream, NetnsError> {
+        let path = self.path.clone();
+        let sock = self
+            .run(move || new_socket(dst, Type::STREAM, opts))
+            .await?
+            .map_err(|source| NetnsError::Socket { path: path.clone(), what: format!("socket for {dst}"), source })?;
+        sock.set_nonblocking(true)
+            .map_err(|source| NetnsError::Socket { path: path.clone(), what: "O_NONBLOCK".into(), source })?;
+        let std_stream: std::net::TcpStream = sock.into();
+        let ts = tokio::net::TcpSocket::from_std_stream(std_stream);
+        ts.connect(dst)
+            .await
+            .map_err(|source| NetnsError::Socket { path, what: format!("connect {dst}"), source })
+    }
+
+    /// Connects from an explicit (possibly foreign, with `transparent`) source address.
+    pub async fn connect_from(
+        &self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        opts: SocketOpts,
+    ) -> Result<tokio::net::TcpStream, NetnsError> {
+        let path = self.path.clone();
+        let sock = self
+            .run(move || -> io::Result<Socket> {
+                let s = new_socket(dst, Type::STREAM, opts)?;
+                s.bind(&src.into())?;
+                Ok(s)
+            })
+            .await?
+            .map_err(|source| NetnsError::Socket { path: path.clone(), what: format!("socket from {src} to {dst}"), source })?;
+        sock.set_nonblocking(true)
+            .map_err(|source| NetnsError::Socket { path: path.clone(), what: "O_NONBLOCK".into(), source })?;
+        let ts = tokio::net::TcpSocket::from_std_stream(sock.into());
+        ts.connect(dst)
+            .await
+            .map_err(|source| NetnsError::Socket { path, what: format!("connect {src} -> {dst}"), source })
+    }
+}

@@ -1,0 +1,95 @@
+//! The `tlsmesh` command line: `node` (the daemon), `node --uninstall`,
+//! `status` (reads the admin API).
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{LogFormat, NodeConfig, Transport};
+
+/// tlsmesh: transparent node-level mTLS for pods.
+#[derive(Debug, Parser)]
+#[command(name = "tlsmesh", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node daemon (or remove its pinned state with --uninstall).
+    Node(NodeArgs),
+    /// Show what a running daemon is doing (reads its admin API).
+    Status(StatusArgs),
+}
+
+/// `tlsmesh node`.
+#[derive(Debug, clap::Args)]
+pub struct NodeArgs {
+    /// Config file (TOML); flags override it.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// This node's name in the inventory.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Static inventory file.
+    #[arg(long)]
+    pub inventory: Option<PathBuf>,
+    /// bpffs directory for pinned programs and maps.
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// Admin API address.
+    #[arg(long)]
+    pub admin_addr: Option<SocketAddr>,
+    /// Node-to-node transport.
+    #[arg(long, value_enum)]
+    pub transport: Option<Transport>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Remove every pinned program, link and map, then exit.
+    #[arg(long)]
+    pub uninstall: bool,
+}
+
+impl NodeArgs {
+    /// The effective config: file (if any) then flags.
+    pub fn resolve(&self) -> Result<NodeConfig, crate::config::ConfigError> {
+        let mut c = match &self.config {
+            Some(p) => NodeConfig::load(p)?,
+            None => NodeConfig::default(),
+        };
+        if let Some(v) = &self.node {
+            c.node.clone_from(v);
+        }
+        if let Some(v) = &self.inventory {
+            c.inventory.clone_from(v);
+        }
+        if let Some(v) = &self.pin_dir {
+            c.pin_dir.clone_from(v);
+        }
+        if let Some(v) = self.admin_addr {
+            c.admin_addr = v;
+        }
+        if let Some(v) = self.transport {
+            c.transport = v;
+        }
+        if let Some(v) = self.log_format {
+            c.log_format = v;
+        }
+        Ok(c)
+    }
+}
+
+/// `tlsmesh status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Admin API of the daemon.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,173 @@
+//! The node daemon's one typed configuration: read from a TOML file, then
+//! overridden by command-line flags, validated, logged at start-up and served
+//! by the admin API.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Cannot read the file.
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// Bad TOML or bad values.
+    #[error("config {path} is malformed: {message}")]
+    Malformed { path: PathBuf, message: String },
+    /// A required setting is missing.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Node-to-node transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// TLS 1.3 over TCP, HTTP/2 CONNECT (HBONE).
+    #[default]
+    Tcp,
+    /// QUIC (falls back to TCP when UDP is blocked).
+    Quic,
+}
+
+/// The node daemon's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// This node's name in the inventory.
+    pub node: String,
+    /// Static inventory file.
+    pub inventory: PathBuf,
+    /// bpffs directory for pinned programs and maps.
+    pub pin_dir: PathBuf,
+    /// cgroup-v2 root (empty: found from /proc/mounts).
+    pub cgroup_root: PathBuf,
+    /// Admin API (localhost).
+    pub admin_addr: SocketAddr,
+    /// Destination ports never captured (tlsmesh's own are always added).
+    pub bypass_ports: Vec<u16>,
+    /// Destination CIDRs never captured, e.g. "169.254.0.0/16".
+    pub bypass_cidrs: Vec<String>,
+    /// Extra sources allowed to send plaintext to strict pods (kubelet
+    /// probes). The node's own inventory addresses are always allowed.
+    pub probe_sources: Vec<IpAddr>,
+    /// Allow the node's addresses to probe strict pods in plaintext.
+    pub allow_node_probes: bool,
+    /// How often the inventory file is checked for changes, in milliseconds.
+    pub inventory_poll_ms: u64,
+    /// Node-to-node transport.
+    pub transport: Transport,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            node: String::new(),
+            inventory: PathBuf::from("/etc/tlsmesh/inventory.toml"),
+            pin_dir: PathBuf::from("/sys/fs/bpf/tlsmesh"),
+            cgroup_root: PathBuf::new(),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], tlsmesh_common::PORT_ADMIN)),
+            bypass_ports: Vec::new(),
+            bypass_cidrs: Vec::new(),
+            probe_sources: Vec::new(),
+            allow_node_probes: true,
+            inventory_poll_ms: 500,
+            transport: Transport::Tcp,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Malformed { path: path.to_path_buf(), message: e.to_string() })
+    }
+
+    /// Checks the values and fills in what can be discovered.
+    pub fn validate(mut self) -> Result<Self, ConfigError> {
+        if self.node.is_empty() {
+            return Err(ConfigError::Invalid("no node name: set `node` in the config or pass --node".into()));
+        }
+        for c in &self.bypass_cidrs {
+            parse_cidr(c).map_err(ConfigError::Invalid)?;
+        }
+        if self.cgroup_root.as_os_str().is_empty() {
+            self.cgroup_root = find_cgroup2().ok_or_else(|| {
+                ConfigError::Invalid(
+                    "no cgroup v2 mount found; mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`".into(),
+                )
+            })?;
+        }
+        Ok(self)
+    }
+
+    /// The bypass CIDRs, parsed.
+    pub fn cidrs(&self) -> Vec<(IpAddr, u8)> {
+        self.bypass_cidrs.iter().filter_map(|c| parse_cidr(c).ok()).collect()
+    }
+}
+
+/// Parses `addr/len`.
+pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
+    let (a, l) = s.split_once('/').ok_or_else(|| format!("CIDR {s:?} has no /prefix-length"))?;
+    let ip: IpAddr = a.parse().map_err(|_| format!("CIDR {s:?}: {a:?} is not an IP address"))?;
+    let len: u8 = l.parse().map_err(|_| format!("CIDR {s:?}: bad prefix length"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    if len > max {
+        return Err(format!("CIDR {s:?}: prefix length above {max}"));
+    }
+    Ok((ip, len))
+}
+
+/// The first cgroup-v2 mount in /proc/mounts.
+pub fn find_cgroup2() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(path))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_validates() {
+        let c: NodeConfig = toml::from_str("node = \"n0\"\nbypass_cidrs = [\"10.96.0.0/12\"]\ntransport = \"quic\"").unwrap();
+        assert_eq!(c.transport, Transport::Quic);
+        assert_eq!(c.admin_addr.port(), 15000);
+        let c = c.validate().unwrap();
+        assert_eq!(c.cidrs(), vec![("10.96.0.0".parse().unwrap(), 12)]);
+    }
+
+    #[test]
+    fn clear_errors() {
+        assert!(NodeConfig::default().validate().unwrap_err().to_string().contains("--node"));
+        let e = toml::from_str::<NodeConfig>("nod = \"x\"").unwrap_err().to_string();
+        assert!(e.contains("nod"), "{e}");
+        assert!(parse_cidr("10.0.0.0/40").unwrap_err().contains("above 32"));
+        assert!(parse_cidr("10.0.0.0").unwrap_err().contains("prefix"));
+    }
+}

@@ -1,0 +1,465 @@
+//! The inventory: which pods exist, where they run, who they are.
+//!
+//! Without Kubernetes a static TOML file is the inventory (the demo, the
+//! tests and plain Linux hosts use it); the Kubernetes watcher produces the
+//! same `Inventory` value. Everything here is pure: parsing, validation and
+//! the questions the daemon asks (which pods are mine and enrolled? who owns
+//! this address?) are functions over data.
+//!
+//! ```toml
+//! trust_domain = "cluster.local"
+//!
+//! [[node]]
+//! name = "n0"
+//! addresses = ["192.168.77.1", "fd77::1"]
+//!
+//! [[namespace]]
+//! name = "demo"
+//! mode = "strict"          # or "permissive"; a namespace not listed is not enrolled
+//!
+//! [[pod]]
+//! name = "client"
+//! namespace = "demo"
+//! service_account = "client"   # default "default"
+//! node = "n0"
+//! ips = ["10.77.1.2", "fd77:1::2"]
+//! netns = "/run/netns/client"
+//! # mode = "off"              # opts this one pod out
+//! ```
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+/// Errors that make the whole file unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    /// Cannot read the file.
+    #[error("cannot read inventory {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// Not valid TOML or not the expected shape.
+    #[error("inventory {path} is malformed: {message}")]
+    Malformed { path: PathBuf, message: String },
+}
+
+/// A problem with one entry; the entry is skipped and the rest is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `namespace/name` of the pod, or the node name.
+    pub subject: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.subject, self.message)
+    }
+}
+
+/// Inbound policy mode of an enrolled pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Only mTLS inbound.
+    Strict,
+    /// Plaintext inbound also accepted, and counted.
+    Permissive,
+}
+
+impl Mode {
+    /// The value the eBPF enrollment map stores.
+    pub fn as_map_value(self) -> u32 {
+        match self {
+            Mode::Strict => tlsmesh_common::MODE_STRICT,
+            Mode::Permissive => tlsmesh_common::MODE_PERMISSIVE,
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Strict => "strict",
+            Mode::Permissive => "permissive",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum PodMode {
+    Off,
+    Strict,
+    Permissive,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInventory {
+    #[serde(default = "default_trust_domain")]
+    trust_domain: String,
+    #[serde(default, rename = "node")]
+    nodes: Vec<RawNode>,
+    #[serde(default, rename = "namespace")]
+    namespaces: Vec<RawNamespace>,
+    #[serde(default, rename = "pod")]
+    pods: Vec<RawPod>,
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: String,
+    #[serde(default)]
+    addresses: Vec<IpAddr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamespace {
+    name: String,
+    mode: Mode,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPod {
+    name: String,
+    namespace: String,
+    #[serde(default = "default_sa")]
+    service_account: String,
+    node: String,
+    #[serde(default)]
+    ips: Vec<IpAddr>,
+    #[serde(default)]
+    netns: Option<PathBuf>,
+    #[serde(default)]
+    mode: Option<PodMode>,
+}
+
+fn default_sa() -> String {
+    "default".into()
+}
+
+/// A node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Node {
+    /// Node name.
+    pub name: String,
+    /// Addresses (kubelet probes come from these).
+    pub addresses: Vec<IpAddr>,
+}
+
+/// A pod.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Pod {
+    /// Pod name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Service account.
+    pub service_account: String,
+    /// Node it runs on.
+    pub node: String,
+    /// Pod addresses.
+    pub ips: Vec<IpAddr>,
+    /// Its network namespace (required for pods on this node).
+    pub netns: Option<PathBuf>,
+    /// Effective mode: `None` when not enrolled.
+    pub mode: Option<Mode>,
+}
+
+impl Pod {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Its SPIFFE identity in `trust_domain`.
+    pub fn spiffe_id(&self, trust_domain: &str) -> String {
+        format!("spiffe://{trust_domain}/ns/{}/sa/{}", self.namespace, self.service_account)
+    }
+}
+
+/// A validated inventory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Inventory {
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, Node>,
+    /// Pods by `namespace/name`.
+    pub pods: BTreeMap<String, Pod>,
+}
+
+/// Reads and validates an inventory file.
+pub fn load(path: &Path) -> Result<(Inventory, Vec<Problem>), InventoryError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| InventoryError::Read { path: path.to_path_buf(), source })?;
+    parse(&text).map_err(|message| InventoryError::Malformed { path: path.to_path_buf(), message })
+}
+
+/// Parses and validates inventory text. A syntax or shape error fails the
+/// whole file; a bad entry is reported as a `Problem` and skipped.
+pub fn parse(text: &str) -> Result<(Inventory, Vec<Problem>), String> {
+    let raw: RawInventory = toml::from_str(text).map_err(|e| e.to_string())?;
+    let mut problems = Vec::new();
+    let mut inv = Inventory { trust_domain: raw.trust_domain, ..Inventory::default() };
+    if inv.trust_domain.is_empty() || inv.trust_domain.contains('/') {
+        return Err(format!("trust_domain {:?} is not a valid SPIFFE trust domain", inv.trust_domain));
+    }
+    for n in raw.nodes {
+        if inv.nodes.contains_key(&n.name) {
+            problems.push(Problem { subject: n.name.clone(), message: "duplicate node; the first entry is used".into() });
+            continue;
+        }
+        inv.nodes.insert(n.name.clone(), Node { name: n.name, addresses: n.addresses });
+    }
+    let modes: HashMap<&str, Mode> = raw.namespaces.iter().map(|n| (n.name.as_str(), n.mode)).collect();
+    let mut seen_ips: HashMap<IpAddr, String> = HashMap::new();
+    for p in raw.pods {
+        let key = format!("{}/{}", p.namespace, p.name);
+        let problem = |m: String| Problem { subject: key.clone(), message: m };
+        if inv.pods.contains_key(&key) {
+            problems.push(problem("duplicate pod; the first entry is used, this one is ignored".into()));
+            continue;
+        }
+        if !inv.nodes.contains_key(&p.node) {
+            problems.push(problem(format!("names node {:?}, which the inventory does not list; add a [[node]] entry", p.node)));
+            continue;
+        }
+        if let Some(owner) = p.ips.iter().find_map(|ip| seen_ips.get(ip)) {
+            problems.push(problem(format!("shares an address with {owner}; pod addresses must be unique, ignored")));
+            continue;
+        }
+        let ns_mode = modes.get(p.namespace.as_str()).copied();
+        let mode = match p.mode {
+            Some(PodMode::Off) => None,
+            Some(PodMode::Strict) => ns_mode.map(|_| Mode::Strict),
+            Some(PodMode::Permissive) => ns_mode.map(|_| Mode::Permissive),
+            None => ns_mode,
+        };
+        for ip in &p.ips {
+            seen_ips.insert(*ip, key.clone());
+        }
+        inv.pods.insert(
+            key,
+            Pod {
+                name: p.name,
+                namespace: p.namespace,
+                service_account: p.service_account,
+                node: p.node,
+                ips: p.ips,
+                netns: p.netns,
+                mode,
+            },
+        );
+    }
+    Ok((inv, problems))
+}
+
+impl Inventory {
+    /// The enrolled pods that run on `node`.
+    pub fn enrolled_on(&self, node: &str) -> Vec<&Pod> {
+        self.pods.values().filter(|p| p.node == node && p.mode.is_some()).collect()
+    }
+
+    /// The pod that owns `ip`, if any.
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Pod> {
+        let ip = ip.to_canonical();
+        self.pods.values().find(|p| p.ips.contains(&ip))
+    }
+
+    /// Addresses of `node` (the sources of kubelet-style probes).
+    pub fn node_addresses(&self, node: &str) -> HashSet<IpAddr> {
+        self.nodes.get(node).map(|n| n.addresses.iter().copied().collect()).unwrap_or_default()
+    }
+
+    /// Node-pod placement: SPIFFE id -> nodes where a pod with it runs.
+    pub fn placement(&self) -> BTreeMap<String, Vec<String>> {
+        let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for p in self.pods.values() {
+            let v = m.entry(p.spiffe_id(&self.trust_domain)).or_default();
+            if !v.contains(&p.node) {
+                v.push(p.node.clone());
+            }
+        }
+        m
+    }
+}
+
+/// Where a captured outbound connection goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// An enrolled pod on this node: deliver locally, no TLS.
+    LocalPod(String),
+    /// An enrolled pod on another node: through the tunnel.
+    RemotePod { pod: String, node: String },
+    /// Anything else (not enrolled, outside the cluster): plaintext passthrough
+    /// from the source pod's own address, as if not captured.
+    Passthrough,
+}
+
+/// Decides the route of a connection to `dst` from a pod on `my_node`.
+pub fn route(inv: &Inventory, my_node: &str, dst: IpAddr) -> Route {
+    match inv.pod_by_ip(dst) {
+        Some(p) if p.mode.is_some() && p.node == my_node => Route::LocalPod(p.key()),
+        Some(p) if p.mode.is_some() => Route::RemotePod { pod: p.key(), node: p.node.clone() },
+        _ => Route::Passthrough,
+    }
+}
+
+/// What the inbound side does with a plaintext connection to an enrolled pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundVerdict {
+    /// Proxy it to the app (permissive, counted as plaintext).
+    AcceptPlaintext,
+    /// A kubelet-style probe from the node: proxy it in any mode.
+    AcceptProbe,
+    /// Refuse it (strict).
+    Refuse,
+}
+
+/// Inbound plaintext policy: probes from `probe_sources` are always allowed.
+pub fn inbound_verdict(mode: Mode, src: IpAddr, probe_sources: &HashSet<IpAddr>) -> InboundVerdict {
+    if probe_sources.contains(&src.to_canonical()) {
+        InboundVerdict::AcceptProbe
+    } else if mode == Mode::Permissive {
+        InboundVerdict::AcceptPlaintext
+    } else {
+        InboundVerdict::Refuse
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        trust_domain = "example.org"
+        [[node]]
+        name = "a"
+        addresses = ["192.168.0.1"]
+        [[node]]
+        name = "b"
+        [[namespace]]
+        name = "shop"
+        mode = "strict"
+        [[namespace]]
+        name = "lab"
+        mode = "permissive"
+        [[pod]]
+        name = "web"
+        namespace = "shop"
+        service_account = "web"
+        node = "a"
+        ips = ["10.0.0.2"]
+        netns = "/run/netns/web"
+        [[pod]]
+        name = "db"
+        namespace = "shop"
+        node = "b"
+        ips = ["10.0.1.2"]
+        [[pod]]
+        name = "opt-out"
+        namespace = "shop"
+        node = "a"
+        ips = ["10.0.0.3"]
+        mode = "off"
+        [[pod]]
+        name = "legacy"
+        namespace = "other"
+        node = "a"
+        ips = ["10.0.0.4"]
+        [[pod]]
+        name = "exp"
+        namespace = "lab"
+        node = "a"
+        ips = ["10.0.0.5"]
+    "#;
+
+    #[test]
+    fn modes_follow_namespace_and_pod_labels() {
+        let (inv, problems) = parse(GOOD).unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(inv.pods["shop/web"].mode, Some(Mode::Strict));
+        assert_eq!(inv.pods["shop/opt-out"].mode, None, "pod label off opts out");
+        assert_eq!(inv.pods["other/legacy"].mode, None, "unlabelled namespace is not enrolled");
+        assert_eq!(inv.pods["lab/exp"].mode, Some(Mode::Permissive));
+        let mine: Vec<_> = inv.enrolled_on("a").iter().map(|p| p.key()).collect();
+        assert_eq!(mine, ["lab/exp", "shop/web"]);
+        assert_eq!(inv.pods["shop/db"].spiffe_id(&inv.trust_domain), "spiffe://example.org/ns/shop/sa/default");
+    }
+
+    #[test]
+    fn routes() {
+        let (inv, _) = parse(GOOD).unwrap();
+        assert_eq!(route(&inv, "a", "10.0.0.5".parse().unwrap()), Route::LocalPod("lab/exp".into()));
+        assert_eq!(
+            route(&inv, "a", "10.0.1.2".parse().unwrap()),
+            Route::RemotePod { pod: "shop/db".into(), node: "b".into() }
+        );
+        assert_eq!(route(&inv, "a", "10.0.0.3".parse().unwrap()), Route::Passthrough, "opted-out pod");
+        assert_eq!(route(&inv, "a", "8.8.8.8".parse().unwrap()), Route::Passthrough);
+        assert_eq!(route(&inv, "a", "::ffff:10.0.1.2".parse().unwrap()), Route::RemotePod { pod: "shop/db".into(), node: "b".into() });
+    }
+
+    #[test]
+    fn bad_entries_are_skipped_and_reported() {
+        let text = format!(
+            "{GOOD}
+            [[pod]]
+            name = \"web\"
+            namespace = \"shop\"
+            node = \"a\"
+            ips = [\"10.0.0.9\"]
+            [[pod]]
+            name = \"ghost\"
+            namespace = \"shop\"
+            node = \"zz\"
+            [[pod]]
+            name = \"twin\"
+            namespace = \"shop\"
+            node = \"a\"
+            ips = [\"10.0.0.2\"]
+            "
+        );
+        let (inv, problems) = parse(&text).unwrap();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].message.contains("duplicate pod"));
+        assert!(problems[1].message.contains("\"zz\""));
+        assert!(problems[2].message.contains("shop/web"));
+        assert_eq!(inv.pods.len(), 5, "the valid pods are still served");
+        assert_eq!(inv.pods["shop/web"].ips, vec!["10.0.0.2".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn malformed_files_fail_whole() {
+        assert!(parse("[[pod]]\nname = 3").is_err());
+        assert!(parse("[[pod]]\nname = \"x\"\nnamespace = \"y\"\nnode = \"a\"\nips = [\"not-an-ip\"]").is_err());
+        let e = parse("bogus_key = 1").unwrap_err();
+        assert!(e.contains("bogus_key"), "{e}");
+        let e = load(Path::new("/nonexistent/inv.toml")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/inv.toml"));
+    }
+
+    #[test]
+    fn inbound_policy() {
+        let probes: HashSet<IpAddr> = ["192.168.0.1".parse().unwrap()].into();
+        let node = "192.168.0.1".parse().unwrap();
+        let other = "10.9.9.9".parse().unwrap();
+        assert_eq!(inbound_verdict(Mode::Strict, node, &probes), InboundVerdict::AcceptProbe);
+        assert_eq!(inbound_verdict(Mode::Strict, other, &probes), InboundVerdict::Refuse);
+        assert_eq!(inbound_verdict(Mode::Permissive, other, &probes), InboundVerdict::AcceptPlaintext);
+    }
+}

@@ -1,0 +1,359 @@
+//! The node daemon's wiring: install capture, enroll this node's pods from
+//! the inventory, run their in-pod listeners, follow inventory changes, and
+//! serve the admin API. The decisions it applies live in `inventory` (pure);
+//! the per-connection work lives in `proxy`.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::unix::fs::MetadataExt as _,
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::{
+    capture::{Capture, CaptureError, CaptureSettings},
+    config::NodeConfig,
+    inventory::{self, Inventory, Mode, Pod, Problem},
+    netns::{Netns, NetnsError, NetnsWorker, SocketOpts},
+    proxy,
+    stats::Stats,
+};
+use tlsmesh_common::{DAEMON_MARK, PORT_INBOUND, PORT_OUTBOUND};
+
+/// Errors that stop the daemon from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Capture could not be installed.
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    /// The inventory could not be read.
+    #[error(transparent)]
+    Inventory(#[from] inventory::InventoryError),
+    /// The admin API could not bind.
+    #[error("cannot bind the admin API on {addr}: {source} (is another tlsmesh running?)")]
+    Admin { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Why a pod could not be enrolled.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    /// The pod has no netns path.
+    #[error("pod {0} has no netns path in the inventory")]
+    NoNetns(String),
+    /// Namespace trouble.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    /// Map or attach trouble.
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+}
+
+/// Everything the connection handlers need, shared.
+#[derive(Debug)]
+pub struct Shared {
+    /// Configuration.
+    pub cfg: NodeConfig,
+    /// The capture plane.
+    pub capture: Capture,
+    /// Current inventory.
+    pub inventory: RwLock<Arc<Inventory>>,
+    /// Running pods on this node by `namespace/name`.
+    pub pods: Mutex<BTreeMap<String, Arc<PodRuntime>>>,
+    /// Counters.
+    pub stats: Stats,
+    /// Problems of the last inventory load and enrollment.
+    pub problems: Mutex<Vec<Problem>>,
+    /// True once the first reconcile has completed.
+    pub ready: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// The current inventory.
+    pub fn inventory(&self) -> Arc<Inventory> {
+        Arc::clone(&self.inventory.read().expect("inventory lock"))
+    }
+
+    /// The running pod with key `namespace/name`.
+    pub fn pod(&self, key: &str) -> Option<Arc<PodRuntime>> {
+        self.pods.lock().expect("pods lock").get(key).cloned()
+    }
+
+    /// Addresses allowed to probe strict pods in plaintext.
+    pub fn probe_sources(&self) -> HashSet<IpAddr> {
+        let mut s: HashSet<IpAddr> = self.cfg.probe_sources.iter().copied().collect();
+        if self.cfg.allow_node_probes {
+            s.extend(self.inventory().node_addresses(&self.cfg.node));
+        }
+        s
+    }
+}
+
+/// A pod this daemon serves.
+#[derive(Debug)]
+pub struct PodRuntime {
+    /// The inventory entry.
+    pub pod: Pod,
+    /// Its mode.
+    pub mode: Mode,
+    /// Its netns cookie.
+    pub cookie: u64,
+    /// Inode of its netns file when enrolled (to notice replacement).
+    pub netns_ino: u64,
+    /// Socket factory inside its netns.
+    pub worker: NetnsWorker,
+    /// Flips to true when the pod is removed: its listeners and connections end.
+    pub shutdown: watch::Sender<bool>,
+}
+
+/// Pod summary for the admin API.
+#[derive(Debug, Serialize)]
+pub struct PodView {
+    /// `namespace/name`.
+    pub key: String,
+    /// strict / permissive.
+    pub mode: Mode,
+    /// SPIFFE identity.
+    pub identity: String,
+    /// Addresses.
+    pub ips: Vec<IpAddr>,
+    /// netns cookie.
+    pub netns_cookie: u64,
+}
+
+/// Runs the node daemon until SIGTERM/SIGINT or `/quitquitquit`.
+pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
+    info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "tlsmesh node starting");
+    let capture = Capture::install(&CaptureSettings {
+        pin_dir: cfg.pin_dir.clone(),
+        cgroup_root: cfg.cgroup_root.clone(),
+        outbound_port: PORT_OUTBOUND,
+        daemon_mark: DAEMON_MARK,
+        bypass_ports: cfg.bypass_ports.clone(),
+        bypass_cidrs: cfg.cidrs(),
+    })?;
+    for (prog, how) in capture.adoption() {
+        info!(program = prog, adoption = ?how, "cgroup program in place");
+    }
+    let (ready, _) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        capture,
+        inventory: RwLock::new(Arc::new(Inventory::default())),
+        pods: Mutex::new(BTreeMap::new()),
+        stats: Stats::default(),
+        problems: Mutex::new(Vec::new()),
+        ready,
+    });
+    let (quit_tx, mut quit_rx) = watch::channel(false);
+    let admin = tokio::net::TcpListener::bind(cfg.admin_addr)
+        .await
+        .map_err(|source| NodeError::Admin { addr: cfg.admin_addr, source })?;
+    tokio::spawn(crate::admin::serve(admin, Arc::clone(&shared), quit_tx));
+
+    let mut last_mtime = None;
+    reload(&shared, &mut last_mtime, true).await?;
+    shared.ready.send_replace(true);
+    info!(pods = shared.pods.lock().expect("pods lock").len(), "ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .expect("install SIGHUP handler");
+    let mut tick = tokio::time::interval(Duration::from_millis(cfg.inventory_poll_ms.max(50)));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = reload(&shared, &mut last_mtime, false).await {
+                    warn!(error = %e, "inventory reload failed; keeping the previous one");
+                }
+            }
+            _ = hup.recv() => {
+                last_mtime = None;
+                if let Err(e) = reload(&shared, &mut last_mtime, false).await {
+                    warn!(error = %e, "inventory reload failed; keeping the previous one");
+                }
+            }
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); break; }
+            _ = quit_rx.changed() => { info!("quitquitquit: shutting down"); break; }
+        }
+    }
+    // Pinned programs and maps stay: capture keeps failing closed until a new
+    // daemon takes over (or `tlsmesh node --uninstall` removes them).
+    let pods: Vec<_> = shared.pods.lock().expect("pods lock").values().cloned().collect();
+    for p in pods {
+        p.shutdown.send_replace(true);
+    }
+    Ok(())
+}
+
+/// Reloads the inventory if its file changed (or `force`), then reconciles.
+async fn reload(shared: &Arc<Shared>, last: &mut Option<SystemTime>, force: bool) -> Result<(), NodeError> {
+    let path = &shared.cfg.inventory;
+    let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let changed = force || mtime != *last;
+    if changed {
+        let (inv, mut problems) = inventory::load(path)?;
+        *last = mtime;
+        for p in &problems {
+            warn!(subject = %p.subject, problem = %p.message, "inventory entry skipped");
+        }
+        *shared.inventory.write().expect("inventory lock") = Arc::new(inv);
+        problems.extend(reconcile(shared).await);
+        *shared.problems.lock().expect("problems lock") = problems;
+    } else {
+        // Pods whose netns vanished or was replaced are re-checked every tick.
+        let gone = vanished_pods(shared);
+        if !gone.is_empty() {
+            for key in &gone {
+                warn!(pod = %key, "pod netns vanished or was replaced; releasing it");
+                remove_pod(shared, key);
+            }
+            let problems = reconcile(shared).await;
+            shared.problems.lock().expect("problems lock").extend(problems);
+        }
+    }
+    Ok(())
+}
+
+fn vanished_pods(shared: &Shared) -> Vec<String> {
+    let pods = shared.pods.lock().expect("pods lock");
+    pods.iter()
+        .filter(|(_, rt)| {
+            let path = rt.pod.netns.clone().unwrap_or_default();
+            std::fs::metadata(&path).map_or(true, |m| m.ino() != rt.netns_ino)
+        })
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+/// Brings the running pods in line with the inventory. Returns the problems.
+async fn reconcile(shared: &Arc<Shared>) -> Vec<Problem> {
+    let inv = shared.inventory();
+    let desired: BTreeMap<String, Pod> =
+        inv.enrolled_on(&shared.cfg.node).into_iter().map(|p| (p.key(), p.clone())).collect();
+    let running: Vec<(String, Arc<PodRuntime>)> =
+        shared.pods.lock().expect("pods lock").iter().map(|(k, v)| (k.clone(), Arc::clone(v))).collect();
+    for (key, rt) in &running {
+        match desired.get(key) {
+            Some(p) if p == &rt.pod => {}
+            _ => {
+                info!(pod = %key, "pod removed or changed; releasing");
+                remove_pod(shared, key);
+            }
+        }
+    }
+    let mut problems = Vec::new();
+    for (key, pod) in desired {
+        if shared.pods.lock().expect("pods lock").contains_key(&key) {
+            continue;
+        }
+        match add_pod(shared, &pod).await {
+            Ok(rt) => {
+                info!(pod = %key, mode = %rt.mode, cookie = rt.cookie, ips = ?pod.ips, "pod enrolled");
+                shared.pods.lock().expect("pods lock").insert(key, rt);
+            }
+            Err(e) => {
+                error!(pod = %key, error = %e, "cannot enroll pod; it is skipped, the others are served");
+                problems.push(Problem { subject: key, message: e.to_string() });
+            }
+        }
+    }
+    // Enrollment entries nobody owns (pods removed while no daemon ran).
+    let live: HashSet<u64> = shared.pods.lock().expect("pods lock").values().map(|p| p.cookie).collect();
+    for (cookie, _) in shared.capture.enrolled() {
+        if !live.contains(&cookie) {
+            let _ = shared.capture.release(cookie);
+            let _ = shared.capture.detach_inbound(cookie);
+        }
+    }
+    problems
+}
+
+/// Sets up one pod: listeners first, then inbound steering, then enrollment
+/// (so no connect is captured before something listens for it).
+async fn add_pod(shared: &Arc<Shared>, pod: &Pod) -> Result<Arc<PodRuntime>, PodError> {
+    let mode = pod.mode.expect("only enrolled pods are added");
+    let path: PathBuf = pod.netns.clone().ok_or_else(|| PodError::NoNetns(pod.key()))?;
+    let ns = Netns::open(&path)?;
+    let netns_ino = std::fs::metadata(&path).map(|m| m.ino()).unwrap_or_default();
+    let cookie = ns.cookie()?;
+    let worker = NetnsWorker::start(&ns)?;
+    let opts = SocketOpts { mark: DAEMON_MARK, reuse_port: true, v6_only: true, ..SocketOpts::default() };
+    let out4 = ns.tcp_listener(SocketAddr::from((Ipv4Addr::LOCALHOST, PORT_OUTBOUND)), opts)?;
+    let out6 = ns.tcp_listener(SocketAddr::from((Ipv6Addr::LOCALHOST, PORT_OUTBOUND)), opts).ok();
+    let in4 = ns.tcp_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, PORT_INBOUND)), opts)?;
+    let in6 = ns.tcp_listener(SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT_INBOUND)), opts).ok();
+    for ip in &pod.ips {
+        match (ip, &in6) {
+            (IpAddr::V4(_), _) => shared.capture.set_inbound_listener(*ip, &in4)?,
+            (IpAddr::V6(_), Some(l6)) => shared.capture.set_inbound_listener(*ip, l6)?,
+            (IpAddr::V6(_), None) => warn!(pod = %pod.key(), %ip, "no IPv6 in the pod netns; IPv6 inbound not captured"),
+        }
+    }
+    shared.capture.attach_inbound(&ns, cookie)?;
+    let (shutdown, _) = watch::channel(false);
+    let rt = Arc::new(PodRuntime { pod: pod.clone(), mode, cookie, netns_ino, worker, shutdown });
+    for l in [Some(out4), out6].into_iter().flatten() {
+        let l = tokio::net::TcpListener::from_std(l).map_err(|source| NetnsError::Socket {
+            path: path.clone(),
+            what: "register outbound listener".into(),
+            source,
+        })?;
+        tokio::spawn(proxy::outbound_loop(Arc::clone(shared), Arc::clone(&rt), l));
+    }
+    for l in [Some(in4), in6].into_iter().flatten() {
+        let l = tokio::net::TcpListener::from_std(l).map_err(|source| NetnsError::Socket {
+            path: path.clone(),
+            what: "register inbound listener".into(),
+            source,
+        })?;
+        tokio::spawn(proxy::inbound_loop(Arc::clone(shared), Arc::clone(&rt), l));
+    }
+    shared.capture.enroll(cookie, mode.as_map_value())?;
+    Ok(rt)
+}
+
+/// Releases a pod: enrollment, inbound steering, listeners, connections.
+fn remove_pod(shared: &Shared, key: &str) {
+    let Some(rt) = shared.pods.lock().expect("pods lock").remove(key) else { return };
+    if let Err(e) = shared.capture.release(rt.cookie) {
+        warn!(pod = %key, error = %e, "release failed");
+    }
+    if let Err(e) = shared.capture.detach_inbound(rt.cookie) {
+        warn!(pod = %key, error = %e, "detaching inbound capture failed");
+    }
+    for ip in &rt.pod.ips {
+        let _ = shared.capture.remove_inbound_listener(*ip);
+    }
+    rt.shutdown.send_replace(true);
+}
+
+/// Pods for the admin API.
+pub fn pod_views(shared: &Shared) -> Vec<PodView> {
+    let td = shared.inventory().trust_domain.clone();
+    shared
+        .pods
+        .lock()
+        .expect("pods lock")
+        .values()
+        .map(|rt| PodView {
+            key: rt.pod.key(),
+            mode: rt.mode,
+            identity: rt.pod.spiffe_id(&td),
+            ips: rt.pod.ips.clone(),
+            netns_cookie: rt.cookie,
+        })
+        .collect()
+}
+
+/// `tlsmesh node --uninstall`: removes every pinned object.
+pub fn uninstall(pin_dir: &std::path::Path) -> Result<usize, CaptureError> {
+    Capture::uninstall(pin_dir)
+}

@@ -1,0 +1,181 @@
+//! Per-connection work: the outbound path (a pod's captured connect, accepted
+//! on its in-pod 127.0.0.1:15001 listener) and the inbound plaintext path
+//! (a connection steered by sk_lookup to the pod's 15006 listener).
+//!
+//! Outbound: the original destination comes from the eBPF map (keyed by the
+//! pod's netns cookie and the client's own address), the route from the
+//! inventory: an enrolled pod on this node gets the bytes delivered inside
+//! its own netns (plaintext never leaves the node, no TLS needed); anything
+//! not enrolled is passed through from the source pod's netns, so it leaves
+//! with the pod's own address as if never captured. Every socket the daemon
+//! opens in a pod netns carries `DAEMON_MARK`, so capture ignores it.
+//!
+//! Inbound: `inventory::inbound_verdict` decides; refused connections are
+//! reset at once.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::{
+    inventory::{self, InboundVerdict, Route},
+    netns::SocketOpts,
+    node::{PodRuntime, Shared},
+    stats::Stats,
+};
+use tlsmesh_common::DAEMON_MARK;
+
+/// Options for sockets the daemon opens inside pods.
+pub fn pod_socket_opts() -> SocketOpts {
+    SocketOpts { mark: DAEMON_MARK, ..SocketOpts::default() }
+}
+
+/// Accept loop of a pod's outbound listener; ends when the pod is removed.
+pub async fn outbound_loop(shared: Arc<Shared>, pod: Arc<PodRuntime>, listener: tokio::net::TcpListener) {
+    let mut shutdown = pod.shutdown.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.wait_for(|v| *v) => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                Stats::inc(&shared.stats.outbound_accepted);
+                let (shared, pod) = (Arc::clone(&shared), Arc::clone(&pod));
+                tokio::spawn(async move {
+                    let mut stop = pod.shutdown.subscribe();
+                    tokio::select! {
+                        () = outbound(Arc::clone(&shared), Arc::clone(&pod), stream, peer) => {}
+                        _ = stop.wait_for(|v| *v) => debug!(pod = %pod.pod.key(), "connection ended: pod removed"),
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(pod = %pod.pod.key(), error = %e, "outbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn outbound(shared: Arc<Shared>, pod: Arc<PodRuntime>, mut client: TcpStream, peer: SocketAddr) {
+    let Some(dst) = shared.capture.take_orig_dst(pod.cookie, peer) else {
+        Stats::inc(&shared.stats.outbound_no_orig_dst);
+        warn!(pod = %pod.pod.key(), %peer, "captured connection with no recorded original destination; closing");
+        let _ = client.shutdown().await;
+        return;
+    };
+    let inv = shared.inventory();
+    let route = inventory::route(&inv, &shared.cfg.node, dst.ip());
+    let span = info_span!("outbound", src = %pod.pod.key(), %dst, route = ?route);
+    async move {
+        let started = Instant::now();
+        let upstream = match &route {
+            Route::LocalPod(key) => match shared.pod(key) {
+                Some(dst_pod) => {
+                    Stats::inc(&shared.stats.outbound_local);
+                    dst_pod.worker.connect(dst, pod_socket_opts()).await
+                }
+                None => {
+                    Stats::inc(&shared.stats.outbound_passthrough);
+                    pod.worker.connect(dst, pod_socket_opts()).await
+                }
+            },
+            // Until the tunnel carries it, a remote enrolled pod is reached
+            // like any other destination.
+            Route::RemotePod { .. } | Route::Passthrough => {
+                Stats::inc(&shared.stats.outbound_passthrough);
+                pod.worker.connect(dst, pod_socket_opts()).await
+            }
+        };
+        let mut upstream = match upstream {
+            Ok(s) => s,
+            Err(e) => {
+                Stats::inc(&shared.stats.outbound_failed);
+                warn!(error = %e, "cannot reach the original destination; resetting the client");
+                reset(client);
+                return;
+            }
+        };
+        splice(&shared, &mut client, &mut upstream, started, "outbound").await;
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Accept loop of a pod's inbound plaintext listener.
+pub async fn inbound_loop(shared: Arc<Shared>, pod: Arc<PodRuntime>, listener: tokio::net::TcpListener) {
+    let mut shutdown = pod.shutdown.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.wait_for(|v| *v) => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let (shared, pod) = (Arc::clone(&shared), Arc::clone(&pod));
+                tokio::spawn(async move {
+                    let mut stop = pod.shutdown.subscribe();
+                    tokio::select! {
+                        () = inbound(Arc::clone(&shared), Arc::clone(&pod), stream, peer) => {}
+                        _ = stop.wait_for(|v| *v) => {}
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(pod = %pod.pod.key(), error = %e, "inbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn inbound(shared: Arc<Shared>, pod: Arc<PodRuntime>, mut client: TcpStream, peer: SocketAddr) {
+    let Ok(dst) = client.local_addr() else { return };
+    let verdict = inventory::inbound_verdict(pod.mode, peer.ip(), &shared.probe_sources());
+    let span = info_span!("inbound", dst_pod = %pod.pod.key(), src = %peer, %dst, ?verdict);
+    async move {
+        match verdict {
+            InboundVerdict::Refuse => {
+                Stats::inc(&shared.stats.inbound_plaintext_refused);
+                info!(mode = %pod.mode, "plaintext connection to a strict pod refused");
+                reset(client);
+                return;
+            }
+            InboundVerdict::AcceptPlaintext => Stats::inc(&shared.stats.inbound_plaintext_accepted),
+            InboundVerdict::AcceptProbe => Stats::inc(&shared.stats.inbound_probe_accepted),
+        }
+        let started = Instant::now();
+        match pod.worker.connect(dst, pod_socket_opts()).await {
+            Ok(mut app) => splice(&shared, &mut client, &mut app, started, "inbound").await,
+            Err(e) => {
+                warn!(error = %e, "the pod's application refused the connection");
+                reset(client);
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Copies both ways until both sides are done; counts bytes; logs one access line.
+async fn splice(shared: &Shared, pod_side: &mut TcpStream, other: &mut TcpStream, started: Instant, dir: &str) {
+    Stats::inc(&shared.stats.active_connections);
+    let r = tokio::io::copy_bidirectional_with_sizes(pod_side, other, 64 * 1024, 64 * 1024).await;
+    Stats::dec(&shared.stats.active_connections);
+    match r {
+        Ok((from_pod, to_pod)) => {
+            Stats::add(&shared.stats.bytes_from_pods, from_pod);
+            Stats::add(&shared.stats.bytes_to_pods, to_pod);
+            info!(direction = dir, bytes_sent = from_pod, bytes_received = to_pod, duration_ms = started.elapsed().as_millis(), outcome = "ok", "connection complete");
+        }
+        Err(e) => info!(direction = dir, duration_ms = started.elapsed().as_millis(), outcome = "error", error = %e, "connection complete"),
+    }
+}
+
+/// Closes with RST (SO_LINGER 0), so the peer sees a refusal, not an EOF.
+fn reset(s: TcpStream) {
+    let _ = s.set_zero_linger();
+    drop(s);
+}
