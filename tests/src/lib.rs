@@ -348,6 +348,11 @@ impl Topology {
         &self.inner.nodes
     }
 
+    /// The LAN namespace (holds the bridge `br0` joining the nodes).
+    pub fn lan_netns(&self) -> &str {
+        &self.inner.lan
+    }
+
     /// Node `n`.
     pub fn node(&self, n: usize) -> &Node {
         &self.inner.nodes[n]
@@ -577,6 +582,43 @@ pub fn pod_ip(pod: &Pod, v6: bool) -> IpAddr {
     } else {
         IpAddr::V4(pod.ip4)
     }
+}
+
+/// A packet capture on the node-to-node LAN (`br0`), for proving what
+/// crossed the wire. Stops and is read with `finish`.
+#[derive(Debug)]
+pub struct LinkCapture {
+    proc: Proc,
+    file: PathBuf,
+}
+
+impl LinkCapture {
+    /// Starts tcpdump on the LAN bridge.
+    pub fn start(topo: &Topology) -> io::Result<Self> {
+        let file = topo.scratch_dir().join(format!("lan-{}.pcap", rand::random::<u32>()));
+        let f = file.display().to_string();
+        let mut cmd = Topology::command_in(topo.lan_netns(), None, "tcpdump", &["-i", "br0", "-U", "-s", "0", "-w", &f, "ip or ip6"])?;
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        let proc = topo.spawn("tcpdump", cmd)?;
+        // tcpdump writes the pcap header once it is capturing.
+        wait_for(Duration::from_secs(5), || fs::metadata(&file).ok().filter(|m| m.len() > 0).map(|_| ()))
+            .ok_or_else(|| io::Error::other("tcpdump did not start (is it installed? scripts/bootstrap.sh installs it)"))?;
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(Self { proc, file })
+    }
+
+    /// Stops the capture and returns the raw pcap bytes.
+    pub fn finish(mut self) -> Vec<u8> {
+        std::thread::sleep(Duration::from_millis(300));
+        self.proc.signal(nix::sys::signal::Signal::SIGINT);
+        let _ = self.proc.wait_timeout(Duration::from_secs(5));
+        fs::read(&self.file).unwrap_or_default()
+    }
+}
+
+/// True when `needle` occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// How a test pod is enrolled in a generated inventory.

@@ -1,1 +1,116 @@
-fn main() {}
+//! Developer workflows: `cargo xtask setup | test | demo | bench | cleanup | build`.
+//!
+//! Each command first runs the idempotent bootstrap (scripts/bootstrap.sh:
+//! apt packages, bpf-linker, cgroup v2 and bpffs checks), so a fresh Debian 12
+//! machine needs nothing else. The work itself is done by cargo and by the
+//! binaries of the tests crate (netkit demo, bench, cleanup).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "tlsmesh developer workflows")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the project needs (apt packages, bpf-linker) and check the kernel.
+    Setup,
+    /// Set up, build everything, and run the whole test suite (as root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--` go to the test binaries).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run the local two-node demo.
+    Demo {
+        /// Node-to-node transport for the demo.
+        #[arg(long, default_value = "tcp")]
+        transport: String,
+    },
+    /// Set up, build (release), and run the benchmark.
+    Bench {
+        /// Extra arguments for the bench binary (e.g. --quick).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Remove namespaces, cgroups and pins a killed test run left behind.
+    Cleanup,
+    /// Set up and build the release binary.
+    Build,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let st = cmd.current_dir(root()).status().with_context(|| format!("cannot run {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed ({st})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn setup() -> Result<()> {
+    run(Command::new("bash").arg("scripts/bootstrap.sh")).context(
+        "set-up failed; the message above says what is missing (run as root on Debian 12 with a cgroup-v2 capable kernel)",
+    )
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    let t0 = Instant::now();
+    match cli.cmd {
+        Cmd::Setup => setup()?,
+        Cmd::Build => {
+            setup()?;
+            run(cargo().args(["build", "--release", "-p", "tlsmesh"]))?;
+        }
+        Cmd::Cleanup => {
+            run(cargo().args(["run", "--quiet", "-p", "tlsmesh-tests", "--bin", "netkit-cleanup"]))?;
+        }
+        Cmd::Test { args } => {
+            setup()?;
+            run(cargo().args(["run", "--quiet", "-p", "tlsmesh-tests", "--bin", "netkit-cleanup"]))?;
+            run(cargo().args(["build", "--workspace", "--all-targets"]))?;
+            run(cargo().args(["test", "--workspace"]).args(&args))?;
+            eprintln!("xtask: all tests passed in {:.0?}", t0.elapsed());
+        }
+        Cmd::Demo { transport } => {
+            setup()?;
+            run(cargo().args(["build", "--release", "-p", "tlsmesh", "-p", "tlsmesh-tests", "--bins"]))?;
+            run(Command::new(root().join("target/release/demo")).args(["--transport", &transport]))?;
+        }
+        Cmd::Bench { args } => {
+            setup()?;
+            run(cargo().args(["build", "--release", "-p", "tlsmesh", "-p", "tlsmesh-tests", "--bins"]))?;
+            run(Command::new(root().join("target/release/bench")).args(&args))?;
+        }
+    }
+    Ok(())
+}
