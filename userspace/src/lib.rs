@@ -11,7 +11,7 @@ pub mod admin;
 pub mod capture;
 pub mod cli;
 pub mod config;
-pub mod inventory;
+pub use tlsmesh_inventory as inventory;
 pub mod logging;
 pub mod netns;
 pub mod node;

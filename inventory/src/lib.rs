@@ -1,4 +1,4 @@
-//! The inventory: which pods exist, where they run, who they are.
+//! tlsmesh-inventory: the inventory: which pods exist, where they run, who they are.
 //!
 //! Without Kubernetes a static TOML file is the inventory (the demo, the
 //! tests and plain Linux hosts use it); the Kubernetes watcher produces the
