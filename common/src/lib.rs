@@ -22,7 +22,14 @@ pub const PORT_READY: u16 = 15021;
 
 /// `SO_MARK` the daemon puts on every socket it opens inside a pod netns, so
 /// the capture programs never capture the daemon itself (ztunnel's 0x539).
+/// The programs test `mark & DAEMON_MARK == DAEMON_MARK`, so other bits can
+/// be added (see `DELIVERY_MARK`).
 pub const DAEMON_MARK: u32 = 0x539;
+
+/// Mark bit of the daemon's transparent deliveries into a pod (connections
+/// from the original client's address). Its connections' replies are routed
+/// back to the daemon inside the pod netns (ct mark + `ip rule fwmark`).
+pub const DELIVERY_MARK: u32 = 0x1000;
 
 /// `Enrollment::mode`: plaintext inbound is accepted (and counted).
 pub const MODE_PERMISSIVE: u32 = 1;

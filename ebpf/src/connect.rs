@@ -63,7 +63,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), ()> {
     if !sk.is_null() {
         // SAFETY: a non-null `sk` in bpf_sock_addr is a valid bpf_sock.
         let mark = unsafe { read_volatile(&(*sk).mark) };
-        if mark == cfg.daemon_mark {
+        if mark & cfg.daemon_mark == cfg.daemon_mark {
             bump(counter::DAEMON_SKIPPED);
             return Ok(());
         }

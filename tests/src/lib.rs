@@ -212,6 +212,7 @@ struct Inner {
     cgroup_dir: Option<PathBuf>,
     extra_dirs: Mutex<Vec<PathBuf>>,
     procs: Mutex<Vec<u32>>,
+    ca_dir: Mutex<Option<PathBuf>>,
 }
 
 /// A built topology. Everything is torn down on drop.
@@ -246,6 +247,7 @@ impl Topology {
             cgroup_dir: cgroup_dir.clone(),
             extra_dirs: Mutex::new(Vec::new()),
             procs: Mutex::new(Vec::new()),
+            ca_dir: Mutex::new(None),
         };
         sh(&["ip", "netns", "add", &lan])?;
         ip(&lan, "link set lo up")?;
@@ -367,6 +369,23 @@ impl Topology {
     pub fn pin_dir(&self, label: &str) -> PathBuf {
         let d = PathBuf::from(format!("/sys/fs/bpf/{PREFIX}{}-{label}", self.inner.id));
         self.inner.extra_dirs.lock().expect("lock").push(d.clone());
+        d
+    }
+
+    /// The topology's CA directory (created with `tlsmesh ca init` on first use).
+    pub fn ca_dir(&self) -> PathBuf {
+        let mut slot = self.inner.ca_dir.lock().expect("lock");
+        if let Some(d) = slot.as_ref() {
+            return d.clone();
+        }
+        let d = self.scratch_dir().join("ca");
+        let out = Command::new(tlsmesh_bin())
+            .args(["ca", "init", "--trust-domain", "cluster.local", "--dir"])
+            .arg(&d)
+            .output()
+            .expect("run tlsmesh ca init");
+        assert!(out.status.success(), "tlsmesh ca init: {}", String::from_utf8_lossy(&out.stderr));
+        *slot = Some(d.clone());
         d
     }
 
@@ -704,7 +723,11 @@ impl Daemon {
             "--pin-dir".into(),
             pin_dir.display().to_string(),
         ];
-        args.extend(extra.iter().map(ToString::to_string));
+        if !extra.iter().any(|a| *a == "--ca-addr" || *a == "--ca-dir" || *a == "--no-ca") {
+            args.push("--ca-dir".into());
+            args.push(topo.ca_dir().display().to_string());
+        }
+        args.extend(extra.iter().filter(|a| **a != "--no-ca").map(ToString::to_string));
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut cmd = Topology::command_in(&node.netns, None, &bin.to_string_lossy(), &argv).expect("daemon command");
         let log = fs::File::create(topo.scratch_dir().join(format!("daemon-{}-{}.log", node.name, rand::random::<u16>())))

@@ -23,6 +23,9 @@ pub enum Command {
     Node(NodeArgs),
     /// Show what a running daemon is doing (reads its admin API).
     Status(StatusArgs),
+    /// The certificate authority: init, join tokens, the CA service.
+    #[command(subcommand)]
+    Ca(crate::ca_cmd::CaCommand),
 }
 
 /// `tlsmesh node`.
@@ -49,6 +52,30 @@ pub struct NodeArgs {
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Local CA directory (ca.pem + ca.key): sign workload certificates in-process.
+    #[arg(long)]
+    pub ca_dir: Option<PathBuf>,
+    /// Address of the `tlsmesh ca` service.
+    #[arg(long)]
+    pub ca_addr: Option<String>,
+    /// Trust bundle (PEM) for --ca-addr.
+    #[arg(long)]
+    pub ca_bundle: Option<PathBuf>,
+    /// Name in the CA service's certificate (default: host of --ca-addr).
+    #[arg(long)]
+    pub ca_server_name: Option<String>,
+    /// File with this node's join token (for --ca-addr).
+    #[arg(long)]
+    pub join_token_file: Option<PathBuf>,
+    /// Workload certificate lifetime in seconds (local CA).
+    #[arg(long)]
+    pub cert_lifetime: Option<u64>,
+    /// Deny list file (revoked serials and SPIFFE ids).
+    #[arg(long)]
+    pub deny_list: Option<PathBuf>,
+    /// L4 authorization policy file.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
     /// Remove every pinned program, link and map, then exit.
     #[arg(long)]
     pub uninstall: bool,
@@ -78,6 +105,24 @@ impl NodeArgs {
         }
         if let Some(v) = self.log_format {
             c.log_format = v;
+        }
+        let id = &mut c.identity;
+        for (dst, src) in [(&mut id.ca_dir, &self.ca_dir), (&mut id.ca_bundle, &self.ca_bundle), (&mut id.join_token_file, &self.join_token_file), (&mut id.deny_list, &self.deny_list)] {
+            if src.is_some() {
+                dst.clone_from(src);
+            }
+        }
+        if self.ca_addr.is_some() {
+            id.ca_addr.clone_from(&self.ca_addr);
+        }
+        if self.ca_server_name.is_some() {
+            id.ca_server_name.clone_from(&self.ca_server_name);
+        }
+        if self.cert_lifetime.is_some() {
+            id.cert_lifetime_secs = self.cert_lifetime;
+        }
+        if self.policy.is_some() {
+            c.policy.clone_from(&self.policy);
         }
         Ok(c)
     }

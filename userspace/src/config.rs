@@ -74,6 +74,10 @@ pub struct NodeConfig {
     pub transport: Transport,
     /// Log format.
     pub log_format: LogFormat,
+    /// Workload identities (where certificates come from).
+    pub identity: crate::certs::IdentityConfig,
+    /// L4 authorization rules file (see `policy`), re-read when it changes.
+    pub policy: Option<PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -91,6 +95,8 @@ impl Default for NodeConfig {
             inventory_poll_ms: 500,
             transport: Transport::Tcp,
             log_format: LogFormat::Text,
+            identity: crate::certs::IdentityConfig::default(),
+            policy: None,
         }
     }
 }

@@ -7,7 +7,16 @@ use tlsmesh::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // quinn pulls in rustls' ring feature next to aws-lc-rs: name the provider.
+    let _ = rustls::crypto::CryptoProvider::install_default((*tlsmesh_identity::tls::provider()).clone());
     match cli.command {
+        Command::Ca(cmd) => {
+            tlsmesh::logging::init(tlsmesh::config::LogFormat::Text);
+            match tlsmesh::ca_cmd::run(cmd) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&*e),
+            }
+        }
         Command::Node(args) => {
             let cfg = match args.resolve() {
                 Ok(c) => c,

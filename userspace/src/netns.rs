@@ -159,7 +159,8 @@ pub struct SocketOpts {
     pub v6_only: bool,
 }
 
-fn new_socket(addr: SocketAddr, ty: Type, opts: SocketOpts) -> io::Result<Socket> {
+/// A new socket of `addr`'s family with the given options (not bound).
+pub fn new_socket(addr: SocketAddr, ty: Type, opts: SocketOpts) -> io::Result<Socket> {
     let domain = if addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
     let proto = if ty == Type::STREAM { Protocol::TCP } else { Protocol::UDP };
     let s = Socket::new(domain, ty.cloexec(), Some(proto))?;
@@ -254,6 +255,11 @@ impl NetnsWorker {
             .map_err(|source| NetnsError::Socket { path: path.clone(), what: "spawn worker".into(), source })?;
         ready_rx.recv().map_err(|_| NetnsError::Thread { path: path.clone() })??;
         Ok(Self { tx, path })
+    }
+
+    /// The namespace path.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Runs `f` inside the namespace and awaits its result.

@@ -24,7 +24,7 @@ use crate::{
     proxy,
     stats::Stats,
 };
-use tlsmesh_common::{DAEMON_MARK, PORT_INBOUND, PORT_OUTBOUND};
+use tlsmesh_common::{DAEMON_MARK, PORT_INBOUND, PORT_OUTBOUND, PORT_TUNNEL};
 
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,15 @@ pub enum NodeError {
     /// The inventory could not be read.
     #[error(transparent)]
     Inventory(#[from] inventory::InventoryError),
+    /// Identities could not be set up.
+    #[error("workload identity: {0}")]
+    Certs(#[from] crate::certs::CertsError),
+    /// The policy file is bad.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    /// A socket for the tunnel could not be created.
+    #[error("tunnel set-up: {0}")]
+    Io(#[from] std::io::Error),
     /// The admin API could not bind.
     #[error("cannot bind the admin API on {addr}: {source} (is another tlsmesh running?)")]
     Admin { addr: SocketAddr, source: std::io::Error },
@@ -52,6 +61,12 @@ pub enum PodError {
     /// Map or attach trouble.
     #[error(transparent)]
     Capture(#[from] CaptureError),
+    /// Transparent delivery set-up.
+    #[error(transparent)]
+    Deliver(#[from] crate::deliver::DeliverError),
+    /// Tunnel servers.
+    #[error(transparent)]
+    Mesh(#[from] crate::mesh::MeshError),
 }
 
 /// Everything the connection handlers need, shared.
@@ -66,7 +81,9 @@ pub struct Shared {
     /// Running pods on this node by `namespace/name`.
     pub pods: Mutex<BTreeMap<String, Arc<PodRuntime>>>,
     /// Counters.
-    pub stats: Stats,
+    pub stats: Arc<Stats>,
+    /// The tunnel side (absent when no CA is configured).
+    pub mesh: Option<crate::mesh::Mesh>,
     /// Problems of the last inventory load and enrollment.
     pub problems: Mutex<Vec<Problem>>,
     /// True once the first reconcile has completed.
@@ -140,15 +157,31 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
     for (prog, how) in capture.adoption() {
         info!(program = prog, adoption = ?how, "cgroup program in place");
     }
+    let (inv, _) = inventory::load(&cfg.inventory)?;
+    let mesh = match crate::certs::Certs::setup(&cfg.identity, &cfg.node, &inv).await? {
+        Some(certs) => {
+            let policy = match &cfg.policy {
+                Some(p) => crate::policy::Policy::load(p)?,
+                None => crate::policy::Policy::default(),
+            };
+            info!(transport = ?cfg.transport, rules = policy.rules.len(), "tunnel enabled");
+            Some(crate::mesh::Mesh::new(certs, cfg.transport, policy)?)
+        }
+        None => {
+            warn!("no CA configured (identity.ca_dir or identity.ca_addr): the tunnel is off; connections to enrolled pods on other nodes are refused");
+            None
+        }
+    };
     let (ready, _) = watch::channel(false);
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         capture,
-        inventory: RwLock::new(Arc::new(Inventory::default())),
+        inventory: RwLock::new(Arc::new(inv)),
         pods: Mutex::new(BTreeMap::new()),
-        stats: Stats::default(),
+        stats: Arc::new(Stats::default()),
         problems: Mutex::new(Vec::new()),
         ready,
+        mesh,
     });
     let (quit_tx, mut quit_rx) = watch::channel(false);
     let admin = tokio::net::TcpListener::bind(cfg.admin_addr)
@@ -157,6 +190,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
     tokio::spawn(crate::admin::serve(admin, Arc::clone(&shared), quit_tx));
 
     let mut last_mtime = None;
+    let mut policy_mtime = cfg.policy.as_ref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
     reload(&shared, &mut last_mtime, true).await?;
     shared.ready.send_replace(true);
     info!(pods = shared.pods.lock().expect("pods lock").len(), "ready");
@@ -172,6 +206,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
                 if let Err(e) = reload(&shared, &mut last_mtime, false).await {
                     warn!(error = %e, "inventory reload failed; keeping the previous one");
                 }
+                follow_policy_and_deny_list(&shared, &mut policy_mtime);
             }
             _ = hup.recv() => {
                 last_mtime = None;
@@ -204,6 +239,9 @@ async fn reload(shared: &Arc<Shared>, last: &mut Option<SystemTime>, force: bool
         for p in &problems {
             warn!(subject = %p.subject, problem = %p.message, "inventory entry skipped");
         }
+        if let Some(m) = &shared.mesh {
+            m.certs.on_inventory(&inv, &shared.cfg.node);
+        }
         *shared.inventory.write().expect("inventory lock") = Arc::new(inv);
         problems.extend(reconcile(shared).await);
         *shared.problems.lock().expect("problems lock") = problems;
@@ -220,6 +258,29 @@ async fn reload(shared: &Arc<Shared>, last: &mut Option<SystemTime>, force: bool
         }
     }
     Ok(())
+}
+
+/// Re-reads the policy file when it changed and the deny list; closes tunnels
+/// of peers that are now revoked.
+fn follow_policy_and_deny_list(shared: &Shared, policy_mtime: &mut Option<SystemTime>) {
+    let Some(mesh) = &shared.mesh else { return };
+    if let Some(p) = &shared.cfg.policy {
+        let m = std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        if m != *policy_mtime {
+            *policy_mtime = m;
+            match crate::policy::Policy::load(p) {
+                Ok(pol) => {
+                    info!(rules = pol.rules.len(), "policy reloaded");
+                    *mesh.policy.write().expect("policy lock") = Arc::new(pol);
+                }
+                Err(e) => warn!(error = %e, "policy reload failed; keeping the previous rules"),
+            }
+        }
+    }
+    if mesh.certs.reload_deny_list() {
+        let closed = mesh.enforce_deny_list();
+        info!(closed, "deny list changed");
+    }
 }
 
 fn vanished_pods(shared: &Shared) -> Vec<String> {
@@ -297,9 +358,29 @@ async fn add_pod(shared: &Arc<Shared>, pod: &Pod) -> Result<Arc<PodRuntime>, Pod
             (IpAddr::V6(_), None) => warn!(pod = %pod.key(), %ip, "no IPv6 in the pod netns; IPv6 inbound not captured"),
         }
     }
+    crate::deliver::setup(&worker, &path).await?;
+    let (mut tunnel_tcp, mut tunnel_udp) = (Vec::new(), Vec::new());
+    if let Some(mesh) = &shared.mesh {
+        let topts = SocketOpts { mark: DAEMON_MARK, reuse_port: true, v6_only: true, ..SocketOpts::default() };
+        tunnel_tcp.push(ns.tcp_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, PORT_TUNNEL)), topts)?);
+        tunnel_tcp.extend(ns.tcp_listener(SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT_TUNNEL)), topts).ok());
+        for ip in &pod.ips {
+            let uopts = SocketOpts { mark: DAEMON_MARK, v6_only: true, ..SocketOpts::default() };
+            match ns.udp_socket(SocketAddr::new(*ip, PORT_TUNNEL), uopts) {
+                Ok(u) => tunnel_udp.push(u),
+                Err(e) => warn!(pod = %pod.key(), %ip, error = %e, "no QUIC server on this address"),
+            }
+        }
+        if let Ok(id) = crate::certs::workload_id(&mesh.certs.trust_domain, pod) {
+            if let Err(e) = mesh.certs.manager.ensure(&id).await {
+                warn!(pod = %pod.key(), identity = %id, error = %e, "cannot get the pod's certificate yet; retried on first use");
+            }
+        }
+    }
     shared.capture.attach_inbound(&ns, cookie)?;
     let (shutdown, _) = watch::channel(false);
     let rt = Arc::new(PodRuntime { pod: pod.clone(), mode, cookie, netns_ino, worker, shutdown });
+    crate::mesh::start_servers(shared, &rt, tunnel_tcp, tunnel_udp)?;
     for l in [Some(out4), out6].into_iter().flatten() {
         let l = tokio::net::TcpListener::from_std(l).map_err(|source| NetnsError::Socket {
             path: path.clone(),

@@ -42,6 +42,7 @@ pub async fn outbound_loop(shared: Arc<Shared>, pod: Arc<PodRuntime>, listener: 
         match accepted {
             Ok((stream, peer)) => {
                 Stats::inc(&shared.stats.outbound_accepted);
+                let _ = stream.set_nodelay(true);
                 let (shared, pod) = (Arc::clone(&shared), Arc::clone(&pod));
                 tokio::spawn(async move {
                     let mut stop = pod.shutdown.subscribe();
@@ -71,20 +72,24 @@ async fn outbound(shared: Arc<Shared>, pod: Arc<PodRuntime>, mut client: TcpStre
     let span = info_span!("outbound", src = %pod.pod.key(), %dst, route = ?route);
     async move {
         let started = Instant::now();
+        let src_ip = pod.pod.ips.iter().copied().find(|ip| ip.is_ipv4() == dst.ip().is_ipv4());
         let upstream = match &route {
             Route::LocalPod(key) => match shared.pod(key) {
                 Some(dst_pod) => {
                     Stats::inc(&shared.stats.outbound_local);
-                    dst_pod.worker.connect(dst, pod_socket_opts()).await
+                    crate::deliver::connect(&shared.capture, &dst_pod.worker, src_ip, dst).await
                 }
                 None => {
                     Stats::inc(&shared.stats.outbound_passthrough);
                     pod.worker.connect(dst, pod_socket_opts()).await
                 }
             },
-            // Until the tunnel carries it, a remote enrolled pod is reached
-            // like any other destination.
-            Route::RemotePod { .. } | Route::Passthrough => {
+            Route::RemotePod { pod: dst_key, .. } => {
+                let Some(dst_pod) = inv.pods.get(dst_key).cloned() else { return };
+                tunnel(&shared, &pod, &dst_pod, client, peer, dst, started).await;
+                return;
+            }
+            Route::Passthrough => {
                 Stats::inc(&shared.stats.outbound_passthrough);
                 pod.worker.connect(dst, pod_socket_opts()).await
             }
@@ -102,6 +107,47 @@ async fn outbound(shared: Arc<Shared>, pod: Arc<PodRuntime>, mut client: TcpStre
     }
     .instrument(span)
     .await;
+}
+
+/// The remote-pod branch: through the mTLS tunnel to the destination node.
+async fn tunnel(
+    shared: &Arc<Shared>,
+    pod: &Arc<PodRuntime>,
+    dst_pod: &crate::inventory::Pod,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    started: Instant,
+) {
+    let mut stream = match crate::mesh::open(shared, &pod.pod, dst_pod, dst, peer.port()).await {
+        Ok(s) => s,
+        Err(e) => {
+            Stats::inc(&shared.stats.tunnel_failed);
+            warn!(dst_pod = %dst_pod.key(), error = %e, "tunnel to the destination failed; resetting the client");
+            reset(client);
+            return;
+        }
+    };
+    Stats::inc(&shared.stats.outbound_tunnel);
+    Stats::inc(&shared.stats.active_connections);
+    let transport = stream.transport().to_string();
+    let _ = client.set_nodelay(true);
+    let me = tokio::task::spawn(async {}).abort_handle();
+    let tracked = crate::mesh::track_outbound(shared, &pod.pod, dst_pod, &transport, dst, me);
+    let r = crate::mesh::splice(&mut client, &mut stream).await;
+    crate::mesh::untrack(shared, tracked);
+    Stats::dec(&shared.stats.active_connections);
+    match r {
+        Ok((from_pod, to_pod)) => {
+            Stats::add(&shared.stats.bytes_from_pods, from_pod);
+            Stats::add(&shared.stats.bytes_to_pods, to_pod);
+            info!(direction = "outbound", %transport, dst_pod = %dst_pod.key(), bytes_sent = from_pod, bytes_received = to_pod, duration_ms = started.elapsed().as_millis(), outcome = "ok", "connection complete");
+        }
+        Err(e) => {
+            stream.reset();
+            info!(direction = "outbound", %transport, dst_pod = %dst_pod.key(), duration_ms = started.elapsed().as_millis(), outcome = "error", error = %e, "connection complete");
+        }
+    }
 }
 
 /// Accept loop of a pod's inbound plaintext listener.

@@ -47,6 +47,10 @@ counters! {
     inbound_tunnel_accepted,
     /// Tunnel streams refused (policy, identity, upstream).
     inbound_tunnel_refused,
+    /// Tunnel streams denied by L4 policy.
+    policy_denied,
+    /// Outbound tunnel streams that could not be opened.
+    tunnel_failed,
     /// Bytes from pods into the daemon.
     bytes_from_pods,
     /// Bytes from the daemon to pods.

@@ -94,8 +94,20 @@ fn main() {
         }
     }
 
-    // 2. Not enrolled -> permissive pod: plaintext accepted and counted.
+    let pcap = link.finish();
+    let leaked = contains(&pcap, MARKER);
+    println!(
+        "   node-to-node link during the transfer: {} bytes captured on the LAN bridge; plaintext marker {}",
+        pcap.len(),
+        if leaked { "FOUND: plaintext crossed the nodes" } else { "absent: only ciphertext crossed" }
+    );
+    failures += usize::from(leaked);
+
+    // 2. Not enrolled -> permissive pod: plaintext accepted and counted. The
+    // capture here is the control: the same marker is visible in the clear.
+    let control = LinkCapture::start(&topo).expect("start the control capture");
     let r = exchange(&legacy.netns, SocketAddr::new(lab.ip4.into(), 8080), 1 << 20);
+    let control_seen = contains(&control.finish(), MARKER);
     println!(
         "\n2. {} (not enrolled) -> {} (permissive) plaintext: {} (n1 counted {} plaintext connection(s))",
         legacy.name,
@@ -104,6 +116,11 @@ fn main() {
         d1.counter("inbound_plaintext_accepted")
     );
     failures += usize::from(!r.is_ok_and(|r| r.intact));
+    println!(
+        "   control: the same marker {} on the link for this plaintext connection",
+        if control_seen { "is visible" } else { "was NOT seen (capture broken?)" }
+    );
+    failures += usize::from(!control_seen);
 
     // 3. Not enrolled -> strict pod: refused.
     let r = exchange(&legacy.netns, SocketAddr::new(server.ip4.into(), 8080), 4096);
@@ -117,13 +134,6 @@ fn main() {
     );
     failures += usize::from(!refused);
 
-    let pcap = link.finish();
-    let leaked = contains(&pcap, MARKER);
-    println!(
-        "\nnode-to-node link: {} bytes captured on the LAN bridge; plaintext marker {}",
-        pcap.len(),
-        if leaked { "FOUND (traffic crossed nodes in the clear)" } else { "absent: only ciphertext crossed" }
-    );
     println!("\ncounters n0: {}", d0.stats()["daemon"]);
     println!("counters n1: {}", d1.stats()["daemon"]);
     if failures > 0 {

@@ -1,0 +1,207 @@
+//! QUIC tunnel server: accepts connections on a daemon-bound endpoint and
+//! answers every stream's request header.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::CertificateDer;
+use tracing::Instrument;
+
+use super::wire::{self, RequestHeader, REQUEST_PREFIX_LEN};
+use super::{TunnelStream, ALPN};
+use crate::error::Error;
+use crate::handler::{validate_authority, ConnectRequest, Handler, Refusal};
+use crate::splice::{splice_with_buffer, DEFAULT_SPLICE_BUFFER};
+
+/// How the QUIC server treats its connections.
+#[derive(Clone, Debug)]
+pub struct ServerCtx {
+    /// Answer 400 when the authority IP is not the address the connection
+    /// arrived at (same rule as HBONE). On by default.
+    pub check_authority_ip: bool,
+    /// Limit for a client's QUIC handshake.
+    pub handshake_timeout: Duration,
+    /// Limit for a stream's request header to arrive.
+    pub header_timeout: Duration,
+    /// Largest copy buffer per direction when splicing.
+    pub splice_buffer: usize,
+}
+
+impl Default for ServerCtx {
+    fn default() -> Self {
+        Self {
+            check_authority_ip: true,
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            splice_buffer: DEFAULT_SPLICE_BUFFER,
+        }
+    }
+}
+
+/// Serves tunnel streams on `endpoint` (bound by the daemon, with a server
+/// configuration from [`super::server_config`]) until the endpoint closes.
+pub async fn serve(endpoint: quinn::Endpoint, ctx: ServerCtx, handler: Arc<dyn Handler>) {
+    let ctx = Arc::new(ctx);
+    let local = match endpoint.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "QUIC endpoint has no local address; not serving");
+            return;
+        }
+    };
+    while let Some(incoming) = endpoint.accept().await {
+        let ctx = ctx.clone();
+        let handler = handler.clone();
+        let peer = incoming.remote_address();
+        let span = tracing::debug_span!("quic_conn", %peer);
+        tokio::spawn(
+            async move {
+                if let Err(e) = serve_conn(incoming, local, ctx, handler).await {
+                    tracing::info!(%peer, error = %e, "QUIC tunnel connection ended with an error");
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_conn(
+    incoming: quinn::Incoming,
+    endpoint_addr: SocketAddr,
+    ctx: Arc<ServerCtx>,
+    handler: Arc<dyn Handler>,
+) -> Result<(), Error> {
+    let peer = incoming.remote_address();
+    let conn = match tokio::time::timeout(ctx.handshake_timeout, incoming).await {
+        Err(_) => {
+            return Err(Error::Timeout {
+                dst: peer,
+                what: "waiting for the QUIC handshake",
+                after: ctx.handshake_timeout,
+            })
+        }
+        Ok(Err(e)) => return Err(Error::Quic { dst: peer, reason: e.to_string() }),
+        Ok(Ok(c)) => c,
+    };
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    if alpn.as_deref() != Some(ALPN) {
+        conn.close(quinn::VarInt::from_u32(wire::CLOSE_NO_ERROR), b"wrong ALPN");
+        return Err(Error::Protocol {
+            peer,
+            reason: format!("QUIC ALPN {alpn:?} is not tlsmesh-q1"),
+        });
+    }
+    let peer_certs: Arc<[CertificateDer<'static>]> = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map_or_else(|| Arc::from(Vec::new()), |c| (*c).into());
+    // The address the packets arrived at (needs IP_PKTINFO, which quinn
+    // enables on Linux); fall back to the endpoint's bound address.
+    let local_addr =
+        SocketAddr::new(conn.local_ip().unwrap_or(endpoint_addr.ip()), endpoint_addr.port());
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(
+                quinn::ConnectionError::ApplicationClosed(_)
+                | quinn::ConnectionError::ConnectionClosed(_)
+                | quinn::ConnectionError::LocallyClosed,
+            ) => return Ok(()),
+            Err(e) => return Err(Error::Quic { dst: peer, reason: e.to_string() }),
+        };
+        let ctx = ctx.clone();
+        let handler = handler.clone();
+        let peer_certs = peer_certs.clone();
+        let span = tracing::debug_span!("quic_stream", id = %send.id());
+        tokio::spawn(
+            handle_stream(send, recv, peer, local_addr, peer_certs, ctx, handler).instrument(span),
+        );
+    }
+}
+
+/// Reads and validates one stream's request header.
+async fn read_request(
+    recv: &mut quinn::RecvStream,
+    peer: SocketAddr,
+    local_addr: SocketAddr,
+    peer_certs: &[CertificateDer<'static>],
+    ctx: &ServerCtx,
+) -> Result<ConnectRequest, Refusal> {
+    let read = async {
+        let mut prefix = [0u8; REQUEST_PREFIX_LEN];
+        recv.read_exact(&mut prefix).await.map_err(|e| Refusal::malformed(e.to_string()))?;
+        let len =
+            RequestHeader::decode_prefix(&prefix).map_err(|e| Refusal::malformed(e.to_string()))?;
+        let mut fields = vec![0u8; len];
+        recv.read_exact(&mut fields).await.map_err(|e| Refusal::malformed(e.to_string()))?;
+        RequestHeader::decode_fields(&fields).map_err(|e| Refusal::malformed(e.to_string()))
+    };
+    let header = tokio::time::timeout(ctx.header_timeout, read)
+        .await
+        .map_err(|_| Refusal::malformed("request header did not arrive in time"))??;
+    let authority = validate_authority(&header.authority, local_addr, ctx.check_authority_ip)?;
+    Ok(ConnectRequest {
+        authority,
+        forwarded_for: header.forwarded_for(),
+        traceparent: header.traceparent,
+        baggage: header.baggage,
+        peer_certs: peer_certs.to_vec(),
+        local_addr,
+        peer_addr: peer,
+    })
+}
+
+async fn refuse(mut send: quinn::SendStream, mut recv: quinn::RecvStream, refusal: &Refusal) {
+    let _ = recv.stop(quinn::VarInt::from_u32(wire::STREAM_CANCEL));
+    let reply = wire::encode_response(refusal.status.code(), &refusal.reason);
+    if send.write_all(&reply).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+async fn handle_stream(
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    peer: SocketAddr,
+    local_addr: SocketAddr,
+    peer_certs: Arc<[CertificateDer<'static>]>,
+    ctx: Arc<ServerCtx>,
+    handler: Arc<dyn Handler>,
+) {
+    let request = match read_request(&mut recv, peer, local_addr, &peer_certs, &ctx).await {
+        Ok(r) => r,
+        Err(refusal) => {
+            tracing::info!(%peer, status = refusal.status.code(), reason = %refusal.reason, "refused malformed QUIC tunnel request");
+            refuse(send, recv, &refusal).await;
+            return;
+        }
+    };
+    let authority = request.authority;
+    let accepted = match handler.connect(request).await {
+        Ok(a) => a,
+        Err(refusal) => {
+            tracing::debug!(%peer, %authority, status = refusal.status.code(), reason = %refusal.reason, "QUIC tunnel request refused");
+            refuse(send, recv, &refusal).await;
+            return;
+        }
+    };
+    let mut tunnel = TunnelStream::new(send, recv, None);
+    let reply = wire::encode_response(200, "");
+    let outcome = match tunnel.send.write_all(&reply).await {
+        Ok(()) => {
+            let mut upstream = accepted.stream;
+            splice_with_buffer(&mut tunnel, &mut upstream, ctx.splice_buffer).await
+        }
+        Err(e) => crate::splice::SpliceOutcome { a_to_b: 0, b_to_a: 0, error: Some(e.into()) },
+    };
+    if let Some(e) = &outcome.error {
+        tracing::debug!(%peer, %authority, error = %e, "QUIC tunnel stream ended with an error");
+    }
+    if let Some(cb) = accepted.on_close {
+        cb(&outcome);
+    }
+}

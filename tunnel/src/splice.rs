@@ -1,0 +1,202 @@
+//! Bidirectional copy between two byte streams with half-close propagation
+//! and adaptive buffers (small for chatty connections, large for bulk ones).
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Default upper bound of each direction's copy buffer.
+pub const DEFAULT_SPLICE_BUFFER: usize = 256 * 1024;
+/// Every direction starts with this much buffer and doubles it each time a
+/// read fills it, up to the maximum. Idle connections thus cost 2 × 16 KiB.
+const INITIAL_BUFFER: usize = 16 * 1024;
+
+/// The result of a splice: bytes moved each way, and the error that ended it
+/// early, if any.
+#[derive(Debug)]
+pub struct SpliceOutcome {
+    /// Bytes read from `a` and written to `b`.
+    pub a_to_b: u64,
+    /// Bytes read from `b` and written to `a`.
+    pub b_to_a: u64,
+    /// `None` when both directions reached end-of-stream cleanly.
+    pub error: Option<io::Error>,
+}
+
+/// Copies `a → b` and `b → a` until both directions reached end-of-stream.
+/// End-of-stream on one side's read half shuts down the other side's write
+/// half (TCP FIN ↔ HTTP/2 `END_STREAM` ↔ QUIC `FIN`). The first error ends
+/// both directions; dropping the streams then resets them.
+pub async fn splice<A, B>(a: &mut A, b: &mut B) -> SpliceOutcome
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    splice_with_buffer(a, b, DEFAULT_SPLICE_BUFFER).await
+}
+
+/// [`splice`] with an explicit maximum buffer size per direction.
+pub async fn splice_with_buffer<A, B>(a: &mut A, b: &mut B, max_buffer: usize) -> SpliceOutcome
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let max_buffer = max_buffer.max(1024);
+    let mut ab = Direction::new(max_buffer);
+    let mut ba = Direction::new(max_buffer);
+    let res = poll_fn(|cx| {
+        let mut a = Pin::new(&mut *a);
+        let mut b = Pin::new(&mut *b);
+        let ab_ready = if ab.done {
+            true
+        } else {
+            match ab.poll_copy(cx, a.as_mut(), b.as_mut()) {
+                Poll::Ready(Ok(())) => true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => false,
+            }
+        };
+        let ba_ready = if ba.done {
+            true
+        } else {
+            match ba.poll_copy(cx, b, a) {
+                Poll::Ready(Ok(())) => true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => false,
+            }
+        };
+        if ab_ready && ba_ready {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    SpliceOutcome { a_to_b: ab.amount, b_to_a: ba.amount, error: res.err() }
+}
+
+/// One direction of the copy.
+struct Direction {
+    buf: Vec<u8>,
+    max: usize,
+    /// Bytes `buf[pos..end]` are read but not yet written.
+    pos: usize,
+    end: usize,
+    read_eof: bool,
+    need_flush: bool,
+    done: bool,
+    amount: u64,
+}
+
+impl Direction {
+    fn new(max: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            max,
+            pos: 0,
+            end: 0,
+            read_eof: false,
+            need_flush: false,
+            done: false,
+            amount: 0,
+        }
+    }
+
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.pos == self.end && !self.read_eof {
+                self.pos = 0;
+                self.end = 0;
+                if self.buf.is_empty() {
+                    self.buf = vec![0; INITIAL_BUFFER.min(self.max)];
+                }
+                let mut rb = ReadBuf::new(&mut self.buf);
+                match r.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Pending => {
+                        if self.need_flush {
+                            ready!(w.as_mut().poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {}
+                }
+                let n = rb.filled().len();
+                if n == 0 {
+                    self.read_eof = true;
+                } else {
+                    self.end = n;
+                    self.amount += n as u64;
+                    if n == self.buf.len() && self.buf.len() < self.max {
+                        // A full read: the sender has more; grow for throughput.
+                        let grown = (self.buf.len() * 2).min(self.max);
+                        self.buf.resize(grown, 0);
+                    }
+                }
+            }
+            while self.pos < self.end {
+                let n = ready!(w.as_mut().poll_write(cx, &self.buf[self.pos..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+                self.need_flush = true;
+            }
+            if self.read_eof {
+                ready!(w.as_mut().poll_flush(cx))?;
+                ready!(w.as_mut().poll_shutdown(cx))?;
+                self.done = true;
+                // Release the buffer early: the other direction may run long.
+                self.buf = Vec::new();
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn copies_both_ways_and_propagates_half_close() {
+        let (mut a_app, mut a) = tokio::io::duplex(8 * 1024);
+        let (mut b, mut b_app) = tokio::io::duplex(8 * 1024);
+        let task = tokio::spawn(async move { splice_with_buffer(&mut a, &mut b, 64 * 1024).await });
+
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let d2 = data.clone();
+        let writer = tokio::spawn(async move {
+            a_app.write_all(&d2).await.unwrap();
+            a_app.shutdown().await.unwrap();
+            // The other direction still works after our half-close.
+            let mut back = Vec::new();
+            a_app.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        b_app.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, data);
+        b_app.write_all(b"reply").await.unwrap();
+        b_app.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"reply");
+        let out = task.await.unwrap();
+        assert!(out.error.is_none(), "{:?}", out.error);
+        assert_eq!(out.a_to_b, 1_000_000);
+        assert_eq!(out.b_to_a, 5);
+    }
+}

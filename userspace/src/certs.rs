@@ -1,0 +1,220 @@
+//! The daemon's workload identities: trust bundle, deny list and the
+//! certificate manager, set up from the config. Two sources of certificates:
+//!
+//! - `ca_addr` (+ `ca_bundle`, `join_token_file`): the `tlsmesh ca` service;
+//!   the node joins with its token and asks for each workload on it.
+//! - `ca_dir`: a CA on local files signing in-process (single host, the demo
+//!   and the tests). The same placement check applies: only identities with
+//!   a pod on this node.
+//!
+//! TLS configurations are built per new tunnel connection, so a renewed
+//! certificate is used by the next handshake while live connections go on.
+
+use std::{collections::HashSet, path::PathBuf, sync::Arc, time::Duration};
+
+use rustls::{ClientConfig, ServerConfig};
+use serde::{Deserialize, Serialize};
+use tlsmesh_identity::{
+    authz::{Placement, SharedPlacement},
+    ca::{CaFiles, CaPaths},
+    client::{CaClient, CaClientConfig},
+    manager::{CertManager, CertStatus, LocalCa},
+    tls::{self, SniResolver},
+    trust::{DenyList, TrustBundle},
+    NodeId, SpiffeId,
+};
+use tracing::{info, warn};
+
+use crate::inventory::{Inventory, Pod};
+
+/// Identity settings of the node config.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Local CA directory (`ca.pem`, `ca.key`): sign in-process.
+    pub ca_dir: Option<PathBuf>,
+    /// Address of the `tlsmesh ca` service (`host:port`).
+    pub ca_addr: Option<String>,
+    /// Name in the CA service's certificate (default: the host part of `ca_addr`).
+    pub ca_server_name: Option<String>,
+    /// Trust bundle (PEM, one or more roots) for `ca_addr` mode.
+    pub ca_bundle: Option<PathBuf>,
+    /// File holding this node's join token (`ca_addr` mode).
+    pub join_token_file: Option<PathBuf>,
+    /// Lifetime of workload certificates in seconds (local CA mode; the CA
+    /// service decides its own). Default 24 h, at least 60 s.
+    pub cert_lifetime_secs: Option<u64>,
+    /// Deny list file (serials and SPIFFE IDs), re-read when it changes.
+    pub deny_list: Option<PathBuf>,
+}
+
+/// Errors setting up identities.
+#[derive(Debug, thiserror::Error)]
+pub enum CertsError {
+    /// CA files.
+    #[error("local CA: {0}")]
+    Ca(#[from] tlsmesh_identity::ca::CaError),
+    /// Trust bundle or deny list.
+    #[error("{0}")]
+    Trust(#[from] tlsmesh_identity::trust::TrustError),
+    /// CA client.
+    #[error("CA service: {0}")]
+    Client(#[from] tlsmesh_identity::client::ClientError),
+    /// Configuration.
+    #[error("identity config: {0}")]
+    Config(String),
+    /// A SPIFFE id could not be formed.
+    #[error("{0}")]
+    Spiffe(#[from] tlsmesh_identity::spiffe::SpiffeError),
+    /// Certificate manager.
+    #[error("{0}")]
+    Manager(#[from] tlsmesh_identity::manager::ManagerError),
+    /// TLS configuration.
+    #[error("{0}")]
+    Tls(#[from] tlsmesh_identity::tls::TlsError),
+}
+
+/// The node's identity machinery.
+#[derive(Debug)]
+pub struct Certs {
+    /// Trust domain.
+    pub trust_domain: String,
+    /// Roots.
+    pub bundle: TrustBundle,
+    /// Revoked serials and identities.
+    pub deny: DenyList,
+    /// Workload certificates.
+    pub manager: Arc<CertManager>,
+    /// Local-CA mode: who runs where (kept in sync with the inventory).
+    placement: Option<SharedPlacement>,
+    deny_path: Option<PathBuf>,
+}
+
+/// Placement (SPIFFE id → nodes) from an inventory.
+pub fn placement_of(inv: &Inventory) -> Placement {
+    inv.pods
+        .values()
+        .filter_map(|p| Some((workload_id(&inv.trust_domain, p).ok()?, p.node.clone())))
+        .collect()
+}
+
+/// A pod's SPIFFE id.
+pub fn workload_id(trust_domain: &str, pod: &Pod) -> Result<SpiffeId, tlsmesh_identity::spiffe::SpiffeError> {
+    SpiffeId::new(trust_domain, pod.namespace.clone(), pod.service_account.clone())
+}
+
+impl Certs {
+    /// Sets up from the config; `None` when no CA is configured (no tunnel).
+    pub async fn setup(cfg: &IdentityConfig, node: &str, inv: &Inventory) -> Result<Option<Self>, CertsError> {
+        let td = inv.trust_domain.clone();
+        let deny = match &cfg.deny_list {
+            Some(p) if p.exists() => DenyList::load(p)?,
+            _ => DenyList::default(),
+        };
+        let lifetime = Duration::from_secs(cfg.cert_lifetime_secs.unwrap_or(24 * 3600).max(60));
+        if let Some(dir) = &cfg.ca_dir {
+            let files = CaFiles::open(CaPaths::in_dir(dir), &td)?;
+            let ca = files.shared();
+            let bundle = TrustBundle::from_pem(&td, &ca.current().roots_pem())?;
+            let placement = SharedPlacement::new(placement_of(inv));
+            let source = LocalCa::new(ca, placement.clone(), NodeId::new(td.clone(), node)?).with_lifetime(lifetime);
+            let manager = Arc::new(CertManager::new(Arc::new(source)));
+            manager.spawn_renewal();
+            info!(ca_dir = %dir.display(), lifetime_s = lifetime.as_secs(), "workload certificates from the local CA");
+            return Ok(Some(Self {
+                trust_domain: td,
+                bundle,
+                deny,
+                manager,
+                placement: Some(placement),
+                deny_path: cfg.deny_list.clone(),
+            }));
+        }
+        let Some(addr) = &cfg.ca_addr else { return Ok(None) };
+        let bundle_path = cfg.ca_bundle.clone().ok_or_else(|| CertsError::Config("ca_addr needs ca_bundle (the CA's root PEM)".into()))?;
+        let bundle = TrustBundle::load(&td, &bundle_path)?;
+        let token_path = cfg
+            .join_token_file
+            .clone()
+            .ok_or_else(|| CertsError::Config("ca_addr needs join_token_file".into()))?;
+        let token = std::fs::read_to_string(&token_path)
+            .map_err(|e| CertsError::Config(format!("cannot read join token {}: {e}", token_path.display())))?;
+        let server_name = cfg
+            .ca_server_name
+            .clone()
+            .unwrap_or_else(|| addr.rsplit_once(':').map_or(addr.as_str(), |x| x.0).trim_matches(['[', ']']).to_string());
+        let client = Arc::new(CaClient::new(CaClientConfig {
+            addr: addr.clone(),
+            server_name,
+            trust: bundle.clone(),
+            node: node.to_string(),
+            timeout: Duration::from_secs(10),
+        })?);
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match client.join(token.trim()).await {
+                Ok(info) => {
+                    info!(ca = %addr, serial = %info.serial, "joined the CA");
+                    break;
+                }
+                Err(e) if delay < Duration::from_secs(10) => {
+                    warn!(ca = %addr, error = %e, "joining the CA failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let manager = Arc::new(CertManager::new(client));
+        manager.spawn_renewal();
+        Ok(Some(Self { trust_domain: td, bundle, deny, manager, placement: None, deny_path: cfg.deny_list.clone() }))
+    }
+
+    /// Follows inventory changes: placement (local CA) and which certificates to keep.
+    pub fn on_inventory(&self, inv: &Inventory, node: &str) {
+        if let Some(p) = &self.placement {
+            p.replace(placement_of(inv));
+        }
+        let keep: HashSet<SpiffeId> =
+            inv.enrolled_on(node).into_iter().filter_map(|p| workload_id(&inv.trust_domain, p).ok()).collect();
+        let dropped = self.manager.retain(&keep);
+        for id in dropped {
+            info!(identity = %id, "certificate dropped: no pod on this node uses it");
+        }
+    }
+
+    /// Re-reads the deny list file if it changed. Returns true when it did.
+    pub fn reload_deny_list(&self) -> bool {
+        let Some(p) = &self.deny_path else { return false };
+        if !p.exists() {
+            return false;
+        }
+        let before = self.deny.current();
+        match self.deny.reload(p) {
+            Ok(()) => *self.deny.current() != *before,
+            Err(e) => {
+                warn!(file = %p.display(), error = %e, "deny list unreadable; keeping the previous one");
+                false
+            }
+        }
+    }
+
+    /// Server TLS config for a pod's tunnel listener: the certificate is
+    /// chosen by SNI, defaulting to the pod's own identity (peers like
+    /// ztunnel send no SNI of ours).
+    pub fn server_config(&self, pod_id: &SpiffeId) -> Result<Arc<ServerConfig>, CertsError> {
+        let resolver = Arc::new(SniResolver::new(self.manager.clone(), Some(pod_id.clone())));
+        Ok(Arc::new(tls::server_config(resolver, &self.bundle, &self.deny)?))
+    }
+
+    /// Client TLS config presenting `src`'s certificate and requiring `dst`.
+    pub async fn client_config(&self, src: &SpiffeId, dst: &SpiffeId) -> Result<Arc<ClientConfig>, CertsError> {
+        let key = self.manager.ensure(src).await?;
+        Ok(Arc::new(tls::client_config(key, dst.clone(), &self.bundle, &self.deny)?))
+    }
+
+    /// Certificates for the admin API.
+    pub fn snapshot(&self) -> Vec<CertStatus> {
+        self.manager.snapshot()
+    }
+}
