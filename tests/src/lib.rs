@@ -701,6 +701,8 @@ pub struct Daemon {
     pub inventory: PathBuf,
     /// Node name.
     pub node: String,
+    /// Its log file (stderr).
+    pub log: PathBuf,
 }
 
 impl Daemon {
@@ -730,8 +732,8 @@ impl Daemon {
         args.extend(extra.iter().filter(|a| **a != "--no-ca").map(ToString::to_string));
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut cmd = Topology::command_in(&node.netns, None, &bin.to_string_lossy(), &argv).expect("daemon command");
-        let log = fs::File::create(topo.scratch_dir().join(format!("daemon-{}-{}.log", node.name, rand::random::<u16>())))
-            .expect("daemon log");
+        let log_path = topo.scratch_dir().join(format!("daemon-{}-{}.log", node.name, rand::random::<u32>()));
+        let log = fs::File::create(&log_path).expect("daemon log");
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
@@ -743,6 +745,7 @@ impl Daemon {
             netns: node.netns.clone(),
             inventory: inventory.to_path_buf(),
             node: node.name.clone(),
+            log: log_path,
         };
         d.wait_ready();
         d
@@ -751,7 +754,7 @@ impl Daemon {
     /// Waits for `/healthz/ready`; panics with the daemon's log when it dies.
     pub fn wait_ready(&mut self) {
         let ok = wait_for(Duration::from_secs(20), || {
-            assert!(self.proc.running(), "daemon for {} exited during start-up", self.node);
+            assert!(self.proc.running(), "daemon for {} exited during start-up:\n{}", self.node, fs::read_to_string(&self.log).unwrap_or_default());
             self.get("/healthz/ready").ok().filter(|(code, _)| *code == 200)
         });
         assert!(ok.is_some(), "daemon for {} not ready within 20 s", self.node);
@@ -772,6 +775,11 @@ impl Daemon {
             let v = serde_json::from_str(body).map_err(io::Error::other)?;
             Ok((code, v))
         })
+    }
+
+    /// Everything the daemon has logged so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Daemon counters (`/stats`).

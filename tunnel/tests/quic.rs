@@ -85,16 +85,20 @@ async fn concurrent_streams_fill_connections_up_to_the_limit() {
     let dial = quic_dial(&pki);
     let mut tasks = tokio::task::JoinSet::new();
     let all_open = std::sync::Arc::new(tokio::sync::Barrier::new(300));
+    // Nobody finishes its stream before the count was taken.
+    let counted = std::sync::Arc::new(tokio::sync::Barrier::new(300));
     for i in 0..300u32 {
         let pool = pool.clone();
         let dial = dial.clone();
         let all_open = all_open.clone();
+        let counted = counted.clone();
         tasks.spawn(async move {
             let s =
                 pool.connect(&key(addr), addr, &ConnectHeaders::default(), &dial).await.unwrap();
             if all_open.wait().await.is_leader() {
                 assert_eq!(pool.stats(), (3, 300), "100 streams per connection");
             }
+            counted.wait().await;
             let data = random_bytes(4096, u64::from(i));
             assert_eq!(echo_through(s, data.clone()).await, data);
         });

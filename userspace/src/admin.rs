@@ -70,6 +70,13 @@ fn handle(req: &Request<Incoming>, shared: &Shared, quit: &watch::Sender<bool>) 
                 json!({
                     "config": shared.cfg,
                     "pods": pod_views(shared),
+                    "certificates": shared.mesh.as_ref().map(|m| m.certs.snapshot()).unwrap_or_default(),
+                    "tunnels": shared.mesh.as_ref().map(|m| m.registry.list()).unwrap_or_default(),
+                    "pool": shared.mesh.as_ref().map(|m| {
+                        let (hc, hs) = m.client.hbone().stats();
+                        let (qc, qs) = m.client.quic().stats();
+                        json!({"hbone_connections": hc, "hbone_streams": hs, "quic_connections": qc, "quic_streams": qs})
+                    }),
                     "problems": problems,
                     "capture": {
                         "pin_dir": shared.capture.pin_dir(),

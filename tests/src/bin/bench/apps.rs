@@ -1,6 +1,6 @@
 //! The benchmark's own applications, all blocking sockets on threads: the
 //! 1 KiB echo server and its request/response and new-connection clients,
-//! the idle-connection holder, and the SCHED_IDLE spinners that keep the
+//! the idle-connection holder, and the `SCHED_IDLE` spinners that keep the
 //! vCPUs awake.
 
 use std::{
@@ -59,38 +59,65 @@ fn echo(mut s: TcpStream) -> std::io::Result<()> {
     }
 }
 
-/// The idle-connection holder: accepts, writes one byte (so the client
-/// knows the connection reached the application), and keeps the socket.
-#[derive(Clone, Default)]
+/// The idle-connection holder: a child process (this binary with `--hold
+/// PORT`, so its sockets do not count against the bench's own open-file
+/// limit) in the server pod that accepts, writes one byte (so the client
+/// knows the connection reached the application) and keeps every socket.
+/// Dropping it kills it, which closes them all.
 pub struct Holder {
-    held: Arc<Mutex<Vec<TcpStream>>>,
+    _proc: netkit::Proc,
 }
 
 impl Holder {
-    /// Starts it in `netns`.
-    pub fn start(netns: &str, port: u16) -> std::io::Result<Self> {
-        let l = Topology::in_netns(netns, move || {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-            s.set_reuse_address(true)?;
-            s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
-            s.listen(4096)?;
-            Ok::<_, std::io::Error>(TcpListener::from(s))
-        })?;
-        let h = Self::default();
-        let held = Arc::clone(&h.held);
-        thread::Builder::new().name("holder".into()).spawn(move || loop {
-            if let Ok((mut s, _)) = l.accept() {
+    /// Starts it in `pod` and waits until it listens.
+    pub fn start(topo: &Topology, pod: &netkit::Pod, port: u16) -> Result<Self, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
+        let mut cmd = Topology::command_in(
+            &pod.netns,
+            Some(&pod.cgroup),
+            &exe.to_string_lossy(),
+            &["--hold", &port.to_string()],
+        )
+        .map_err(|e| format!("holder command: {e}"))?;
+        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+        let proc = topo.spawn("idle-connection holder", cmd).map_err(|e| e.to_string())?;
+        crate::procfs::wait_listening(proc.pid(), &[port], Duration::from_secs(5))?;
+        Ok(Self { _proc: proc })
+    }
+}
+
+/// The holder process's main (`bench --hold PORT`). Never returns; ends
+/// when killed, when its parent dies, or after an hour.
+pub fn hold_main(port: u16) -> ! {
+    // SAFETY: prctl with PR_SET_PDEATHSIG and a signal number.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    let _ = crate::procfs::raise_nofile(u64::MAX);
+    thread::spawn(|| {
+        thread::sleep(Duration::from_secs(3600));
+        std::process::exit(3);
+    });
+    let listen = || -> std::io::Result<TcpListener> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+        s.listen(4096)?;
+        Ok(TcpListener::from(s))
+    };
+    let l = listen().unwrap_or_else(|e| {
+        eprintln!("bench --hold {port}: {e}");
+        std::process::exit(1);
+    });
+    let mut held = Vec::new();
+    loop {
+        match l.accept() {
+            Ok((mut s, _)) => {
                 if s.write_all(b"!").is_ok() {
-                    held.lock().expect("holder lock").push(s);
+                    held.push(s);
                 }
             }
-        })?;
-        Ok(h)
-    }
-
-    /// Closes every held connection.
-    pub fn release(&self) {
-        self.held.lock().expect("holder lock").clear();
+            // Out of file descriptors: back off (the client stops on its own).
+            Err(_) => thread::sleep(Duration::from_millis(10)),
+        }
     }
 }
 
@@ -106,11 +133,17 @@ pub struct Rr {
 
 /// Request/response on one held connection: after `warmup`, round trips of
 /// 1 KiB each way for `duration` (at most `max` of them), each one timed.
-pub fn rr(netns: &str, dst: SocketAddr, warmup: Duration, duration: Duration, max: usize) -> Result<Rr, String> {
+pub fn rr(
+    netns: &str,
+    dst: SocketAddr,
+    warmup: Duration,
+    duration: Duration,
+    max: usize,
+) -> Result<Rr, String> {
     Topology::in_netns(netns, move || {
         let mut s = connect(dst)?;
         let mut buf = [0x5au8; MSG];
-        let mut round_trip = |s: &mut TcpStream, buf: &mut [u8; MSG]| -> Result<(), String> {
+        let round_trip = |s: &mut TcpStream, buf: &mut [u8; MSG]| -> Result<(), String> {
             s.write_all(buf).map_err(|e| format!("write: {e}"))?;
             s.read_exact(buf).map_err(|e| format!("read: {}", eof_reason(&e)))
         };
@@ -131,13 +164,24 @@ pub fn rr(netns: &str, dst: SocketAddr, warmup: Duration, duration: Duration, ma
         }
         ns.sort_unstable();
         let q = |p| quantile_sorted(&ns, p).map_or(f64::NAN, |v| f(v) / 1000.0);
-        Ok(Rr { p50_us: q(0.5), p99_us: q(0.99), p999_us: q(0.999), rate: fu(ns.len()) / secs, samples: ns.len() })
+        Ok(Rr {
+            p50_us: q(0.5),
+            p99_us: q(0.99),
+            p999_us: q(0.999),
+            rate: fu(ns.len()) / secs,
+            samples: ns.len(),
+        })
     })
 }
 
 /// New connections per second, each: connect, send 1 KiB, read 1 KiB,
 /// close; `threads` clients for `duration`.
-pub fn cps(netns: &str, dst: SocketAddr, threads: usize, duration: Duration) -> Result<f64, String> {
+pub fn cps(
+    netns: &str,
+    dst: SocketAddr,
+    threads: usize,
+    duration: Duration,
+) -> Result<f64, String> {
     Topology::in_netns(netns, move || {
         let done = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
@@ -146,11 +190,18 @@ pub fn cps(netns: &str, dst: SocketAddr, threads: usize, duration: Duration) -> 
         let start = Instant::now();
         let handles: Vec<_> = (0..threads)
             .map(|_| {
-                let (done, errors, abort, first_error) =
-                    (Arc::clone(&done), Arc::clone(&errors), Arc::clone(&abort), Arc::clone(&first_error));
+                let (done, errors, abort, first_error) = (
+                    Arc::clone(&done),
+                    Arc::clone(&errors),
+                    Arc::clone(&abort),
+                    Arc::clone(&first_error),
+                );
                 thread::spawn(move || {
                     let mut buf = [0xa5u8; MSG];
-                    while start.elapsed() < duration && !abort.load(Ordering::Relaxed) && !crate::stopped() {
+                    while start.elapsed() < duration
+                        && !abort.load(Ordering::Relaxed)
+                        && !crate::stopped()
+                    {
                         match one_exchange(dst, &mut buf) {
                             Ok(()) => {
                                 done.fetch_add(1, Ordering::Relaxed);
@@ -194,7 +245,8 @@ fn one_exchange(dst: SocketAddr, buf: &mut [u8; MSG]) -> Result<(), String> {
 }
 
 fn connect(dst: SocketAddr) -> Result<TcpStream, String> {
-    let s = TcpStream::connect_timeout(&dst, CONNECT_TIMEOUT).map_err(|e| format!("connect {dst}: {e}"))?;
+    let s = TcpStream::connect_timeout(&dst, CONNECT_TIMEOUT)
+        .map_err(|e| format!("connect {dst}: {e}"))?;
     s.set_nodelay(true).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
     s.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
@@ -203,8 +255,12 @@ fn connect(dst: SocketAddr) -> Result<TcpStream, String> {
 
 fn eof_reason(e: &std::io::Error) -> String {
     match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => "connection closed by the other side (refused or reset upstream)".into(),
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!("timed out after {IO_TIMEOUT:?}"),
+        std::io::ErrorKind::UnexpectedEof => {
+            "connection closed by the other side (refused or reset upstream)".into()
+        }
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            format!("timed out after {IO_TIMEOUT:?}")
+        }
         _ => e.to_string(),
     }
 }
@@ -219,7 +275,13 @@ pub struct Opened {
 /// each confirmed end to end by the holder's one byte; 8 openers in
 /// parallel. Stops early at `deadline`, after 20 failures, or when the
 /// system's thread count reaches `thread_ceiling`.
-pub fn open_idle(netns: &str, dst: SocketAddr, want: usize, deadline: Instant, thread_ceiling: u64) -> Opened {
+pub fn open_idle(
+    netns: &str,
+    dst: SocketAddr,
+    want: usize,
+    deadline: Instant,
+    thread_ceiling: u64,
+) -> Opened {
     Topology::in_netns(netns, move || {
         let left = Arc::new(AtomicUsize::new(want));
         let errors = Arc::new(AtomicUsize::new(0));
@@ -264,7 +326,8 @@ pub fn open_idle(netns: &str, dst: SocketAddr, want: usize, deadline: Instant, t
                 })
             })
             .collect();
-        let conns: Vec<TcpStream> = handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
+        let conns: Vec<TcpStream> =
+            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
         let stopped_because = why.lock().expect("lock").take();
         Opened { conns, stopped_because }
     })
@@ -277,7 +340,7 @@ fn open_one(dst: SocketAddr) -> Result<TcpStream, String> {
     Ok(s)
 }
 
-/// Two lowest-priority busy loops (SCHED_IDLE) that keep both vCPUs out of
+/// Two lowest-priority busy loops (`SCHED_IDLE`) that keep both vCPUs out of
 /// idle, so wake-up latency does not dominate the latency figures. They
 /// yield to every normal task at once; they stop when dropped.
 pub struct Spinners {
@@ -296,7 +359,8 @@ impl Spinners {
             handles.push(thread::spawn(move || {
                 let param = libc::sched_param { sched_priority: 0 };
                 // SAFETY: pid 0 is the calling thread; param is valid.
-                let ok = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } == 0;
+                let ok =
+                    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &raw const param) } == 0;
                 let _ = tx.send(ok);
                 if !ok {
                     return;

@@ -34,10 +34,16 @@ pub fn run(
     secs: u32,
     around: &mut dyn FnMut(),
 ) -> Result<Run, String> {
-    let srv = topo
-        .spawn_in_pod(server, "iperf3", &["-s", "-1", "-p", &PORT.to_string()])
-        .map_err(|e| format!("start iperf3 server: {e}"))?;
-    let mut srv = srv;
+    let mut cmd = Topology::command_in(
+        &server.netns,
+        Some(&server.cgroup),
+        "iperf3",
+        &["-s", "-1", "-p", &PORT.to_string()],
+    )
+    .map_err(|e| format!("iperf3 server command: {e}"))?;
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut srv =
+        topo.spawn("iperf3 server", cmd).map_err(|e| format!("start iperf3 server: {e}"))?;
     crate::procfs::wait_listening(srv.pid(), &[PORT], Duration::from_secs(5))?;
     let out = topo.scratch_dir().join(format!("iperf3-{}-{streams}.json", rand::random::<u32>()));
     let file = fs::File::create(&out).map_err(|e| format!("create {}: {e}", out.display()))?;
@@ -54,8 +60,8 @@ pub fn run(
         "--connect-timeout".into(),
         "3000".into(),
     ];
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut cmd = Topology::command_in(&client.netns, Some(&client.cgroup), "iperf3", &argv)
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cmd = Topology::command_in(&client.netns, Some(&client.cgroup), "iperf3", &arg_refs)
         .map_err(|e| format!("iperf3 client command: {e}"))?;
     cmd.stdin(Stdio::null()).stdout(file).stderr(Stdio::null());
     around();

@@ -6,17 +6,22 @@ use std::{fs, time::Duration};
 
 /// `VmRSS` of a process in KiB.
 pub fn rss_kib(pid: u32) -> Result<u64, String> {
-    let s = fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("read /proc/{pid}/status: {e}"))?;
+    let s = fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("read /proc/{pid}/status: {e}"))?;
     parse_vmrss(&s).ok_or_else(|| format!("no VmRSS in /proc/{pid}/status (process exited?)"))
 }
 
 fn parse_vmrss(status: &str) -> Option<u64> {
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// utime + stime of a process (all its threads), in clock ticks.
 pub fn cpu_ticks(pid: u32) -> Result<u64, String> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("read /proc/{pid}/stat: {e}"))?;
+    let s = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("read /proc/{pid}/stat: {e}"))?;
     parse_stat_cpu(&s).ok_or_else(|| format!("cannot parse /proc/{pid}/stat"))
 }
 
@@ -63,31 +68,56 @@ pub fn wait_listening(pid: u32, ports: &[u16], timeout: Duration) -> Result<(), 
         .ok_or_else(|| format!("pid {pid} not listening on {ports:?} within {timeout:?}"))
 }
 
+/// The 1-minute load average.
+pub fn loadavg() -> Option<f64> {
+    fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+}
+
 /// Threads (scheduling entities) on the system now, from /proc/loadavg.
 pub fn system_threads() -> Option<u64> {
     let s = fs::read_to_string("/proc/loadavg").ok()?;
     s.split_whitespace().nth(3)?.split_once('/')?.1.parse().ok()
 }
 
-/// The most threads the benchmark lets the system reach: pid_max and
+/// The most threads the benchmark lets the system reach: `pid_max` and
 /// threads-max less a margin for everything else on the machine (stunnel
-/// runs a thread per connection; pid_max is 32768 on some machines).
+/// runs a thread per connection; `pid_max` is 32768 on some machines).
 pub fn thread_ceiling() -> u64 {
     let read = |p: &str| fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok());
-    let lim = read("/proc/sys/kernel/pid_max").unwrap_or(32768).min(read("/proc/sys/kernel/threads-max").unwrap_or(u64::MAX));
+    let lim = read("/proc/sys/kernel/pid_max")
+        .unwrap_or(32768)
+        .min(read("/proc/sys/kernel/threads-max").unwrap_or(u64::MAX));
     lim.saturating_sub(6000)
 }
 
-/// Raises this process's open-file limit (children inherit it).
+/// Raises this process's open-file limit (children inherit it) towards
+/// `want`: both limits when allowed (`CAP_SYS_RESOURCE`), else the soft limit
+/// up to the hard one. Returns the limit in force.
 pub fn raise_nofile(want: u64) -> Result<u64, String> {
-    let nr_open = fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(want);
+    let nr_open = fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
     let n = want.min(nr_open);
-    let lim = libc::rlimit { rlim_cur: n, rlim_max: n };
-    // SAFETY: setrlimit reads a valid rlimit struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-        return Err(format!("setrlimit(RLIMIT_NOFILE, {n}): {}", std::io::Error::last_os_error()));
+    let mut cur = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into a valid rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut cur) } != 0 {
+        return Err(format!("getrlimit(RLIMIT_NOFILE): {}", std::io::Error::last_os_error()));
     }
-    Ok(n)
+    if cur.rlim_cur >= n {
+        return Ok(cur.rlim_cur);
+    }
+    let both = libc::rlimit { rlim_cur: n, rlim_max: n.max(cur.rlim_max) };
+    // SAFETY: setrlimit reads a valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const both) } == 0 {
+        return Ok(n);
+    }
+    let soft = libc::rlimit { rlim_cur: n.min(cur.rlim_max), rlim_max: cur.rlim_max };
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const soft) } == 0 {
+        return Ok(soft.rlim_cur);
+    }
+    Err(format!("setrlimit(RLIMIT_NOFILE, {n}): {}", std::io::Error::last_os_error()))
 }
 
 #[cfg(test)]

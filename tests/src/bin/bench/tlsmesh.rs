@@ -24,8 +24,10 @@ pub struct Pair {
 pub fn start(topo: &Topology, inventory: &Path, transport: &str) -> Result<Pair, String> {
     let extra = ["--transport", transport];
     let start_one = |n: usize| {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Daemon::start(topo, n, inventory, &extra)))
-            .map_err(|p| format!("daemon n{n} did not start: {}", panic_message(p.as_ref())))
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Daemon::start(topo, n, inventory, &extra)
+        }))
+        .map_err(|p| format!("daemon n{n} did not start: {}", panic_message(p.as_ref())))
     };
     let client = start_one(0)?;
     let server = match start_one(1) {
@@ -39,7 +41,10 @@ pub fn start(topo: &Topology, inventory: &Path, transport: &str) -> Result<Pair,
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(ToString::to_string)).unwrap_or_default()
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(ToString::to_string))
+        .unwrap_or_default()
 }
 
 /// Stops both daemons (SIGTERM, then SIGKILL after 5 s) and removes their
@@ -58,6 +63,37 @@ pub fn stop(pair: Pair) -> Result<(), String> {
     } else {
         Err(problems.join("; "))
     }
+}
+
+/// Removes what the daemons leave in the pod namespaces after they stop
+/// (the `inet tlsmesh` nftables table, whose conntrack rules would slow
+/// every later candidate down, and the delivery routing rule and table), so
+/// plaintext and stunnel in later rounds run on the same path as in the
+/// first. Only our own pod namespaces are touched.
+pub fn clear_residue(pods: &[&netkit::Pod]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mark = format!("{:#x}/{:#x}", tlsmesh_common::DELIVERY_MARK, tlsmesh_common::DELIVERY_MARK);
+    for pod in pods {
+        let ns = pod.netns.as_str();
+        if netkit::sh(&["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "tlsmesh"])
+            .is_ok()
+        {
+            found.push(format!("nftables table inet tlsmesh in {}", pod.name));
+        }
+        for fam in ["-4", "-6"] {
+            for _ in 0..8 {
+                if netkit::sh(&[
+                    "ip", "-n", ns, fam, "rule", "del", "fwmark", &mark, "lookup", "100",
+                ])
+                .is_err()
+                {
+                    break;
+                }
+            }
+            let _ = netkit::sh(&["ip", "-n", ns, fam, "route", "flush", "table", "100"]);
+        }
+    }
+    found
 }
 
 fn stop_one(mut d: Daemon) {
@@ -108,7 +144,11 @@ pub struct Routes {
 impl Routes {
     /// Reads the counters now (missing counters read as 0).
     pub fn read(pair: &Pair) -> Result<Self, String> {
-        let get = |d: &Daemon| d.get("/stats").map(|(_, v)| v["daemon"].clone()).map_err(|e| format!("{} /stats: {e}", d.node));
+        let get = |d: &Daemon| {
+            d.get("/stats")
+                .map(|(_, v)| v["daemon"].clone())
+                .map_err(|e| format!("{} /stats: {e}", d.node))
+        };
         let (c, s) = (get(&pair.client)?, get(&pair.server)?);
         let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
         Ok(Self {
@@ -126,12 +166,22 @@ impl Routes {
     pub fn since(self, earlier: Self) -> Self {
         Self {
             outbound_tunnel: self.outbound_tunnel.saturating_sub(earlier.outbound_tunnel),
-            outbound_passthrough: self.outbound_passthrough.saturating_sub(earlier.outbound_passthrough),
+            outbound_passthrough: self
+                .outbound_passthrough
+                .saturating_sub(earlier.outbound_passthrough),
             outbound_failed: self.outbound_failed.saturating_sub(earlier.outbound_failed),
-            inbound_tunnel_accepted: self.inbound_tunnel_accepted.saturating_sub(earlier.inbound_tunnel_accepted),
-            inbound_tunnel_refused: self.inbound_tunnel_refused.saturating_sub(earlier.inbound_tunnel_refused),
-            inbound_plaintext_refused: self.inbound_plaintext_refused.saturating_sub(earlier.inbound_plaintext_refused),
-            inbound_plaintext_accepted: self.inbound_plaintext_accepted.saturating_sub(earlier.inbound_plaintext_accepted),
+            inbound_tunnel_accepted: self
+                .inbound_tunnel_accepted
+                .saturating_sub(earlier.inbound_tunnel_accepted),
+            inbound_tunnel_refused: self
+                .inbound_tunnel_refused
+                .saturating_sub(earlier.inbound_tunnel_refused),
+            inbound_plaintext_refused: self
+                .inbound_plaintext_refused
+                .saturating_sub(earlier.inbound_plaintext_refused),
+            inbound_plaintext_accepted: self
+                .inbound_plaintext_accepted
+                .saturating_sub(earlier.inbound_plaintext_accepted),
         }
     }
 
@@ -149,7 +199,10 @@ impl Routes {
     /// Did the traffic really take the tunnel? `None` when the counters say
     /// it is fine, else what the figures actually measured.
     pub fn caveat(&self) -> Option<String> {
-        if self.outbound_tunnel > 0 && self.outbound_passthrough == 0 && self.inbound_plaintext_accepted == 0 {
+        if self.outbound_tunnel > 0
+            && self.outbound_passthrough == 0
+            && self.inbound_plaintext_accepted == 0
+        {
             return None;
         }
         Some(format!(
@@ -172,10 +225,13 @@ pub fn keep_logs(topo: &Topology, dest: &Path) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(topo.scratch_dir()) else { return kept };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if (name.starts_with("daemon-") || name.starts_with("stunnel-")) && name.ends_with(".log") {
-            if fs::create_dir_all(dest).is_ok() && fs::copy(e.path(), dest.join(&name)).is_ok() {
-                kept.push(dest.join(name));
-            }
+        let is_log = Path::new(&name).extension().is_some_and(|x| x.eq_ignore_ascii_case("log"));
+        if (name.starts_with("daemon-") || name.starts_with("stunnel-"))
+            && is_log
+            && fs::create_dir_all(dest).is_ok()
+            && fs::copy(e.path(), dest.join(&name)).is_ok()
+        {
+            kept.push(dest.join(name));
         }
     }
     kept
@@ -189,7 +245,8 @@ mod tests {
     fn caveat_flags_passthrough_and_refusals() {
         let ok = Routes { outbound_tunnel: 10, inbound_tunnel_accepted: 10, ..Routes::default() };
         assert_eq!(ok.caveat(), None);
-        let pass = Routes { outbound_passthrough: 5, inbound_plaintext_refused: 5, ..Routes::default() };
+        let pass =
+            Routes { outbound_passthrough: 5, inbound_plaintext_refused: 5, ..Routes::default() };
         let c = pass.caveat().expect("caveat");
         assert!(c.contains("NOT of the mTLS tunnel"), "{c}");
         let mut sum = ok;
