@@ -204,7 +204,11 @@ pub async fn open(
     let dst_id = workload_id(td, dst_pod)?;
     let tls = mesh.certs.client_config(&src_id, &dst_id).await?;
     let tunnel_addr = SocketAddr::new(dst.ip(), PORT_TUNNEL);
-    let key = PoolKey { src_identity: src_id.to_string(), dst_identity: dst_id.to_string(), dst: tunnel_addr };
+    // The pool key carries the source certificate's serial: after a renewal,
+    // new streams open a connection with the new certificate while the old
+    // connection serves its live streams until it idles out.
+    let serial = mesh.certs.manager.cert_info(&src_id).map(|i| i.serial).unwrap_or_default();
+    let key = PoolKey { src_identity: format!("{src_id}#{serial}"), dst_identity: dst_id.to_string(), dst: tunnel_addr };
     let headers = ConnectHeaders {
         forwarded_for: same_family(&src.ips, dst.ip()).map(|ip| SocketAddr::new(ip, client_port)),
         traceparent: None,
