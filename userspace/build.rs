@@ -37,7 +37,7 @@ fn main() {
         return;
     }
 
-    let home = env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    let home = env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
     let mut path = OsString::from(home.join(".cargo/bin"));
     path.push(":");
     path.push(env::var_os("PATH").unwrap_or_default());

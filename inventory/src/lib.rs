@@ -30,7 +30,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -200,6 +200,80 @@ pub struct Inventory {
     pub nodes: BTreeMap<String, Node>,
     /// Pods by `namespace/name`.
     pub pods: BTreeMap<String, Pod>,
+    /// Service ports by virtual address (`ClusterIP:port`), so a captured
+    /// connect to a Service can be resolved before kube-proxy's DNAT would
+    /// have done it (see [`resolve_service`]). Filled by the Kubernetes
+    /// watcher; the static inventory file has no services.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<SocketAddr, ServiceBackends>,
+}
+
+/// The backends of one Service port (one `ClusterIP:port`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceBackends {
+    /// `namespace/name` of the Service.
+    pub service: String,
+    /// Its endpoints, in a stable order (sorted by address).
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// One endpoint of a Service port.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Endpoint {
+    /// Where the connection goes: endpoint address and target port.
+    pub addr: SocketAddr,
+    /// Ready to receive traffic (the `EndpointSlice` `ready` condition).
+    pub ready: bool,
+    /// `namespace/name` of the backing pod, when the `EndpointSlice` names one.
+    pub pod: Option<String>,
+}
+
+/// Round-robin position per Service address, kept by the daemon between
+/// calls to [`resolve_service`]. Plain data: no clock, no randomness.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServicePicker {
+    next: HashMap<SocketAddr, usize>,
+}
+
+impl ServicePicker {
+    /// A picker that starts every Service at its first ready endpoint.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Forgets positions of Service addresses that `inv` no longer has.
+    pub fn retain_known(&mut self, inv: &Inventory) {
+        self.next.retain(|vip, _| inv.services.contains_key(vip));
+    }
+}
+
+/// Resolves a connection to a Service address (`ClusterIP:port`) to one of
+/// its ready endpoints, round robin. Captured connects are rewritten before
+/// kube-proxy's DNAT, so the daemon must do this itself.
+///
+/// `None`: `dst` is not a known Service port, or the Service has no ready
+/// endpoint. The daemon then passes the connection through to `dst`
+/// unchanged, and kube-proxy does what it would have done without tlsmesh
+/// (which, with no endpoints, is to refuse it).
+///
+/// The result is an ordinary destination: the daemon routes it with
+/// [`route`] like any other, so an endpoint pod that is not enrolled (or an
+/// endpoint that is no pod at all) is passed through in plaintext.
+pub fn resolve_service(
+    inv: &Inventory,
+    dst: SocketAddr,
+    picker: &mut ServicePicker,
+) -> Option<SocketAddr> {
+    let vip = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+    let backends = inv.services.get(&vip)?;
+    let ready = backends.endpoints.iter().filter(|e| e.ready).count();
+    if ready == 0 {
+        return None;
+    }
+    let slot = picker.next.entry(vip).or_insert(0);
+    let pick = *slot % ready;
+    *slot = pick.wrapping_add(1);
+    backends.endpoints.iter().filter(|e| e.ready).nth(pick).map(|e| e.addr)
 }
 
 /// Reads and validates an inventory file.
@@ -331,7 +405,11 @@ pub enum InboundVerdict {
 }
 
 /// Inbound plaintext policy: probes from `probe_sources` are always allowed.
-pub fn inbound_verdict(mode: Mode, src: IpAddr, probe_sources: &HashSet<IpAddr>) -> InboundVerdict {
+pub fn inbound_verdict<S: std::hash::BuildHasher>(
+    mode: Mode,
+    src: IpAddr,
+    probe_sources: &HashSet<IpAddr, S>,
+) -> InboundVerdict {
     if probe_sources.contains(&src.to_canonical()) {
         InboundVerdict::AcceptProbe
     } else if mode == Mode::Permissive {
@@ -451,6 +529,103 @@ mod tests {
         assert!(e.contains("bogus_key"), "{e}");
         let e = load(Path::new("/nonexistent/inv.toml")).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/inv.toml"));
+    }
+
+    fn with_service(endpoints: &[(&str, bool)]) -> Inventory {
+        let (mut inv, _) = parse(GOOD).unwrap();
+        inv.services.insert(
+            "10.96.0.10:80".parse().unwrap(),
+            ServiceBackends {
+                service: "shop/web".into(),
+                endpoints: endpoints
+                    .iter()
+                    .map(|(a, ready)| Endpoint {
+                        addr: a.parse().unwrap(),
+                        ready: *ready,
+                        pod: None,
+                    })
+                    .collect(),
+            },
+        );
+        inv
+    }
+
+    #[test]
+    fn services_resolve_round_robin_over_ready_endpoints() {
+        let inv = with_service(&[
+            ("10.0.0.2:8080", true),
+            ("10.0.0.3:8080", false),
+            ("10.0.1.2:8080", true),
+        ]);
+        let mut picker = ServicePicker::new();
+        let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+        let picks: Vec<_> =
+            (0..4).map(|_| resolve_service(&inv, vip, &mut picker).unwrap().to_string()).collect();
+        assert_eq!(
+            picks,
+            ["10.0.0.2:8080", "10.0.1.2:8080", "10.0.0.2:8080", "10.0.1.2:8080"],
+            "not-ready skipped"
+        );
+        let mapped: SocketAddr = "[::ffff:10.96.0.10]:80".parse().unwrap();
+        assert_eq!(
+            resolve_service(&inv, mapped, &mut picker).unwrap().to_string(),
+            "10.0.0.2:8080",
+            "v4-mapped VIP"
+        );
+        assert_eq!(
+            resolve_service(&inv, "10.96.0.10:81".parse().unwrap(), &mut picker),
+            None,
+            "other port"
+        );
+        assert_eq!(
+            resolve_service(&inv, "10.96.0.11:80".parse().unwrap(), &mut picker),
+            None,
+            "not a service"
+        );
+        // The endpoint is then routed like any destination: enrolled or not.
+        assert_eq!(
+            route(&inv, "a", "10.0.1.2".parse().unwrap()),
+            Route::RemotePod { pod: "shop/db".into(), node: "b".into() }
+        );
+        assert_eq!(route(&inv, "a", "10.0.0.3".parse().unwrap()), Route::Passthrough);
+    }
+
+    #[test]
+    fn services_without_ready_endpoints_are_not_resolved() {
+        let inv = with_service(&[("10.0.0.2:8080", false)]);
+        let mut picker = ServicePicker::new();
+        assert_eq!(resolve_service(&inv, "10.96.0.10:80".parse().unwrap(), &mut picker), None);
+        let inv = with_service(&[]);
+        assert_eq!(resolve_service(&inv, "10.96.0.10:80".parse().unwrap(), &mut picker), None);
+    }
+
+    #[test]
+    fn round_robin_survives_endpoint_changes() {
+        let mut picker = ServicePicker::new();
+        let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+        let three =
+            with_service(&[("10.0.0.2:1", true), ("10.0.0.3:1", true), ("10.0.0.4:1", true)]);
+        for _ in 0..2 {
+            resolve_service(&three, vip, &mut picker);
+        }
+        // Scaled down to one endpoint: the stored position is past the end.
+        let one = with_service(&[("10.0.0.9:1", true)]);
+        assert_eq!(resolve_service(&one, vip, &mut picker).unwrap().to_string(), "10.0.0.9:1");
+        assert_eq!(resolve_service(&one, vip, &mut picker).unwrap().to_string(), "10.0.0.9:1");
+        picker.retain_known(&Inventory::default());
+        assert_eq!(picker, ServicePicker::new(), "forgets services that are gone");
+    }
+
+    #[test]
+    fn services_serialize_with_address_keys() {
+        let inv = with_service(&[("10.0.0.2:8080", true)]);
+        // The admin API serves the inventory as JSON, whose map keys must be
+        // strings; toml has the same rule and is a dependency already.
+        let text = toml::to_string(&inv).unwrap();
+        assert!(text.contains("[services.\"10.96.0.10:80\"]"), "{text}");
+        assert!(text.contains("service = \"shop/web\""), "{text}");
+        let (plain, _) = parse(GOOD).unwrap();
+        assert!(!toml::to_string(&plain).unwrap().contains("services"), "omitted when empty");
     }
 
     #[test]

@@ -253,3 +253,159 @@ fn bad_ca_files_are_clear_errors() {
     let e = run(&["--ca-addr", "127.0.0.1:1", "--ca-bundle", "/nonexistent/ca.pem", "--join-token-file", "/x"]);
     assert!(e.contains("/nonexistent/ca.pem"), "unreadable bundle named: {e}");
 }
+
+fn fingerprint(pem_path: &std::path::Path) -> String {
+    use sha2::Digest as _;
+    let pem = std::fs::read_to_string(pem_path).unwrap();
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = decode_base64(&b64);
+    sha2::Sha256::digest(&der).iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_base64(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => 0,
+        }
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|c| *c != b'=').collect();
+    let mut out = Vec::new();
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= val(*c) << (18 - 6 * i);
+        }
+        let k = chunk.len() * 6 / 8;
+        for i in 0..k {
+            out.push(u8::try_from((n >> (16 - 8 * i)) & 0xff).unwrap());
+        }
+    }
+    out
+}
+
+fn roots_of(d: &Daemon) -> BTreeSet<String> {
+    d.config_dump()["trust_roots"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect()
+}
+
+#[test]
+fn ca_rotation_runbook_without_interruption() {
+    if !require_root("ca_rotation_runbook_without_interruption") {
+        return;
+    }
+    let topo = Topology::build(2, 1).expect("topology");
+    let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
+    let dir = topo.scratch_dir();
+    let bin = tlsmesh_bin();
+    let old = topo.ca_dir();
+    let new = dir.join("ca-new");
+    let out = Command::new(&bin).args(["ca", "init", "--trust-domain", "cluster.local", "--dir"]).arg(&new).output().unwrap();
+    assert!(out.status.success());
+    // The CA serves from a "live" directory the runbook edits.
+    let live = dir.join("ca-live");
+    std::fs::create_dir_all(&live).unwrap();
+    let install = |from: &std::path::Path, bundle: &[&std::path::Path]| {
+        use std::os::unix::fs::PermissionsExt;
+        for f in ["ca.pem", "ca.key"] {
+            let tmp = live.join(format!("{f}.tmp"));
+            std::fs::copy(from.join(f), &tmp).unwrap();
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(if f == "ca.key" { 0o600 } else { 0o644 })).unwrap();
+            std::fs::rename(&tmp, live.join(f)).unwrap();
+        }
+        let text: String = bundle.iter().map(|d| std::fs::read_to_string(d.join("ca.pem")).unwrap()).collect();
+        std::fs::write(live.join("bundle.tmp"), text).unwrap();
+        std::fs::rename(live.join("bundle.tmp"), live.join("bundle.pem")).unwrap();
+    };
+    install(&old, &[&old]);
+    let tokens = dir.join("tokens.json");
+    let mut token_files = Vec::new();
+    for n in topo.nodes() {
+        let out = Command::new(&bin).args(["ca", "token", "--node", &n.name, "--tokens"]).arg(&tokens).output().unwrap();
+        let f = dir.join(format!("token-{}", n.name));
+        std::fs::write(&f, String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+        token_files.push(f);
+    }
+    let n0 = topo.node(0).clone();
+    let ca_addr = SocketAddr::new(n0.ip4.into(), 15012);
+    let args: Vec<String> = vec![
+        "ca".into(), "serve".into(),
+        "--cert".into(), live.join("ca.pem").display().to_string(),
+        "--key".into(), live.join("ca.key").display().to_string(),
+        "--bundle".into(), live.join("bundle.pem").display().to_string(),
+        "--listen".into(), ca_addr.to_string(), "--server-name".into(), n0.ip4.to_string(),
+        "--inventory".into(), inv.display().to_string(), "--tokens".into(), tokens.display().to_string(),
+        "--workload-lifetime".into(), "60".into(), "--node-lifetime".into(), "60".into(),
+    ];
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cmd = Topology::command_in(&n0.netns, None, &bin.to_string_lossy(), &argv).unwrap();
+    cmd.stderr(std::fs::File::create(dir.join("ca.log")).unwrap());
+    let _ca = topo.spawn("tlsmesh ca serve", cmd).unwrap();
+    let bundle = old.join("ca.pem").display().to_string();
+    let ca = ca_addr.to_string();
+    let mut d = Vec::new();
+    for (i, n) in topo.nodes().iter().enumerate() {
+        let tf = token_files[i].display().to_string();
+        let extra = ["--ca-addr", ca.as_str(), "--ca-bundle", bundle.as_str(), "--join-token-file", tf.as_str()];
+        d.push(Daemon::start_with_pin(&topo, n, &topo.pin_dir(&format!("rot{i}")), &inv, &extra));
+    }
+    let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
+    let dst = SocketAddr::new(server.ip4.into(), 7000);
+    echo_server(&server.netns, dst);
+
+    // Traffic throughout: one long stream, and a new connection every 500 ms.
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let long = conversation(&client.netns, dst, Duration::from_millis(200), Arc::clone(&stop), Arc::clone(&count));
+    let failures = Arc::new(AtomicU64::new(0));
+    let attempts = Arc::new(AtomicU64::new(0));
+    let prober = {
+        let (stop, failures, attempts, netns) = (Arc::clone(&stop), Arc::clone(&failures), Arc::clone(&attempts), client.netns.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                attempts.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = ask(&netns, dst) {
+                    eprintln!("new connection failed during rotation: {e}");
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    let (fp_old, fp_new) = (fingerprint(&old.join("ca.pem")), fingerprint(&new.join("ca.pem")));
+    let both: BTreeSet<String> = [fp_old.clone(), fp_new.clone()].into();
+    let only_new: BTreeSet<String> = [fp_new.clone()].into();
+    let all_roots = |want: &BTreeSet<String>| d.iter().all(|x| &roots_of(x) == want);
+
+    // 1. Add the new root to the bundle; nodes learn it at their next renewal.
+    install(&old, &[&old, &new]);
+    assert!(wait_for(Duration::from_secs(120), || all_roots(&both).then_some(())).is_some(), "nodes trust old+new: {:?}", d.iter().map(roots_of).collect::<Vec<_>>());
+    // 2. Sign with the new root; wait until every workload certificate was
+    // re-issued twice and a whole node-certificate lifetime has passed.
+    install(&new, &[&old, &new]);
+    let switched = std::time::Instant::now();
+    let ids = ["spiffe://cluster.local/ns/strict/sa/n0p0", "spiffe://cluster.local/ns/strict/sa/n1p0"];
+    for _round in 0..2 {
+        let before: Vec<Option<String>> = ids.iter().zip(&d).map(|(id, x)| cert_serial(x, id)).collect();
+        let changed = wait_for(Duration::from_secs(120), || {
+            ids.iter().zip(&d).zip(&before).all(|((id, x), b)| cert_serial(x, id) != *b).then_some(())
+        });
+        assert!(changed.is_some(), "certificates re-issued under the new root");
+    }
+    while switched.elapsed() < Duration::from_secs(75) {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    // 3. Remove the old root.
+    install(&new, &[&new]);
+    assert!(wait_for(Duration::from_secs(120), || all_roots(&only_new).then_some(())).is_some(), "nodes trust only the new root");
+    std::thread::sleep(Duration::from_secs(2));
+    ask(&client.netns, dst).expect("new connections work under the new root alone");
+    stop.store(true, Ordering::Relaxed);
+    prober.join().unwrap();
+    long.join().unwrap().expect("the long stream was never interrupted");
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "no new connection failed in {} attempts", attempts.load(Ordering::Relaxed));
+    assert!(attempts.load(Ordering::Relaxed) > 20);
+}

@@ -49,6 +49,12 @@ pub fn kernel_counters(shared: &Shared) -> serde_json::Value {
     })
 }
 
+/// Short SHA-256 fingerprints (hex, 16 chars) of DER certificates.
+pub fn root_fingerprints(roots: &[rustls_pki_types::CertificateDer<'_>]) -> Vec<String> {
+    use sha2::Digest as _;
+    roots.iter().map(|r| sha2::Sha256::digest(r.as_ref()).iter().take(8).map(|b| format!("{b:02x}")).collect()).collect()
+}
+
 fn handle(req: &Request<Incoming>, shared: &Shared, quit: &watch::Sender<bool>) -> Response<Full<Bytes>> {
     let (status, body) = match req.uri().path() {
         "/healthz/ready" => {
@@ -71,6 +77,7 @@ fn handle(req: &Request<Incoming>, shared: &Shared, quit: &watch::Sender<bool>) 
                     "config": shared.cfg,
                     "pods": pod_views(shared),
                     "certificates": shared.mesh.as_ref().map(|m| m.certs.snapshot()).unwrap_or_default(),
+                    "trust_roots": shared.mesh.as_ref().map(|m| root_fingerprints(&m.certs.bundle.roots())).unwrap_or_default(),
                     "tunnels": shared.mesh.as_ref().map(|m| m.registry.list()).unwrap_or_default(),
                     "pool": shared.mesh.as_ref().map(|m| {
                         let (hc, hs) = m.client.hbone().stats();

@@ -76,6 +76,9 @@ pub enum CaCommand {
         /// Workload certificate lifetime in seconds (default 24 h, at least 60).
         #[arg(long, default_value_t = 86_400)]
         workload_lifetime: u64,
+        /// Node certificate lifetime in seconds (default 24 h, at least 60).
+        #[arg(long, default_value_t = 86_400)]
+        node_lifetime: u64,
         /// Deny list (serials, SPIFFE ids), re-read when it changes.
         #[arg(long)]
         deny_list: Option<PathBuf>,
@@ -117,14 +120,14 @@ pub fn run(cmd: CaCommand) -> Result<(), Box<dyn std::error::Error>> {
             println!("{token}");
             Ok(())
         }
-        CaCommand::Serve { dir, cert, key, bundle, listen, server_names, inventory, tokens, workload_lifetime, deny_list } => {
+        CaCommand::Serve { dir, cert, key, bundle, listen, server_names, inventory, tokens, workload_lifetime, node_lifetime, deny_list } => {
             let paths = match (dir, cert, key) {
                 (Some(d), None, None) => CaPaths::in_dir(d),
                 (None, Some(cert), Some(key)) => CaPaths { cert, key, bundle },
                 _ => return Err("give either --dir, or --cert and --key".into()),
             };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(serve(paths, listen, server_names, inventory, tokens, workload_lifetime, deny_list))
+            rt.block_on(serve(paths, listen, server_names, inventory, tokens, (workload_lifetime, node_lifetime), deny_list))
         }
     }
 }
@@ -143,7 +146,7 @@ async fn serve(
     server_names: Vec<String>,
     inventory: PathBuf,
     tokens: PathBuf,
-    lifetime: u64,
+    (lifetime, node_lifetime): (u64, u64),
     deny_list: Option<PathBuf>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let (inv, _) = crate::inventory::load(&inventory)?;
@@ -158,6 +161,7 @@ async fn serve(
     let config = CaServerConfig {
         server_names,
         workload_lifetime: Duration::from_secs(lifetime.max(60)),
+        node_lifetime: Duration::from_secs(node_lifetime.max(60)),
         deny: deny.clone(),
         ..CaServerConfig::default()
     };

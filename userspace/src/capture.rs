@@ -1,5 +1,5 @@
 //! The capture plane's userspace half: load the embedded eBPF object, attach
-//! its programs (cgroup hooks once at the cgroup-v2 root, sk_lookup per pod
+//! its programs (cgroup hooks once at the cgroup-v2 root, `sk_lookup` per pod
 //! netns), pin programs' links and maps under bpffs, and read/write the maps.
 //!
 //! Pinning is what makes capture fail closed: the links and maps outlive the

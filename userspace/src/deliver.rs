@@ -1,7 +1,7 @@
 //! Delivery into a pod with the original client's address.
 //!
 //! The daemon connects from inside the destination pod's netns with a socket
-//! bound (IP_TRANSPARENT) to the client pod's address, so the application
+//! bound (`IP_TRANSPARENT`) to the client pod's address, so the application
 //! sees its real peer. The replies must come back to the daemon rather than
 //! leave the pod, which takes three things in the pod netns:
 //!
@@ -14,7 +14,7 @@
 //!
 //! so the app's replies are delivered locally to the transparent socket.
 //! Before connecting, the daemon registers the source address in the
-//! `TLSMESH_DELIVERIES` map so the pod's sk_lookup program lets it through.
+//! `TLSMESH_DELIVERIES` map so the pod's `sk_lookup` program lets it through.
 
 use std::{
     ffi::CStr,

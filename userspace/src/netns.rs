@@ -60,7 +60,7 @@ impl Netns {
         &self.path
     }
 
-    /// Borrow the namespace fd (for sk_lookup attachment).
+    /// Borrow the namespace fd (for `sk_lookup` attachment).
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
@@ -99,7 +99,7 @@ impl Netns {
     }
 
     /// Creates a listening TCP socket bound to `addr` inside this namespace.
-    /// `transparent` sets IP_TRANSPARENT; `mark` sets SO_MARK.
+    /// `transparent` sets `IP_TRANSPARENT`; `mark` sets `SO_MARK`.
     pub fn tcp_listener(
         &self,
         addr: SocketAddr,
@@ -149,13 +149,13 @@ impl Netns {
 /// Options for sockets the daemon creates.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SocketOpts {
-    /// SO_MARK value (0 = none).
+    /// `SO_MARK` value (0 = none).
     pub mark: u32,
-    /// IP_TRANSPARENT / IPV6_TRANSPARENT.
+    /// `IP_TRANSPARENT` / `IPV6_TRANSPARENT`.
     pub transparent: bool,
-    /// SO_REUSEPORT (rolling restarts).
+    /// `SO_REUSEPORT` (rolling restarts).
     pub reuse_port: bool,
-    /// IPV6_V6ONLY on IPv6 sockets.
+    /// `IPV6_V6ONLY` on IPv6 sockets.
     pub v6_only: bool,
 }
 

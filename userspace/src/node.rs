@@ -158,19 +158,16 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         info!(program = prog, adoption = ?how, "cgroup program in place");
     }
     let (inv, _) = inventory::load(&cfg.inventory)?;
-    let mesh = match crate::certs::Certs::setup(&cfg.identity, &cfg.node, &inv).await? {
-        Some(certs) => {
-            let policy = match &cfg.policy {
-                Some(p) => crate::policy::Policy::load(p)?,
-                None => crate::policy::Policy::default(),
-            };
-            info!(transport = ?cfg.transport, rules = policy.rules.len(), "tunnel enabled");
-            Some(crate::mesh::Mesh::new(certs, cfg.transport, policy)?)
-        }
-        None => {
-            warn!("no CA configured (identity.ca_dir or identity.ca_addr): the tunnel is off; connections to enrolled pods on other nodes are refused");
-            None
-        }
+    let mesh = if let Some(certs) = crate::certs::Certs::setup(&cfg.identity, &cfg.node, &inv).await? {
+        let policy = match &cfg.policy {
+            Some(p) => crate::policy::Policy::load(p)?,
+            None => crate::policy::Policy::default(),
+        };
+        info!(transport = ?cfg.transport, rules = policy.rules.len(), "tunnel enabled");
+        Some(crate::mesh::Mesh::new(certs, cfg.transport, policy)?)
+    } else {
+        warn!("no CA configured (identity.ca_dir or identity.ca_addr): the tunnel is off; connections to enrolled pods on other nodes are refused");
+        None
     };
     let (ready, _) = watch::channel(false);
     let shared = Arc::new(Shared {

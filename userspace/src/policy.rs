@@ -1,7 +1,7 @@
 //! L4 authorization: who may reach which workload on which port.
 //!
 //! Rules live in a TOML file (`policy` in the node config), reloaded when it
-//! changes. The semantics are Istio's AuthorizationPolicy at L4, which users
+//! changes. The semantics are Istio's `AuthorizationPolicy` at L4, which users
 //! of Istio ambient already know:
 //!
 //! 1. a `deny` rule that selects the destination and matches the source and

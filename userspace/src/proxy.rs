@@ -1,6 +1,6 @@
 //! Per-connection work: the outbound path (a pod's captured connect, accepted
 //! on its in-pod 127.0.0.1:15001 listener) and the inbound plaintext path
-//! (a connection steered by sk_lookup to the pod's 15006 listener).
+//! (a connection steered by `sk_lookup` to the pod's 15006 listener).
 //!
 //! Outbound: the original destination comes from the eBPF map (keyed by the
 //! pod's netns cookie and the client's own address), the route from the
@@ -74,15 +74,12 @@ async fn outbound(shared: Arc<Shared>, pod: Arc<PodRuntime>, mut client: TcpStre
         let started = Instant::now();
         let src_ip = pod.pod.ips.iter().copied().find(|ip| ip.is_ipv4() == dst.ip().is_ipv4());
         let upstream = match &route {
-            Route::LocalPod(key) => match shared.pod(key) {
-                Some(dst_pod) => {
-                    Stats::inc(&shared.stats.outbound_local);
-                    crate::deliver::connect(&shared.capture, &dst_pod.worker, src_ip, dst).await
-                }
-                None => {
-                    Stats::inc(&shared.stats.outbound_passthrough);
-                    pod.worker.connect(dst, pod_socket_opts()).await
-                }
+            Route::LocalPod(key) => if let Some(dst_pod) = shared.pod(key) {
+                Stats::inc(&shared.stats.outbound_local);
+                crate::deliver::connect(&shared.capture, &dst_pod.worker, src_ip, dst).await
+            } else {
+                Stats::inc(&shared.stats.outbound_passthrough);
+                pod.worker.connect(dst, pod_socket_opts()).await
             },
             Route::RemotePod { pod: dst_key, .. } => {
                 let Some(dst_pod) = inv.pods.get(dst_key).cloned() else { return };
@@ -220,7 +217,7 @@ async fn splice(shared: &Shared, pod_side: &mut TcpStream, other: &mut TcpStream
     }
 }
 
-/// Closes with RST (SO_LINGER 0), so the peer sees a refusal, not an EOF.
+/// Closes with RST (`SO_LINGER` 0), so the peer sees a refusal, not an EOF.
 fn reset(s: TcpStream) {
     let _ = s.set_zero_linger();
     drop(s);

@@ -226,7 +226,64 @@ struct Ctx<'a> {
     server: Pod,
     plan: &'a Plan,
     inventory: PathBuf,
+    server_role: Role,
     pki: Result<stunnel::Pki, String>,
+    /// The tlsmesh CA (`tlsmesh ca init`), made by the bench so it can be
+    /// made again if the scratch directory disappears.
+    ca_dir: PathBuf,
+}
+
+impl Ctx<'_> {
+    /// Re-creates the scratch files a candidate needs when something outside
+    /// the run removed them (e.g. `cargo xtask cleanup` run concurrently,
+    /// which deletes every `/tmp/tmk-*`). Returns what it had to re-create.
+    fn ensure_files(&self, kind: Kind) -> Result<Option<String>, String> {
+        let mut redone = Vec::new();
+        if kind == Kind::Stunnel {
+            if let Ok(pki) = &self.pki {
+                if !pki.all_exist() {
+                    stunnel::make_pki(&pki.dir, self.server.ip4)?;
+                    redone.push("stunnel certificates");
+                }
+            }
+        }
+        if kind.is_tlsmesh() {
+            if !self.inventory.is_file() {
+                let role = self.server_role;
+                write_inventory(self.topo, "inventory.toml", &|p| {
+                    if p.node == 1 {
+                        role
+                    } else {
+                        Role::Strict
+                    }
+                });
+                redone.push("inventory");
+            }
+            if !self.ca_dir.is_dir() {
+                make_ca(&self.ca_dir)?;
+                redone.push("CA");
+            }
+        }
+        Ok((!redone.is_empty()).then(|| {
+            format!("scratch files vanished during the run (removed by another process?); re-created: {}", redone.join(", "))
+        }))
+    }
+}
+
+/// `tlsmesh ca init` into `dir`.
+fn make_ca(dir: &Path) -> Result<(), String> {
+    let bin = netkit::tlsmesh_bin();
+    let out = std::process::Command::new(&bin)
+        .args(["ca", "init", "--trust-domain", "cluster.local", "--dir"])
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("run {} ca init: {e}", bin.display()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("tlsmesh ca init: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
 }
 
 /// A started candidate.
@@ -279,6 +336,14 @@ fn run(opts: &Opts) -> Result<(), String> {
     eprintln!("bench: building the two-node topology");
     let topo = Topology::build(2, 1).map_err(|e| format!("build the topology: {e}"))?;
     let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
+    eprintln!(
+        "bench: topology {} (client pod {} {}, server pod {} {})",
+        topo.id(),
+        client.name,
+        client.ip4,
+        server.name,
+        server.ip4
+    );
     // TIME_WAIT sockets of the new-connection runs must not exhaust the
     // client's ephemeral ports: reuse them (our namespaces only).
     for ns in [&client.netns, &server.netns, &topo.node(0).netns, &topo.node(1).netns] {
@@ -300,7 +365,11 @@ fn run(opts: &Opts) -> Result<(), String> {
             Role::Strict
         }
     });
-    let ctx = Ctx { topo: &topo, client, server, plan: &plan, inventory, pki };
+    let ca_dir = topo.scratch_dir().join("bench-ca");
+    if opts.kinds.iter().any(|k| k.is_tlsmesh()) {
+        make_ca(&ca_dir)?;
+    }
+    let ctx = Ctx { topo: &topo, client, server, plan: &plan, inventory, server_role, pki, ca_dir };
 
     let condition = if opts.spinners {
         "Two SCHED_IDLE busy loops kept both vCPUs awake during all measurements"
@@ -336,49 +405,68 @@ fn run(opts: &Opts) -> Result<(), String> {
 
     let targets = report::evaluate(&cands);
     let r = Report {
-        setup: Setup {
-            started_utc,
-            quick: opts.quick,
-            rounds: plan.rounds,
-            iperf_seconds: plan.iperf_secs,
-            rr_seconds: plan.rr.as_secs_f64(),
-            cps_seconds: plan.cps.as_secs_f64(),
-            idle_levels: plan.idle_levels.clone(),
-            condition: if stopped() {
-                format!("{condition}. INTERRUPTED: incomplete")
-            } else {
-                condition.to_string()
-            },
-            cpus: std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
-            kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-            server_mode: if opts.server_permissive {
-                "permissive (smoke test)".into()
-            } else {
-                "strict".into()
-            },
-            duration_seconds: t0.elapsed().as_secs_f64(),
-            load_start,
-            load_end: procfs::loadavg(),
-        },
+        setup: setup_info(opts, &plan, started_utc, condition, t0, load_start),
         candidates: cands,
         targets,
     };
-    let json = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
+    write_outputs(&r, &out_root, &stamp, logs.len())
+}
+
+/// How the run was made, for the report.
+fn setup_info(
+    opts: &Opts,
+    plan: &Plan,
+    started_utc: String,
+    condition: &str,
+    t0: Instant,
+    load_start: Option<f64>,
+) -> Setup {
+    Setup {
+        started_utc,
+        quick: opts.quick,
+        rounds: plan.rounds,
+        iperf_seconds: plan.iperf_secs,
+        rr_seconds: plan.rr.as_secs_f64(),
+        cps_seconds: plan.cps.as_secs_f64(),
+        idle_levels: plan.idle_levels.clone(),
+        condition: if stopped() {
+            format!("{condition}. INTERRUPTED: incomplete")
+        } else {
+            condition.to_string()
+        },
+        cpus: std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        server_mode: if opts.server_permissive {
+            "permissive (smoke test)".into()
+        } else {
+            "strict".into()
+        },
+        duration_seconds: t0.elapsed().as_secs_f64(),
+        load_start,
+        load_end: procfs::loadavg(),
+    }
+}
+
+/// Writes results/<stamp>/{results.json,plot.svg,report.md} and
+/// results/latest.md, and prints the report.
+fn write_outputs(r: &Report, out_root: &Path, stamp: &str, logs: usize) -> Result<(), String> {
+    let out_dir = out_root.join(stamp);
+    let json = serde_json::to_string_pretty(r).map_err(|e| e.to_string())?;
     let write =
         |p: &Path, s: &str| fs::write(p, s).map_err(|e| format!("write {}: {e}", p.display()));
     write(&out_dir.join("results.json"), &json)?;
-    write(&out_dir.join("plot.svg"), &report::svg(&r))?;
-    let md = report::markdown(&r, Some("plot.svg"));
+    write(&out_dir.join("plot.svg"), &report::svg(r))?;
+    let md = report::markdown(r, Some("plot.svg"));
     write(&out_dir.join("report.md"), &md)?;
-    write(&out_root.join("latest.md"), &report::markdown(&r, Some(&format!("{stamp}/plot.svg"))))?;
+    write(&out_root.join("latest.md"), &report::markdown(r, Some(&format!("{stamp}/plot.svg"))))?;
     println!("{md}");
     println!(
         "\nWritten: {}/{{report.md,results.json,plot.svg}}{} and {}",
         out_dir.display(),
-        if logs.is_empty() { String::new() } else { format!(", {} log(s) in logs/", logs.len()) },
+        if logs == 0 { String::new() } else { format!(", {logs} log(s) in logs/") },
         out_root.join("latest.md").display()
     );
     Ok(())
@@ -391,12 +479,10 @@ fn start(ctx: &Ctx, kind: Kind) -> Result<Running, String> {
             let pki = ctx.pki.as_ref().map_err(|e| format!("certificates: {e}"))?;
             stunnel::start(ctx.topo, pki, &ctx.client, &ctx.server).map(Running::Stunnel)
         }
-        Kind::TlsmeshTcp => {
-            tlsmesh::start(ctx.topo, &ctx.inventory, "tcp").map(|p| Running::Tlsmesh(Box::new(p)))
-        }
-        Kind::TlsmeshQuic => {
-            tlsmesh::start(ctx.topo, &ctx.inventory, "quic").map(|p| Running::Tlsmesh(Box::new(p)))
-        }
+        Kind::TlsmeshTcp => tlsmesh::start(ctx.topo, &ctx.inventory, &ctx.ca_dir, "tcp")
+            .map(|p| Running::Tlsmesh(Box::new(p))),
+        Kind::TlsmeshQuic => tlsmesh::start(ctx.topo, &ctx.inventory, &ctx.ca_dir, "quic")
+            .map(|p| Running::Tlsmesh(Box::new(p))),
     }
 }
 
@@ -439,7 +525,16 @@ fn fail_round(c: &mut Candidate, why: &str) {
 }
 
 fn run_round(ctx: &Ctx, cand: &mut Candidate, round: u32) {
-    let plan = ctx.plan;
+    match ctx.ensure_files(cand.kind) {
+        Ok(Some(note)) => {
+            eprintln!("bench:   {note}");
+            cand.notes.push(format!("round {}: {note}", round + 1));
+        }
+        Ok(None) => {}
+        Err(e) => {
+            cand.notes.push(format!("round {}: cannot re-create scratch files: {e}", round + 1));
+        }
+    }
     let running = match start(ctx, cand.kind) {
         Ok(r) => r,
         Err(e) => {
@@ -468,6 +563,37 @@ fn run_round(ctx: &Ctx, cand: &mut Candidate, round: u32) {
         _ => None,
     };
 
+    measure_throughput(ctx, cand, &running, &pids);
+    if !stopped() {
+        measure_rr(ctx, cand, &running);
+    }
+    measure_cps(ctx, cand, &running);
+
+    if let (Running::Tlsmesh(p), Some(before)) = (&running, routes_before) {
+        match tlsmesh::Routes::read(p) {
+            Ok(after) => {
+                let d = after.since(before);
+                cand.routes.get_or_insert_with(tlsmesh::Routes::default).add(d);
+                eprintln!("bench:   route counters this round: {d:?}");
+            }
+            Err(e) => {
+                cand.notes
+                    .push(format!("round {}: cannot read the route counters: {e}", round + 1));
+            }
+        }
+    }
+    if let Err(e) = stop(running) {
+        eprintln!("bench:   stopping {}: {e}", cand.label);
+        cand.setup_errors.push(format!("round {} (stop): {e}", round + 1));
+    }
+    if cand.kind.is_tlsmesh() {
+        clear_tlsmesh_residue(ctx, cand);
+    }
+}
+
+/// Throughput with 1, 2 and 8 streams; CPU per GB on the 1-stream run.
+fn measure_throughput(ctx: &Ctx, cand: &mut Candidate, running: &Running, pids: &[u32]) {
+    let plan = ctx.plan;
     for i in 0..cand.throughput_gbps.len() {
         if stopped() {
             break;
@@ -484,7 +610,7 @@ fn run_round(ctx: &Ctx, cand: &mut Candidate, round: u32) {
             plan.iperf_secs,
             &mut || {
                 if measure_cpu {
-                    cpu.push(procfs::cpu_ticks_sum(&pids));
+                    cpu.push(procfs::cpu_ticks_sum(pids));
                 }
             },
         );
@@ -505,28 +631,34 @@ fn run_round(ctx: &Ctx, cand: &mut Candidate, round: u32) {
         }
         cand.throughput_gbps[i].figure.push(res.map(|r| r.bits_per_second / 1e9));
     }
+}
 
-    if !stopped() {
-        let r = apps::rr(
-            &ctx.client.netns,
-            running.dst(ctx, apps::ECHO_PORT),
-            plan.rr_warmup,
-            plan.rr,
-            plan.rr_max,
-        );
-        eprintln!(
-            "bench:   1 KiB RR: {}",
-            show(r.as_ref().map(|r| format!(
-                "p50 {:.1} µs, p99 {:.1} µs, p999 {:.1} µs, {:.0}/s ({} samples)",
-                r.p50_us, r.p99_us, r.p999_us, r.rate, r.samples
-            )))
-        );
-        cand.rr_p50_us.push(r.as_ref().map(|r| r.p50_us).map_err(Clone::clone));
-        cand.rr_p99_us.push(r.as_ref().map(|r| r.p99_us).map_err(Clone::clone));
-        cand.rr_p999_us.push(r.as_ref().map(|r| r.p999_us).map_err(Clone::clone));
-        cand.rr_rate.push(r.map(|r| r.rate));
-    }
+/// 1 KiB request/response on one held connection.
+fn measure_rr(ctx: &Ctx, cand: &mut Candidate, running: &Running) {
+    let plan = ctx.plan;
+    let r = apps::rr(
+        &ctx.client.netns,
+        running.dst(ctx, apps::ECHO_PORT),
+        plan.rr_warmup,
+        plan.rr,
+        plan.rr_max,
+    );
+    eprintln!(
+        "bench:   1 KiB RR: {}",
+        show(r.as_ref().map(|r| format!(
+            "p50 {:.1} µs, p99 {:.1} µs, p999 {:.1} µs, {:.0}/s ({} samples)",
+            r.p50_us, r.p99_us, r.p999_us, r.rate, r.samples
+        )))
+    );
+    cand.rr_p50_us.push(r.as_ref().map(|r| r.p50_us).map_err(Clone::clone));
+    cand.rr_p99_us.push(r.as_ref().map(|r| r.p99_us).map_err(Clone::clone));
+    cand.rr_p999_us.push(r.as_ref().map(|r| r.p999_us).map_err(Clone::clone));
+    cand.rr_rate.push(r.map(|r| r.rate));
+}
 
+/// New connections per second with 1 and 8 client threads.
+fn measure_cps(ctx: &Ctx, cand: &mut Candidate, running: &Running) {
+    let plan = ctx.plan;
     for i in 0..cand.cps.len() {
         if stopped() {
             break;
@@ -539,26 +671,6 @@ fn run_round(ctx: &Ctx, cand: &mut Candidate, round: u32) {
             show(r.as_ref().map(|v| format!("{v:.0}/s")))
         );
         cand.cps[i].figure.push(r);
-    }
-
-    if let (Running::Tlsmesh(p), Some(before)) = (&running, routes_before) {
-        match tlsmesh::Routes::read(p) {
-            Ok(after) => {
-                let d = after.since(before);
-                cand.routes.get_or_insert_with(tlsmesh::Routes::default).add(d);
-                eprintln!("bench:   route counters this round: {d:?}");
-            }
-            Err(e) => {
-                cand.notes.push(format!("round {}: cannot read the route counters: {e}", round + 1))
-            }
-        }
-    }
-    if let Err(e) = stop(running) {
-        eprintln!("bench:   stopping {}: {e}", cand.label);
-        cand.setup_errors.push(format!("round {} (stop): {e}", round + 1));
-    }
-    if cand.kind.is_tlsmesh() {
-        clear_tlsmesh_residue(ctx, cand);
     }
 }
 

@@ -51,11 +51,21 @@ pub fn local_addr(app_port: u16) -> SocketAddr {
 /// Certificate and key files.
 #[derive(Debug, Clone)]
 pub struct Pki {
+    pub dir: PathBuf,
     pub ca: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+}
+
+impl Pki {
+    /// Are all the files still there?
+    pub fn all_exist(&self) -> bool {
+        [&self.ca, &self.server_cert, &self.server_key, &self.client_cert, &self.client_key]
+            .iter()
+            .all(|p| p.is_file())
+    }
 }
 
 /// Name in the client certificate, checked by the server-side stunnel.
@@ -115,6 +125,7 @@ pub fn make_pki(dir: &Path, server_ip: Ipv4Addr) -> Result<Pki, String> {
         &format!("subjectAltName=DNS:{CLIENT_NAME}\nextendedKeyUsage=clientAuth\nkeyUsage=digitalSignature\n"),
     )?;
     Ok(Pki {
+        dir: dir.to_path_buf(),
         ca: dir.join("ca.pem"),
         server_cert: dir.join("server.pem"),
         server_key: dir.join("server.key"),
@@ -222,6 +233,7 @@ mod tests {
     #[test]
     fn configs_are_mutual_tls13_and_route_each_service() {
         let pki = Pki {
+            dir: "/t".into(),
             ca: "/t/ca.pem".into(),
             server_cert: "/t/server.pem".into(),
             server_key: "/t/server.key".into(),

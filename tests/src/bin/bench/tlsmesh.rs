@@ -21,8 +21,14 @@ pub struct Pair {
 
 /// Starts both daemons; a daemon that does not come up is a failure of
 /// this candidate, not of the benchmark.
-pub fn start(topo: &Topology, inventory: &Path, transport: &str) -> Result<Pair, String> {
-    let extra = ["--transport", transport];
+pub fn start(
+    topo: &Topology,
+    inventory: &Path,
+    ca_dir: &Path,
+    transport: &str,
+) -> Result<Pair, String> {
+    let ca = ca_dir.display().to_string();
+    let extra = ["--transport", transport, "--ca-dir", ca.as_str()];
     let start_one = |n: usize| {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             Daemon::start(topo, n, inventory, &extra)

@@ -1,0 +1,20 @@
+//! tlsmesh-k8s: the daemon's and the CA's view of a Kubernetes cluster.
+//!
+//! * [`state`]: the pure reducer from watch events to the
+//!   [`Inventory`](tlsmesh_inventory::Inventory) (namespace and pod labels,
+//!   identities, Services and their endpoints).
+//! * [`watch`]: kube-rs watchers feeding the reducer; [`watch::run`]
+//!   publishes the inventory on a `tokio::sync::watch` channel.
+//! * [`cni_server`]: the daemon's end of the CNI plugin's Unix socket.
+//! * [`tokenreview`]: the CA authenticates node daemons with `TokenReview`
+//!   and allows workload certificates only for pods on the caller's node.
+//!
+//! docs/KUBERNETES.md describes the behaviour and the reasons for it.
+
+pub mod cni_server;
+pub mod state;
+pub mod tokenreview;
+pub mod watch;
+
+pub use state::{ClusterState, Event, Kind, NetnsResolver, NoNetns, PodRef, Update, MODE_LABEL};
+pub use watch::{run, Options};
