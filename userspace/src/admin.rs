@@ -57,11 +57,16 @@ pub fn root_fingerprints(roots: &[rustls_pki_types::CertificateDer<'_>]) -> Vec<
 
 fn handle(req: &Request<Incoming>, shared: &Shared, quit: &watch::Sender<bool>) -> Response<Full<Bytes>> {
     let (status, body) = match req.uri().path() {
-        "/healthz/ready" => {
-            if *shared.ready.borrow() {
-                (StatusCode::OK, json!("ready"))
-            } else {
-                (StatusCode::SERVICE_UNAVAILABLE, json!("not ready"))
+        "/healthz/ready" => match crate::metrics::readiness(shared) {
+            Ok(()) => (StatusCode::OK, json!("ready")),
+            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, json!({ "not_ready": why })),
+        },
+        "/logging" => {
+            let level = req.uri().query().unwrap_or_default().split('&').find_map(|kv| kv.strip_prefix("level="));
+            match level.map(crate::logging::set_level) {
+                Some(Ok(())) => (StatusCode::OK, json!({ "level": level })),
+                Some(Err(e)) => (StatusCode::BAD_REQUEST, json!({ "error": e })),
+                None => (StatusCode::BAD_REQUEST, json!({ "error": "use /logging?level=debug (any RUST_LOG filter)" })),
             }
         }
         "/stats" => (
@@ -77,6 +82,8 @@ fn handle(req: &Request<Incoming>, shared: &Shared, quit: &watch::Sender<bool>) 
                     "config": shared.cfg,
                     "pods": pod_views(shared),
                     "certificates": shared.mesh.as_ref().map(|m| m.certs.snapshot()).unwrap_or_default(),
+                    "denies": shared.denies.lock().expect("denies lock").iter().cloned().collect::<Vec<_>>(),
+                    "transport": shared.cfg.transport,
                     "trust_roots": shared.mesh.as_ref().map(|m| root_fingerprints(&m.certs.bundle.roots())).unwrap_or_default(),
                     "tunnels": shared.mesh.as_ref().map(|m| m.registry.list()).unwrap_or_default(),
                     "pool": shared.mesh.as_ref().map(|m| {
@@ -96,7 +103,7 @@ fn handle(req: &Request<Incoming>, shared: &Shared, quit: &watch::Sender<bool>) 
             quit.send_replace(true);
             (StatusCode::OK, json!("bye"))
         }
-        _ => (StatusCode::NOT_FOUND, json!({"error": "unknown path", "paths": ["/healthz/ready", "/stats", "/config_dump", "/quitquitquit"]})),
+        _ => (StatusCode::NOT_FOUND, json!({"error": "unknown path", "paths": ["/healthz/ready", "/stats", "/config_dump", "/logging?level=", "/quitquitquit"]})),
     };
     let mut r = Response::new(Full::new(Bytes::from(serde_json::to_vec_pretty(&body).unwrap_or_default())));
     *r.status_mut() = status;

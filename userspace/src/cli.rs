@@ -40,6 +40,15 @@ pub struct NodeArgs {
     /// Static inventory file.
     #[arg(long)]
     pub inventory: Option<PathBuf>,
+    /// Where the inventory comes from.
+    #[arg(long, value_enum)]
+    pub inventory_source: Option<crate::config::InventorySource>,
+    /// SPIFFE trust domain (Kubernetes source).
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// CNI plugin socket (Kubernetes source).
+    #[arg(long)]
+    pub cni_socket: Option<PathBuf>,
     /// bpffs directory for pinned programs and maps.
     #[arg(long)]
     pub pin_dir: Option<PathBuf>,
@@ -76,6 +85,9 @@ pub struct NodeArgs {
     /// L4 authorization policy file.
     #[arg(long)]
     pub policy: Option<PathBuf>,
+    /// On SIGTERM, how long open connections may take to finish (seconds).
+    #[arg(long)]
+    pub drain_timeout: Option<u64>,
     /// Remove every pinned program, link and map, then exit.
     #[arg(long)]
     pub uninstall: bool,
@@ -93,6 +105,15 @@ impl NodeArgs {
         }
         if let Some(v) = &self.inventory {
             c.inventory.clone_from(v);
+        }
+        if let Some(v) = self.inventory_source {
+            c.inventory_source = v;
+        }
+        if let Some(v) = &self.trust_domain {
+            c.trust_domain.clone_from(v);
+        }
+        if let Some(v) = &self.cni_socket {
+            c.cni_socket.clone_from(v);
         }
         if let Some(v) = &self.pin_dir {
             c.pin_dir.clone_from(v);
@@ -120,6 +141,9 @@ impl NodeArgs {
         }
         if self.cert_lifetime.is_some() {
             id.cert_lifetime_secs = self.cert_lifetime;
+        }
+        if let Some(v) = self.drain_timeout {
+            c.drain_timeout_secs = v;
         }
         if self.policy.is_some() {
             c.policy.clone_from(&self.policy);

@@ -45,20 +45,45 @@ pub enum Transport {
     Quic,
 }
 
+/// Where the inventory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum InventorySource {
+    /// The static TOML file (`inventory`), re-read when it changes.
+    #[default]
+    Static,
+    /// The Kubernetes API (watchers) plus the CNI plugin.
+    Kubernetes,
+}
+
 /// The node daemon's configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
     /// This node's name in the inventory.
     pub node: String,
+    /// Where the inventory comes from.
+    pub inventory_source: InventorySource,
     /// Static inventory file.
     pub inventory: PathBuf,
+    /// SPIFFE trust domain (Kubernetes source; the static file names its own).
+    pub trust_domain: String,
+    /// Unix socket the CNI plugin talks to (Kubernetes source).
+    pub cni_socket: PathBuf,
+    /// File where what the CNI plugin reported survives daemon restarts.
+    pub cni_state: Option<PathBuf>,
     /// bpffs directory for pinned programs and maps.
     pub pin_dir: PathBuf,
     /// cgroup-v2 root (empty: found from /proc/mounts).
     pub cgroup_root: PathBuf,
     /// Admin API (localhost).
     pub admin_addr: SocketAddr,
+    /// Prometheus metrics (`/metrics`).
+    pub metrics_addr: SocketAddr,
+    /// Readiness (`/healthz/ready`).
+    pub readiness_addr: SocketAddr,
+    /// On SIGTERM: how long open connections may take to finish, in seconds.
+    pub drain_timeout_secs: u64,
     /// Destination ports never captured (tlsmesh's own are always added).
     pub bypass_ports: Vec<u16>,
     /// Destination CIDRs never captured, e.g. "169.254.0.0/16".
@@ -84,10 +109,17 @@ impl Default for NodeConfig {
     fn default() -> Self {
         Self {
             node: String::new(),
+            inventory_source: InventorySource::Static,
             inventory: PathBuf::from("/etc/tlsmesh/inventory.toml"),
+            trust_domain: "cluster.local".into(),
+            cni_socket: PathBuf::from("/var/run/tlsmesh/cni.sock"),
+            cni_state: None,
             pin_dir: PathBuf::from("/sys/fs/bpf/tlsmesh"),
             cgroup_root: PathBuf::new(),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], tlsmesh_common::PORT_ADMIN)),
+            metrics_addr: SocketAddr::from(([0, 0, 0, 0], tlsmesh_common::PORT_METRICS)),
+            readiness_addr: SocketAddr::from(([0, 0, 0, 0], tlsmesh_common::PORT_READY)),
+            drain_timeout_secs: 30,
             bypass_ports: Vec::new(),
             bypass_cidrs: Vec::new(),
             probe_sources: Vec::new(),

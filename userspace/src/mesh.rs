@@ -224,8 +224,11 @@ pub async fn open(
         let sock = if tunnel_addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
         socket2::SockRef::from(&sock).set_mark(DAEMON_MARK)?;
         sock.set_nodelay(true)?;
+        let started = std::time::Instant::now();
         let tcp = sock.connect(tunnel_addr).await?;
-        tokio_rustls::TlsConnector::from(tls).connect(sni, tcp).await
+        let tls = tokio_rustls::TlsConnector::from(tls).connect(sni, tcp).await;
+        crate::metrics::HANDSHAKE_SECONDS.observe(started.elapsed().as_secs_f64());
+        tls
     };
     Ok(mesh.client.connect(&key, dst, &headers, dial.as_ref(), connector).await?)
 }
@@ -302,11 +305,13 @@ async fn tcp_accept_loop(
     handler: Arc<dyn tlsmesh_tunnel::Handler>,
 ) {
     let mut stop = rt.shutdown.subscribe();
+    let mut draining = shared.draining.subscribe();
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = stop.wait_for(|v| *v) => return,
+            _ = draining.wait_for(|v| *v) => return,
         };
         let (tcp, peer) = match accepted {
             Ok(x) => x,
@@ -400,6 +405,7 @@ async fn handle(shared: &Shared, rt: &PodRuntime, req: ConnectRequest) -> Result
     );
     if let Decision::Deny(reason) = decision {
         Stats::inc(&shared.stats.policy_denied);
+        shared.record_deny(peer_id.to_string(), format!("{} {}", rt.pod.key(), req.authority), reason.clone());
         info!(peer = %peer_id, dst = %req.authority, pod = %rt.pod.key(), %reason, "tunnel connection denied by policy");
         return refused(Refusal::denied(reason));
     }

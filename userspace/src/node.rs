@@ -35,6 +35,9 @@ pub enum NodeError {
     /// The inventory could not be read.
     #[error(transparent)]
     Inventory(#[from] inventory::InventoryError),
+    /// The Kubernetes source could not start.
+    #[error(transparent)]
+    Kube(#[from] crate::kube_source::KubeSourceError),
     /// Identities could not be set up.
     #[error("workload identity: {0}")]
     Certs(#[from] crate::certs::CertsError),
@@ -84,6 +87,12 @@ pub struct Shared {
     pub stats: Arc<Stats>,
     /// The tunnel side (absent when no CA is configured).
     pub mesh: Option<crate::mesh::Mesh>,
+    /// Round-robin state of Service resolution.
+    pub services: Mutex<crate::inventory::ServicePicker>,
+    /// True once SIGTERM arrived: listeners close, open connections finish.
+    pub draining: watch::Sender<bool>,
+    /// The most recent refusals (policy denies, strict plaintext), newest last.
+    pub denies: Mutex<std::collections::VecDeque<DenyRecord>>,
     /// Problems of the last inventory load and enrollment.
     pub problems: Mutex<Vec<Problem>>,
     /// True once the first reconcile has completed.
@@ -109,6 +118,44 @@ impl Shared {
         }
         s
     }
+}
+
+/// One refused connection, for `tlsmesh status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DenyRecord {
+    /// RFC 3339 time.
+    pub at: String,
+    /// Source (identity or address).
+    pub source: String,
+    /// Destination pod and address.
+    pub destination: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl Shared {
+    /// Remembers a refusal (the last 64 are kept).
+    pub fn record_deny(&self, source: String, destination: String, reason: String) {
+        let at = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let mut d = self.denies.lock().expect("denies lock");
+        if d.len() >= 64 {
+            d.pop_front();
+        }
+        d.push_back(DenyRecord { at, source, destination, reason });
+    }
+}
+
+/// A listener with SO_REUSEPORT, so a new daemon can bind beside the old one.
+pub fn reuse_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(s.into())
 }
 
 /// A pod this daemon serves.
@@ -157,7 +204,14 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
     for (prog, how) in capture.adoption() {
         info!(program = prog, adoption = ?how, "cgroup program in place");
     }
-    let (inv, _) = inventory::load(&cfg.inventory)?;
+    let kube = match cfg.inventory_source {
+        crate::config::InventorySource::Kubernetes => Some(crate::kube_source::start(&cfg).await?),
+        crate::config::InventorySource::Static => None,
+    };
+    let inv = match &kube {
+        Some(k) => k.inventory.borrow().clone(),
+        None => inventory::load(&cfg.inventory)?.0,
+    };
     let mesh = if let Some(certs) = crate::certs::Certs::setup(&cfg.identity, &cfg.node, &inv).await? {
         let policy = match &cfg.policy {
             Some(p) => crate::policy::Policy::load(p)?,
@@ -179,16 +233,32 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         problems: Mutex::new(Vec::new()),
         ready,
         mesh,
+        services: Mutex::new(crate::inventory::ServicePicker::new()),
+        draining: watch::channel(false).0,
+        denies: Mutex::new(std::collections::VecDeque::new()),
     });
     let (quit_tx, mut quit_rx) = watch::channel(false);
-    let admin = tokio::net::TcpListener::bind(cfg.admin_addr)
-        .await
-        .map_err(|source| NodeError::Admin { addr: cfg.admin_addr, source })?;
+    let admin = reuse_listener(cfg.admin_addr).map_err(|source| NodeError::Admin { addr: cfg.admin_addr, source })?;
     tokio::spawn(crate::admin::serve(admin, Arc::clone(&shared), quit_tx));
+    for (addr, metrics) in [(cfg.metrics_addr, true), (cfg.readiness_addr, false)] {
+        match reuse_listener(addr) {
+            Ok(l) => {
+                tokio::spawn(crate::metrics::serve(l, Arc::clone(&shared), metrics));
+            }
+            Err(e) => warn!(%addr, error = %e, "cannot serve {}", if metrics { "metrics" } else { "readiness" }),
+        }
+    }
 
     let mut last_mtime = None;
     let mut policy_mtime = cfg.policy.as_ref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-    reload(&shared, &mut last_mtime, true).await?;
+    let mut feed = kube.as_ref().map(|k| k.inventory.clone());
+    if let Some(k) = kube {
+        let inv = k.inventory.borrow().clone();
+        install(&shared, inv).await;
+        crate::kube_source::serve_cni(cfg.cni_socket.clone(), k, Arc::clone(&shared));
+    } else {
+        reload(&shared, &mut last_mtime, true).await?;
+    }
     shared.ready.send_replace(true);
     info!(pods = shared.pods.lock().expect("pods lock").len(), "ready");
 
@@ -200,11 +270,14 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if let Err(e) = reload(&shared, &mut last_mtime, false).await {
-                    warn!(error = %e, "inventory reload failed; keeping the previous one");
+                if feed.is_none() {
+                    if let Err(e) = reload(&shared, &mut last_mtime, false).await {
+                        warn!(error = %e, "inventory reload failed; keeping the previous one");
+                    }
                 }
                 follow_policy_and_deny_list(&shared, &mut policy_mtime);
             }
+            Some(inv) = next_inventory(&mut feed) => install(&shared, inv).await,
             _ = hup.recv() => {
                 last_mtime = None;
                 if let Err(e) = reload(&shared, &mut last_mtime, false).await {
@@ -216,8 +289,25 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
             _ = quit_rx.changed() => { info!("quitquitquit: shutting down"); break; }
         }
     }
-    // Pinned programs and maps stay: capture keeps failing closed until a new
-    // daemon takes over (or `tlsmesh node --uninstall` removes them).
+    // Drain: listeners close (a daemon started beside this one takes the
+    // queued and new connections: SO_REUSEPORT + tcp_migrate_req in each pod
+    // netns), open connections get until the deadline to finish. Pinned
+    // programs and maps stay: capture keeps failing closed until a daemon
+    // takes over (or `tlsmesh node --uninstall` removes them).
+    shared.draining.send_replace(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.drain_timeout_secs);
+    loop {
+        let open = shared.stats.snapshot().active_connections;
+        if open == 0 {
+            info!("drained: no open connections");
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(open, "drain deadline reached; closing the remaining connections");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let pods: Vec<_> = shared.pods.lock().expect("pods lock").values().cloned().collect();
     for p in pods {
         p.shutdown.send_replace(true);
@@ -243,8 +333,15 @@ async fn reload(shared: &Arc<Shared>, last: &mut Option<SystemTime>, force: bool
         problems.extend(reconcile(shared).await);
         *shared.problems.lock().expect("problems lock") = problems;
     } else {
-        // Pods whose netns vanished or was replaced are re-checked every tick.
+        // Pods whose netns vanished or was replaced are re-checked every
+        // tick, and pods that could not be enrolled are retried.
         let gone = vanished_pods(shared);
+        let retry = !shared.problems.lock().expect("problems lock").is_empty();
+        if retry && gone.is_empty() {
+            let (_, mut problems) = inventory::load(path).unwrap_or_default();
+            problems.extend(reconcile(shared).await);
+            *shared.problems.lock().expect("problems lock") = problems;
+        }
         if !gone.is_empty() {
             for key in &gone {
                 warn!(pod = %key, "pod netns vanished or was replaced; releasing it");
@@ -255,6 +352,32 @@ async fn reload(shared: &Arc<Shared>, last: &mut Option<SystemTime>, force: bool
         }
     }
     Ok(())
+}
+
+/// The next inventory from the Kubernetes feed (pending forever without one).
+async fn next_inventory(feed: &mut Option<watch::Receiver<Inventory>>) -> Option<Inventory> {
+    match feed {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                *feed = None;
+                return None;
+            }
+            let inv = rx.borrow_and_update().clone();
+            Some(inv)
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Installs a new inventory and reconciles the pods with it.
+async fn install(shared: &Arc<Shared>, inv: Inventory) {
+    if let Some(m) = &shared.mesh {
+        m.certs.on_inventory(&inv, &shared.cfg.node);
+    }
+    shared.services.lock().expect("services lock").retain_known(&inv);
+    *shared.inventory.write().expect("inventory lock") = Arc::new(inv);
+    let problems = reconcile(shared).await;
+    *shared.problems.lock().expect("problems lock") = problems;
 }
 
 /// Re-reads the policy file when it changed and the deny list; closes tunnels
@@ -343,6 +466,9 @@ async fn add_pod(shared: &Arc<Shared>, pod: &Pod) -> Result<Arc<PodRuntime>, Pod
     let netns_ino = std::fs::metadata(&path).map(|m| m.ino()).unwrap_or_default();
     let cookie = ns.cookie()?;
     let worker = NetnsWorker::start(&ns)?;
+    // A listener closing (daemon replaced) hands its queued connections to
+    // the other listener of its SO_REUSEPORT group instead of resetting them.
+    let _ = worker.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")).await;
     let opts = SocketOpts { mark: DAEMON_MARK, reuse_port: true, v6_only: true, ..SocketOpts::default() };
     let out4 = ns.tcp_listener(SocketAddr::from((Ipv4Addr::LOCALHOST, PORT_OUTBOUND)), opts)?;
     let out6 = ns.tcp_listener(SocketAddr::from((Ipv6Addr::LOCALHOST, PORT_OUTBOUND)), opts).ok();

@@ -34,10 +34,12 @@ pub fn pod_socket_opts() -> SocketOpts {
 /// Accept loop of a pod's outbound listener; ends when the pod is removed.
 pub async fn outbound_loop(shared: Arc<Shared>, pod: Arc<PodRuntime>, listener: tokio::net::TcpListener) {
     let mut shutdown = pod.shutdown.subscribe();
+    let mut draining = shared.draining.subscribe();
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = shutdown.wait_for(|v| *v) => return,
+            _ = draining.wait_for(|v| *v) => return,
         };
         match accepted {
             Ok((stream, peer)) => {
@@ -68,6 +70,9 @@ async fn outbound(shared: Arc<Shared>, pod: Arc<PodRuntime>, mut client: TcpStre
         return;
     };
     let inv = shared.inventory();
+    // A Service ClusterIP is resolved to a ready endpoint first (capture
+    // happens before kube-proxy's DNAT could).
+    let dst = inventory::resolve_service(&inv, dst, &mut shared.services.lock().expect("services lock")).unwrap_or(dst);
     let route = inventory::route(&inv, &shared.cfg.node, dst.ip());
     let span = info_span!("outbound", src = %pod.pod.key(), %dst, route = ?route);
     async move {
@@ -150,10 +155,12 @@ async fn tunnel(
 /// Accept loop of a pod's inbound plaintext listener.
 pub async fn inbound_loop(shared: Arc<Shared>, pod: Arc<PodRuntime>, listener: tokio::net::TcpListener) {
     let mut shutdown = pod.shutdown.subscribe();
+    let mut draining = shared.draining.subscribe();
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = shutdown.wait_for(|v| *v) => return,
+            _ = draining.wait_for(|v| *v) => return,
         };
         match accepted {
             Ok((stream, peer)) => {
@@ -183,6 +190,7 @@ async fn inbound(shared: Arc<Shared>, pod: Arc<PodRuntime>, mut client: TcpStrea
             InboundVerdict::Refuse => {
                 Stats::inc(&shared.stats.inbound_plaintext_refused);
                 info!(mode = %pod.mode, "plaintext connection to a strict pod refused");
+                shared.record_deny(peer.to_string(), format!("{} {dst}", pod.pod.key()), "plaintext to a strict pod".into());
                 reset(client);
                 return;
             }

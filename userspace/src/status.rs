@@ -24,28 +24,107 @@ pub fn fetch(addr: std::net::SocketAddr, path: &str) -> Result<serde_json::Value
 pub fn run(args: &StatusArgs) -> Result<(), Box<dyn std::error::Error>> {
     let dump = fetch(args.admin_addr, "/config_dump")?;
     let stats = fetch(args.admin_addr, "/stats")?;
+    let ready = fetch(args.admin_addr, "/healthz/ready").unwrap_or_default();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"config_dump": dump, "stats": stats}))?);
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"config_dump": dump, "stats": stats, "ready": ready}))?);
         return Ok(());
     }
-    println!("node {}", dump["config"]["node"].as_str().unwrap_or("?"));
-    println!("\n{:<32} {:<11} {:<56} IPS", "POD", "MODE", "IDENTITY");
-    for p in dump["pods"].as_array().into_iter().flatten() {
-        let ips: Vec<String> = p["ips"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect();
-        println!(
-            "{:<32} {:<11} {:<56} {}",
-            p["key"].as_str().unwrap_or(""),
-            p["mode"].as_str().unwrap_or(""),
-            p["identity"].as_str().unwrap_or(""),
-            ips.join(",")
-        );
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    print!("{}", render(&dump, &stats, &ready, colour));
+    Ok(())
+}
+
+fn s(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(x) => x.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
     }
-    println!("\ncounters:");
+}
+
+/// The human-readable report (pure, for tests).
+pub fn render(dump: &serde_json::Value, stats: &serde_json::Value, ready: &serde_json::Value, colour: bool) -> String {
+    use std::fmt::Write as _;
+    let (bold, green, red, reset) = if colour { ("\x1b[1m", "\x1b[32m", "\x1b[31m", "\x1b[0m") } else { ("", "", "", "") };
+    let mut o = String::new();
+    let is_ready = ready.as_str() == Some("ready");
+    let _ = writeln!(
+        o,
+        "{bold}node {}{reset}  transport {}  {}",
+        s(&dump["config"]["node"]),
+        s(&dump["config"]["transport"]),
+        if is_ready { format!("{green}ready{reset}") } else { format!("{red}not ready: {}{reset}", s(&ready["not_ready"])) }
+    );
+    let _ = writeln!(o, "\n{bold}PODS{reset}\n{:<28} {:<11} {:<52} ADDRESSES", "POD", "MODE", "IDENTITY");
+    for p in dump["pods"].as_array().into_iter().flatten() {
+        let ips: Vec<String> = p["ips"].as_array().into_iter().flatten().map(s).collect();
+        let _ = writeln!(o, "{:<28} {:<11} {:<52} {}", s(&p["key"]), s(&p["mode"]), s(&p["identity"]), ips.join(","));
+    }
+    let mut groups: std::collections::BTreeMap<(String, String, String), usize> = std::collections::BTreeMap::new();
+    for t in dump["tunnels"].as_array().into_iter().flatten() {
+        *groups.entry((s(&t["direction"]), s(&t["peer"]), s(&t["transport"]))).or_default() += 1;
+    }
+    let _ = writeln!(o, "\n{bold}TUNNELS{reset}\n{:<9} {:<52} {:<9} STREAMS", "DIRECTION", "PEER", "TRANSPORT");
+    for ((dir, peer, tr), n) in &groups {
+        let _ = writeln!(o, "{dir:<9} {peer:<52} {tr:<9} {n}");
+    }
+    if let Some(pool) = dump["pool"].as_object() {
+        let _ = writeln!(o, "pool: {} TCP connections / {} streams, {} QUIC connections / {} streams", s(&pool["hbone_connections"]), s(&pool["hbone_streams"]), s(&pool["quic_connections"]), s(&pool["quic_streams"]));
+    }
+    let _ = writeln!(o, "\n{bold}CERTIFICATES{reset}\n{:<52} {:<34} {:<12} RENEWALS", "IDENTITY", "SERIAL", "EXPIRES IN");
+    let now = time::OffsetDateTime::now_utc();
+    for c in dump["certificates"].as_array().into_iter().flatten() {
+        let left = time::OffsetDateTime::parse(&s(&c["not_after"]), &time::format_description::well_known::Rfc3339)
+            .map(|t| (t - now).whole_seconds())
+            .unwrap_or(0);
+        let left = if left > 3600 { format!("{}h{}m", left / 3600, (left % 3600) / 60) } else { format!("{}m{}s", left / 60, left % 60) };
+        let _ = writeln!(o, "{:<52} {:<34} {:<12} {}", s(&c["identity"]), s(&c["serial"]), left, s(&c["renewals"]));
+    }
+    let _ = writeln!(o, "\n{bold}RECENT DENIES{reset}");
+    let denies: Vec<&serde_json::Value> = dump["denies"].as_array().into_iter().flatten().collect();
+    if denies.is_empty() {
+        let _ = writeln!(o, "(none)");
+    }
+    for d in denies.iter().rev().take(10) {
+        let _ = writeln!(o, "{}  {} -> {}: {red}{}{reset}", s(&d["at"]), s(&d["source"]), s(&d["destination"]), s(&d["reason"]));
+    }
+    let problems: Vec<&serde_json::Value> = dump["problems"].as_array().into_iter().flatten().collect();
+    if !problems.is_empty() {
+        let _ = writeln!(o, "\n{bold}PROBLEMS{reset}");
+        for p in problems {
+            let _ = writeln!(o, "{red}{}{reset}", s(p));
+        }
+    }
+    let _ = writeln!(o, "\n{bold}COUNTERS{reset}");
     for (k, v) in stats["daemon"].as_object().into_iter().flatten() {
-        println!("  {k:<28} {v}");
+        let _ = writeln!(o, "  {k:<28} {v}");
     }
     for (k, v) in stats["kernel"].as_object().into_iter().flatten() {
-        println!("  kernel.{k:<21} {v}");
+        let _ = writeln!(o, "  kernel.{k:<21} {v}");
     }
-    Ok(())
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_without_colour_off_a_terminal() {
+        let dump = serde_json::json!({
+            "config": {"node": "n0", "transport": "tcp"},
+            "pods": [{"key": "shop/web", "mode": "strict", "identity": "spiffe://td/ns/shop/sa/web", "ips": ["10.0.0.2"]}],
+            "tunnels": [{"direction": "outbound", "peer": "spiffe://td/ns/shop/sa/db", "transport": "tcp"}, {"direction": "outbound", "peer": "spiffe://td/ns/shop/sa/db", "transport": "tcp"}],
+            "certificates": [{"identity": "spiffe://td/ns/shop/sa/web", "serial": "ab", "not_after": "2999-01-01T00:00:00Z", "renewals": 2}],
+            "denies": [{"at": "t", "source": "10.9.9.9:1", "destination": "shop/web", "reason": "plaintext to a strict pod"}],
+        });
+        let out = render(&dump, &serde_json::json!({"daemon": {"outbound_tunnel": 3}}), &serde_json::json!("ready"), false);
+        assert!(!out.contains('\x1b'), "no colour codes");
+        assert!(out.contains("shop/web") && out.contains("strict"));
+        assert!(out.lines().any(|l| l.starts_with("outbound") && l.trim_end().ends_with(" 2")), "streams grouped per peer:\n{out}");
+        assert!(out.contains("plaintext to a strict pod"));
+        assert!(out.contains("outbound_tunnel"));
+        let coloured = render(&dump, &serde_json::json!({}), &serde_json::json!({"not_ready": "starting"}), true);
+        assert!(coloured.contains("\x1b[31mnot ready: starting"));
+    }
 }

@@ -1,0 +1,248 @@
+//! Operations, end to end: Prometheus metrics after known traffic, readiness
+//! flipping as pods are enrolled, `tlsmesh status` (text and JSON), the
+//! run-time log level, and a rolling restart under load with zero failed
+//! connections and a long transfer finishing within the drain deadline.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use netkit::{require_root, tlsmesh_bin, wait_for, write_inventory, Daemon, Role, Topology};
+
+fn http_get(netns: &str, addr: &str, path: &str) -> Option<(u16, String)> {
+    let (addr, path) = (addr.to_string(), path.to_string());
+    Topology::in_netns(netns, move || {
+        let mut s = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        let code = buf.get(9..12)?.parse().ok()?;
+        Some((code, buf.split_once("\r\n\r\n").map_or(String::new(), |x| x.1.to_string())))
+    })
+}
+
+fn echo_server(netns: &str, addr: SocketAddr) {
+    let l = Topology::in_netns(netns, move || TcpListener::bind(addr).expect("bind echo"));
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().expect("clone");
+                let mut w = s;
+                let _ = std::io::copy(&mut r, &mut w);
+                let _ = w.shutdown(Shutdown::Write);
+            });
+        }
+    });
+}
+
+fn exchange(netns: &str, dst: SocketAddr, len: usize) -> std::io::Result<()> {
+    Topology::in_netns(netns, move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let data: Vec<u8> = (0..len).map(|i| u8::try_from(i % 251).unwrap_or(0)).collect();
+        let mut r = s.try_clone()?;
+        let reader = std::thread::spawn(move || {
+            let mut back = Vec::new();
+            r.read_to_end(&mut back).map(|_| back)
+        });
+        s.write_all(&data)?;
+        s.shutdown(Shutdown::Write)?;
+        let back = reader.join().map_err(|_| std::io::Error::other("reader panicked"))??;
+        if back == data {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("got {} of {} bytes back", back.len(), data.len())))
+        }
+    })
+}
+
+/// The value of one sample line `name{labels} value` in a metrics page.
+fn sample(page: &str, name_and_labels: &str) -> Option<f64> {
+    page.lines().find(|l| l.starts_with(name_and_labels)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn metrics_count_known_traffic_and_status_shows_it() {
+    if !require_root("metrics_count_known_traffic_and_status_shows_it") {
+        return;
+    }
+    let topo = Topology::build(2, 1).expect("topology");
+    let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
+    let d0 = Daemon::start(&topo, 0, &inv, &[]);
+    let _d1 = Daemon::start(&topo, 1, &inv, &[]);
+    let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
+    let dst = SocketAddr::new(server.ip4.into(), 7000);
+    echo_server(&server.netns, dst);
+    for _ in 0..3 {
+        exchange(&client.netns, dst, 100_000).expect("exchange through the tunnel");
+    }
+    let page = wait_for(Duration::from_secs(5), || {
+        let (code, page) = http_get(&d0.netns, "127.0.0.1:15020", "/metrics")?;
+        (code == 200 && sample(&page, "tlsmesh_bytes_total{direction=\"from_pods\"}") >= Some(300_000.0)).then_some(page)
+    })
+    .expect("metrics with the traffic counted");
+    assert_eq!(sample(&page, "tlsmesh_connections_opened_total{direction=\"outbound\",route=\"tunnel\"}"), Some(3.0), "{page}");
+    assert_eq!(sample(&page, "tlsmesh_bytes_total{direction=\"from_pods\"}"), Some(300_000.0));
+    assert_eq!(sample(&page, "tlsmesh_bytes_total{direction=\"to_pods\"}"), Some(300_000.0));
+    assert!(sample(&page, "tlsmesh_tunnel_handshake_seconds_count").unwrap_or(0.0) >= 1.0, "{page}");
+    let expiry = sample(&page, "tlsmesh_certificate_expiry_seconds{identity=\"spiffe://cluster.local/ns/strict/sa/n0p0\"}").expect("cert expiry");
+    assert!(expiry > 3600.0 && expiry <= 86_400.0, "{expiry}");
+    assert!(sample(&page, "tlsmesh_ebpf_events_total{event=\"captured\"}").unwrap_or(0.0) >= 3.0);
+    assert_eq!(sample(&page, "tlsmesh_enrolled_pods"), Some(1.0));
+
+    // tlsmesh status, text and JSON.
+    let status = |json: bool| {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", topo.node(0).netns_path().display())).arg(tlsmesh_bin()).arg("status");
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().expect("tlsmesh status");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = status(false);
+    assert!(text.contains("node n0") && text.contains("ready"), "{text}");
+    assert!(text.contains("strict/n0p0") && text.contains("spiffe://cluster.local/ns/strict/sa/n0p0"), "{text}");
+    assert!(text.contains("CERTIFICATES") && text.contains("TUNNELS"));
+    assert!(!text.contains('\x1b'), "no colour when not on a terminal");
+    let json: serde_json::Value = serde_json::from_str(&status(true)).expect("status --json is JSON");
+    assert_eq!(json["config_dump"]["pods"][0]["key"], "strict/n0p0");
+    assert_eq!(json["stats"]["daemon"]["outbound_tunnel"], 3);
+
+    // The log level changes at run time.
+    let (code, _) = http_get(&d0.netns, "127.0.0.1:15000", "/logging?level=debug").unwrap();
+    assert_eq!(code, 200);
+    let (code, body) = http_get(&d0.netns, "127.0.0.1:15000", "/logging?level=%%%").unwrap();
+    assert_eq!(code, 400, "{body}");
+}
+
+#[test]
+fn readiness_waits_for_every_pod() {
+    if !require_root("readiness_waits_for_every_pod") {
+        return;
+    }
+    let topo = Topology::build(1, 1).expect("topology");
+    let pod = topo.pod(0, 0).clone();
+    let late = format!("{}-late", pod.netns);
+    let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
+    // A second pod whose netns does not exist yet.
+    let mut text = std::fs::read_to_string(&inv).unwrap();
+    text += &format!("[[pod]]\nname = \"late\"\nnamespace = \"strict\"\nnode = \"n0\"\nips = [\"10.77.1.99\"]\nnetns = \"/run/netns/{late}\"\n");
+    std::fs::write(&inv, text).unwrap();
+    struct Netns(String);
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let node = topo.node(0).clone();
+    let pin = topo.pin_dir("ready");
+    let args: Vec<String> = vec!["node".into(), "--node".into(), "n0".into(), "--inventory".into(), inv.display().to_string(), "--pin-dir".into(), pin.display().to_string(), "--ca-dir".into(), topo.ca_dir().display().to_string()];
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cmd = Topology::command_in(&node.netns, None, &tlsmesh_bin().to_string_lossy(), &argv).unwrap();
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let _d = topo.spawn("tlsmesh node", cmd).unwrap();
+    let not_ready = wait_for(Duration::from_secs(20), || {
+        let (code, body) = http_get(&node.netns, "127.0.0.1:15021", "/healthz/ready")?;
+        (code == 503 && body.contains("strict/late")).then_some(body)
+    });
+    assert!(not_ready.is_some(), "not ready while a pod is missing");
+    assert!(http_get(&node.netns, "127.0.0.1:15000", "/config_dump").is_some_and(|(_, b)| b.contains("strict/n0p0")), "the other pod is served meanwhile");
+    let _late = Netns(late.clone());
+    netkit::sh(&["ip", "netns", "add", &late]).unwrap();
+    netkit::sh(&["ip", "-n", &late, "link", "set", "lo", "up"]).unwrap();
+    let ready = wait_for(Duration::from_secs(20), || {
+        let (code, _) = http_get(&node.netns, "127.0.0.1:15021", "/healthz/ready")?;
+        (code == 200).then_some(())
+    });
+    assert!(ready.is_some(), "ready once the pod's netns appeared and it was enrolled");
+}
+
+#[test]
+fn rolling_restart_refuses_no_connection_and_drains_long_transfers() {
+    if !require_root("rolling_restart_refuses_no_connection_and_drains_long_transfers") {
+        return;
+    }
+    let topo = Topology::build(2, 1).expect("topology");
+    let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
+    let old = Daemon::start(&topo, 0, &inv, &["--drain-timeout", "60"]);
+    let _d1 = Daemon::start(&topo, 1, &inv, &[]);
+    let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
+    let dst = SocketAddr::new(server.ip4.into(), 7000);
+    echo_server(&server.netns, dst);
+    exchange(&client.netns, dst, 1000).expect("warm-up");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let looper = {
+        let (stop, ok, failed, netns) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed), client.netns.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) && n < 20_000 {
+                n += 1;
+                match exchange(&netns, dst, 1024) {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("connection failed across the restart: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    // A long transfer through the old daemon, paced so it outlives SIGTERM.
+    let long = {
+        let netns = client.netns.clone();
+        std::thread::spawn(move || {
+            Topology::in_netns(&netns, move || -> std::io::Result<usize> {
+                let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+                s.set_read_timeout(Some(Duration::from_secs(30)))?;
+                let mut r = s.try_clone()?;
+                let reader = std::thread::spawn(move || {
+                    let mut n = 0usize;
+                    let mut b = vec![0u8; 65536];
+                    while let Ok(k) = r.read(&mut b) {
+                        if k == 0 {
+                            break;
+                        }
+                        n += k;
+                    }
+                    n
+                });
+                for _ in 0..80 {
+                    s.write_all(&[7u8; 64 * 1024])?;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                s.shutdown(Shutdown::Write)?;
+                reader.join().map_err(|_| std::io::Error::other("reader"))
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_millis(800));
+    // The new daemon starts beside the old one, then the old one gets SIGTERM.
+    let node = topo.node(0).clone();
+    let new = Daemon::start_with_pin(&topo, &node, &old.pin_dir, &inv, &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut old = old;
+    old.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let exited = old.proc.wait_timeout(Duration::from_secs(60));
+    assert!(exited.is_some(), "the old daemon exits within the drain deadline");
+    let moved = long.join().unwrap().expect("the long transfer completed across the SIGTERM");
+    assert_eq!(moved, 80 * 64 * 1024, "every byte of the long transfer came back");
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    looper.join().unwrap();
+    assert!(ok.load(Ordering::Relaxed) > 50, "the loop ran ({} ok)", ok.load(Ordering::Relaxed));
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no connection failed across the replacement");
+    assert!(new.counter("outbound_accepted") > 0, "the new daemon took connections");
+}

@@ -1,0 +1,102 @@
+//! The Kubernetes inventory source: watches namespaces, pods, this node,
+//! services and endpoint slices (tlsmesh-k8s), learns each new pod's netns
+//! from the chained CNI plugin over a Unix socket, and publishes the same
+//! `Inventory` the static file gives. The CNI plugin's ADD is answered only
+//! once the pod is enrolled (listeners, sk_lookup, map entry in place), so no
+//! first packet leaks.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use tlsmesh_cni::protocol::{Command, Request, Response};
+use tlsmesh_k8s::cni_server::{self, CniPods};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{config::NodeConfig, inventory::Inventory, node::Shared};
+
+/// Errors starting the Kubernetes source.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    /// No usable kubeconfig / in-cluster config.
+    #[error("cannot reach the Kubernetes API: {0} (in a pod: is the ServiceAccount token mounted? outside: set KUBECONFIG)")]
+    Client(String),
+    /// The CNI state file.
+    #[error("CNI pod state {path}: {source}")]
+    State { path: PathBuf, source: std::io::Error },
+    /// The API never delivered a complete first inventory.
+    #[error("no complete inventory from the Kubernetes API within {0:?}; check RBAC (list/watch pods, namespaces, services, endpointslices)")]
+    Timeout(Duration),
+}
+
+/// A running Kubernetes source.
+#[derive(Debug, Clone)]
+pub struct KubeSource {
+    /// The published inventory.
+    pub inventory: watch::Receiver<Inventory>,
+    /// What the CNI plugin reported.
+    pub pods: CniPods,
+}
+
+/// Starts the watchers and waits for the first complete inventory.
+pub async fn start(cfg: &NodeConfig) -> Result<KubeSource, KubeSourceError> {
+    let pods = match &cfg.cni_state {
+        Some(p) => CniPods::with_state_file(p.clone()).map_err(|source| KubeSourceError::State { path: p.clone(), source })?,
+        None => CniPods::new(),
+    };
+    let client = kube::Client::try_default().await.map_err(|e| KubeSourceError::Client(e.to_string()))?;
+    let (tx, mut rx) = watch::channel(Inventory::default());
+    let opts = tlsmesh_k8s::Options {
+        resolver: Arc::new(pods.clone()),
+        refresh: pods.changed(),
+        ..tlsmesh_k8s::Options::new(Some(cfg.node.clone()), cfg.trust_domain.clone())
+    };
+    tokio::spawn(tlsmesh_k8s::run(client, opts, tx));
+    let limit = Duration::from_secs(60);
+    tokio::time::timeout(limit, rx.changed()).await.map_err(|_| KubeSourceError::Timeout(limit))?.map_err(|_| KubeSourceError::Timeout(limit))?;
+    info!(pods = rx.borrow().pods.len(), "first inventory from the Kubernetes API");
+    Ok(KubeSource { inventory: rx, pods })
+}
+
+/// Serves the CNI plugin: ADD waits until the pod is enrolled (or known not
+/// to be), DEL forgets it.
+pub fn serve_cni(path: PathBuf, source: KubeSource, shared: Arc<Shared>) {
+    tokio::spawn(async move {
+        let handler = move |req: Request| {
+            let (source, shared) = (source.clone(), Arc::clone(&shared));
+            async move { handle(req, source, &shared).await }
+        };
+        if let Err(e) = cni_server::serve(&path, handler).await {
+            warn!(socket = %path.display(), error = %e, "CNI socket failed; new pods cannot be enrolled before they start");
+        }
+    });
+}
+
+async fn handle(req: Request, source: KubeSource, shared: &Shared) -> Response {
+    let key = format!("{}/{}", req.pod_namespace, req.pod_name);
+    match req.command {
+        Command::Del => {
+            source.pods.forget(&req);
+            Response::Ok
+        }
+        Command::Add => {
+            source.pods.record(&req);
+            let mut rx = source.inventory.clone();
+            let Some(pod) = cni_server::wait_for_pod(&mut rx, &key, Duration::from_secs(15)).await else {
+                return Response::Error { message: format!("pod {key} not seen from the Kubernetes API within 15 s; the runtime will retry") };
+            };
+            let Some(mode) = pod.mode else {
+                return Response::NotEnrolled { reason: format!("pod {key}: namespace not labelled tlsmesh.io/mode or pod opted out") };
+            };
+            // Wait until the reconcile has set the pod up.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            while tokio::time::Instant::now() < deadline {
+                if shared.pod(&key).is_some() {
+                    info!(pod = %key, %mode, "pod enrolled before its containers start");
+                    return Response::Enrolled { mode: mode.to_string() };
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Response::Error { message: format!("pod {key} could not be enrolled within 15 s; see the tlsmesh daemon log") }
+        }
+    }
+}
