@@ -17,14 +17,17 @@ use std::{
     process::Command,
 };
 
-const SETUP_HINT: &str = "run `sudo bash scripts/bootstrap.sh` (or `cargo xtask setup`) from the repository root; \
+const SETUP_HINT: &str =
+    "run `sudo bash scripts/bootstrap.sh` (or `cargo xtask setup`) from the repository root; \
      it installs rustc-web, cargo-web, rust-web-src, llvm-22-dev and bpf-linker 0.13";
 
 fn main() {
-    let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let root = manifest.parent().expect("userspace/ has a parent").to_path_buf();
     let ebpf_dir = root.join("ebpf");
-    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("tlsmesh-ebpf.o");
+    let out =
+        PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("tlsmesh-ebpf.o");
     for p in ["ebpf/src", "ebpf/Cargo.toml", "ebpf/Cargo.lock", "common/src", "common/Cargo.toml"] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }
@@ -32,7 +35,10 @@ fn main() {
 
     if let Some(obj) = env::var_os("TLSMESH_EBPF_OBJECT") {
         std::fs::copy(&obj, &out).unwrap_or_else(|e| {
-            fail(&format!("TLSMESH_EBPF_OBJECT={} cannot be copied: {e}", Path::new(&obj).display()))
+            fail(&format!(
+                "TLSMESH_EBPF_OBJECT={} cannot be copied: {e}",
+                Path::new(&obj).display()
+            ))
         });
         return;
     }
@@ -81,13 +87,16 @@ fn main() {
         .args(["build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .arg("--target-dir")
         .arg(&target_dir);
-    let status = cmd.status().unwrap_or_else(|e| fail(&format!("cannot run cargo for the eBPF build: {e}; {SETUP_HINT}")));
+    let status = cmd.status().unwrap_or_else(|e| {
+        fail(&format!("cannot run cargo for the eBPF build: {e}; {SETUP_HINT}"))
+    });
     if !status.success() {
         fail(&format!("the eBPF build failed ({status}); see the compiler output above"));
     }
     let built = target_dir.join("bpfel-unknown-none/release/tlsmesh-ebpf");
-    std::fs::copy(&built, &out)
-        .unwrap_or_else(|e| fail(&format!("eBPF object {} missing after build: {e}", built.display())));
+    std::fs::copy(&built, &out).unwrap_or_else(|e| {
+        fail(&format!("eBPF object {} missing after build: {e}", built.display()))
+    });
 }
 
 fn fail(msg: &str) -> ! {
@@ -103,7 +112,8 @@ fn linker_present(path: &OsString) -> bool {
 fn debian_rustc() -> Option<(PathBuf, bool)> {
     let rustc = PathBuf::from("/usr/bin/rustc");
     let src = Path::new("/usr/lib/rustlib/src/rust/library/core");
-    (rustc.is_file() && src.is_dir() && Path::new("/usr/bin/cargo").is_file()).then_some((rustc, true))
+    (rustc.is_file() && src.is_dir() && Path::new("/usr/bin/cargo").is_file())
+        .then_some((rustc, true))
 }
 
 fn toolchain_command(path: &OsString) -> Option<Command> {

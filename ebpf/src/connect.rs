@@ -95,7 +95,8 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), ()> {
             }
         } else {
             let b0 = w[0].to_ne_bytes();
-            let loopback = w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == u32::from_ne_bytes([0, 0, 0, 1]);
+            let loopback =
+                w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == u32::from_ne_bytes([0, 0, 0, 1]);
             let link_local = b0[0] == 0xfe && (b0[1] & 0xc0) == 0x80;
             let unspecified = w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == 0;
             if loopback || link_local || unspecified {

@@ -62,7 +62,10 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     }
     let a0 = key.addr[0].to_ne_bytes();
     let loopback = if family == FAMILY_V6 {
-        key.addr[0] == 0 && key.addr[1] == 0 && key.addr[2] == 0 && key.addr[3] == u32::from_ne_bytes([0, 0, 0, 1])
+        key.addr[0] == 0
+            && key.addr[1] == 0
+            && key.addr[2] == 0
+            && key.addr[3] == u32::from_ne_bytes([0, 0, 0, 1])
     } else {
         a0[0] == 127
     };

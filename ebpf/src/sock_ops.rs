@@ -59,9 +59,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     } else {
         client.addr[0] = ctx.local_ip4();
     }
-    ORIG_BY_ADDR
-        .insert(ConnKey { netns_cookie, client }, orig, 0)
-        .map_err(|_| ())?;
+    ORIG_BY_ADDR.insert(ConnKey { netns_cookie, client }, orig, 0).map_err(|_| ())?;
     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     bump(counter::ORIG_DST_RECORDED);
     Ok(())

@@ -63,7 +63,9 @@ impl fmt::Display for Problem {
 }
 
 /// Inbound policy mode of an enrolled pod.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Hash, PartialOrd, Ord,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Only mTLS inbound.
@@ -290,30 +292,44 @@ pub fn parse(text: &str) -> Result<(Inventory, Vec<Problem>), String> {
     let mut problems = Vec::new();
     let mut inv = Inventory { trust_domain: raw.trust_domain, ..Inventory::default() };
     if inv.trust_domain.is_empty() || inv.trust_domain.contains('/') {
-        return Err(format!("trust_domain {:?} is not a valid SPIFFE trust domain", inv.trust_domain));
+        return Err(format!(
+            "trust_domain {:?} is not a valid SPIFFE trust domain",
+            inv.trust_domain
+        ));
     }
     for n in raw.nodes {
         if inv.nodes.contains_key(&n.name) {
-            problems.push(Problem { subject: n.name.clone(), message: "duplicate node; the first entry is used".into() });
+            problems.push(Problem {
+                subject: n.name.clone(),
+                message: "duplicate node; the first entry is used".into(),
+            });
             continue;
         }
         inv.nodes.insert(n.name.clone(), Node { name: n.name, addresses: n.addresses });
     }
-    let modes: HashMap<&str, Mode> = raw.namespaces.iter().map(|n| (n.name.as_str(), n.mode)).collect();
+    let modes: HashMap<&str, Mode> =
+        raw.namespaces.iter().map(|n| (n.name.as_str(), n.mode)).collect();
     let mut seen_ips: HashMap<IpAddr, String> = HashMap::new();
     for p in raw.pods {
         let key = format!("{}/{}", p.namespace, p.name);
         let problem = |m: String| Problem { subject: key.clone(), message: m };
         if inv.pods.contains_key(&key) {
-            problems.push(problem("duplicate pod; the first entry is used, this one is ignored".into()));
+            problems.push(problem(
+                "duplicate pod; the first entry is used, this one is ignored".into(),
+            ));
             continue;
         }
         if !inv.nodes.contains_key(&p.node) {
-            problems.push(problem(format!("names node {:?}, which the inventory does not list; add a [[node]] entry", p.node)));
+            problems.push(problem(format!(
+                "names node {:?}, which the inventory does not list; add a [[node]] entry",
+                p.node
+            )));
             continue;
         }
         if let Some(owner) = p.ips.iter().find_map(|ip| seen_ips.get(ip)) {
-            problems.push(problem(format!("shares an address with {owner}; pod addresses must be unique, ignored")));
+            problems.push(problem(format!(
+                "shares an address with {owner}; pod addresses must be unique, ignored"
+            )));
             continue;
         }
         let ns_mode = modes.get(p.namespace.as_str()).copied();
@@ -476,20 +492,33 @@ mod tests {
         assert_eq!(inv.pods["lab/exp"].mode, Some(Mode::Permissive));
         let mine: Vec<_> = inv.enrolled_on("a").iter().map(|p| p.key()).collect();
         assert_eq!(mine, ["lab/exp", "shop/web"]);
-        assert_eq!(inv.pods["shop/db"].spiffe_id(&inv.trust_domain), "spiffe://example.org/ns/shop/sa/default");
+        assert_eq!(
+            inv.pods["shop/db"].spiffe_id(&inv.trust_domain),
+            "spiffe://example.org/ns/shop/sa/default"
+        );
     }
 
     #[test]
     fn routes() {
         let (inv, _) = parse(GOOD).unwrap();
-        assert_eq!(route(&inv, "a", "10.0.0.5".parse().unwrap()), Route::LocalPod("lab/exp".into()));
+        assert_eq!(
+            route(&inv, "a", "10.0.0.5".parse().unwrap()),
+            Route::LocalPod("lab/exp".into())
+        );
         assert_eq!(
             route(&inv, "a", "10.0.1.2".parse().unwrap()),
             Route::RemotePod { pod: "shop/db".into(), node: "b".into() }
         );
-        assert_eq!(route(&inv, "a", "10.0.0.3".parse().unwrap()), Route::Passthrough, "opted-out pod");
+        assert_eq!(
+            route(&inv, "a", "10.0.0.3".parse().unwrap()),
+            Route::Passthrough,
+            "opted-out pod"
+        );
         assert_eq!(route(&inv, "a", "8.8.8.8".parse().unwrap()), Route::Passthrough);
-        assert_eq!(route(&inv, "a", "::ffff:10.0.1.2".parse().unwrap()), Route::RemotePod { pod: "shop/db".into(), node: "b".into() });
+        assert_eq!(
+            route(&inv, "a", "::ffff:10.0.1.2".parse().unwrap()),
+            Route::RemotePod { pod: "shop/db".into(), node: "b".into() }
+        );
     }
 
     #[test]
@@ -524,7 +553,10 @@ mod tests {
     #[test]
     fn malformed_files_fail_whole() {
         assert!(parse("[[pod]]\nname = 3").is_err());
-        assert!(parse("[[pod]]\nname = \"x\"\nnamespace = \"y\"\nnode = \"a\"\nips = [\"not-an-ip\"]").is_err());
+        assert!(parse(
+            "[[pod]]\nname = \"x\"\nnamespace = \"y\"\nnode = \"a\"\nips = [\"not-an-ip\"]"
+        )
+        .is_err());
         let e = parse("bogus_key = 1").unwrap_err();
         assert!(e.contains("bogus_key"), "{e}");
         let e = load(Path::new("/nonexistent/inv.toml")).unwrap_err();
@@ -635,6 +667,9 @@ mod tests {
         let other = "10.9.9.9".parse().unwrap();
         assert_eq!(inbound_verdict(Mode::Strict, node, &probes), InboundVerdict::AcceptProbe);
         assert_eq!(inbound_verdict(Mode::Strict, other, &probes), InboundVerdict::Refuse);
-        assert_eq!(inbound_verdict(Mode::Permissive, other, &probes), InboundVerdict::AcceptPlaintext);
+        assert_eq!(
+            inbound_verdict(Mode::Permissive, other, &probes),
+            InboundVerdict::AcceptPlaintext
+        );
     }
 }

@@ -16,7 +16,11 @@ use crate::node::{pod_views, Shared};
 use tlsmesh_common::counter;
 
 /// Serves the admin API until the process exits.
-pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, quit: watch::Sender<bool>) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    quit: watch::Sender<bool>,
+) {
     let quit = Arc::new(quit);
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
@@ -26,7 +30,10 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, quit:
                 let (shared, quit) = (Arc::clone(&shared), Arc::clone(&quit));
                 async move { Ok::<_, Infallible>(handle(&req, &shared, &quit)) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
                 debug!(error = %e, "admin connection error");
             }
         });
@@ -52,21 +59,42 @@ pub fn kernel_counters(shared: &Shared) -> serde_json::Value {
 /// Short SHA-256 fingerprints (hex, 16 chars) of DER certificates.
 pub fn root_fingerprints(roots: &[rustls_pki_types::CertificateDer<'_>]) -> Vec<String> {
     use sha2::Digest as _;
-    roots.iter().map(|r| sha2::Sha256::digest(r.as_ref()).iter().take(8).map(|b| format!("{b:02x}")).collect()).collect()
+    use std::fmt::Write as _;
+    roots
+        .iter()
+        .map(|r| {
+            sha2::Sha256::digest(r.as_ref()).iter().take(8).fold(String::new(), |mut s, b| {
+                let _ = write!(s, "{b:02x}");
+                s
+            })
+        })
+        .collect()
 }
 
-fn handle(req: &Request<Incoming>, shared: &Shared, quit: &watch::Sender<bool>) -> Response<Full<Bytes>> {
+fn handle(
+    req: &Request<Incoming>,
+    shared: &Shared,
+    quit: &watch::Sender<bool>,
+) -> Response<Full<Bytes>> {
     let (status, body) = match req.uri().path() {
         "/healthz/ready" => match crate::metrics::readiness(shared) {
             Ok(()) => (StatusCode::OK, json!("ready")),
             Err(why) => (StatusCode::SERVICE_UNAVAILABLE, json!({ "not_ready": why })),
         },
         "/logging" => {
-            let level = req.uri().query().unwrap_or_default().split('&').find_map(|kv| kv.strip_prefix("level="));
+            let level = req
+                .uri()
+                .query()
+                .unwrap_or_default()
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("level="));
             match level.map(crate::logging::set_level) {
                 Some(Ok(())) => (StatusCode::OK, json!({ "level": level })),
                 Some(Err(e)) => (StatusCode::BAD_REQUEST, json!({ "error": e })),
-                None => (StatusCode::BAD_REQUEST, json!({ "error": "use /logging?level=debug (any RUST_LOG filter)" })),
+                None => (
+                    StatusCode::BAD_REQUEST,
+                    json!({ "error": "use /logging?level=debug (any RUST_LOG filter)" }),
+                ),
             }
         }
         "/stats" => (
@@ -74,8 +102,13 @@ fn handle(req: &Request<Incoming>, shared: &Shared, quit: &watch::Sender<bool>) 
             json!({ "daemon": shared.stats.snapshot(), "kernel": kernel_counters(shared) }),
         ),
         "/config_dump" => {
-            let problems: Vec<String> =
-                shared.problems.lock().expect("problems lock").iter().map(ToString::to_string).collect();
+            let problems: Vec<String> = shared
+                .problems
+                .lock()
+                .expect("problems lock")
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             (
                 StatusCode::OK,
                 json!({
@@ -103,10 +136,17 @@ fn handle(req: &Request<Incoming>, shared: &Shared, quit: &watch::Sender<bool>) 
             quit.send_replace(true);
             (StatusCode::OK, json!("bye"))
         }
-        _ => (StatusCode::NOT_FOUND, json!({"error": "unknown path", "paths": ["/healthz/ready", "/stats", "/config_dump", "/logging?level=", "/quitquitquit"]})),
+        _ => (
+            StatusCode::NOT_FOUND,
+            json!({"error": "unknown path", "paths": ["/healthz/ready", "/stats", "/config_dump", "/logging?level=", "/quitquitquit"]}),
+        ),
     };
-    let mut r = Response::new(Full::new(Bytes::from(serde_json::to_vec_pretty(&body).unwrap_or_default())));
+    let mut r =
+        Response::new(Full::new(Bytes::from(serde_json::to_vec_pretty(&body).unwrap_or_default())));
     *r.status_mut() = status;
-    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     r
 }

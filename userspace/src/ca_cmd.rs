@@ -109,7 +109,9 @@ pub fn run(cmd: CaCommand) -> Result<(), Box<dyn std::error::Error>> {
         }
         CaCommand::Token { tokens, node } => {
             let mut file: TokenFile = match std::fs::read_to_string(&tokens) {
-                Ok(t) => serde_json::from_str(&t).map_err(|e| format!("{}: {e}", tokens.display()))?,
+                Ok(t) => {
+                    serde_json::from_str(&t).map_err(|e| format!("{}: {e}", tokens.display()))?
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => TokenFile::default(),
                 Err(e) => return Err(format!("{}: {e}", tokens.display()).into()),
             };
@@ -120,14 +122,34 @@ pub fn run(cmd: CaCommand) -> Result<(), Box<dyn std::error::Error>> {
             println!("{token}");
             Ok(())
         }
-        CaCommand::Serve { dir, cert, key, bundle, listen, server_names, inventory, tokens, workload_lifetime, node_lifetime, deny_list } => {
+        CaCommand::Serve {
+            dir,
+            cert,
+            key,
+            bundle,
+            listen,
+            server_names,
+            inventory,
+            tokens,
+            workload_lifetime,
+            node_lifetime,
+            deny_list,
+        } => {
             let paths = match (dir, cert, key) {
                 (Some(d), None, None) => CaPaths::in_dir(d),
                 (None, Some(cert), Some(key)) => CaPaths { cert, key, bundle },
                 _ => return Err("give either --dir, or --cert and --key".into()),
             };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(serve(paths, listen, server_names, inventory, tokens, (workload_lifetime, node_lifetime), deny_list))
+            rt.block_on(serve(
+                paths,
+                listen,
+                server_names,
+                inventory,
+                tokens,
+                (workload_lifetime, node_lifetime),
+                deny_list,
+            ))
         }
     }
 }
@@ -135,7 +157,12 @@ pub fn run(cmd: CaCommand) -> Result<(), Box<dyn std::error::Error>> {
 fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(data)?;
     std::fs::rename(&tmp, path)
 }
@@ -166,7 +193,9 @@ async fn serve(
         ..CaServerConfig::default()
     };
     let server = Arc::new(CaServer::new(files.shared(), placement.clone(), tokens, config));
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     info!(%listen, trust_domain = %inv.trust_domain, "tlsmesh CA serving");
     tokio::spawn(server.serve(listener));
     let mut last = std::fs::metadata(&inventory).and_then(|m| m.modified()).ok();
@@ -181,7 +210,9 @@ async fn serve(
             last = m;
             match crate::inventory::load(&inventory) {
                 Ok((inv, _)) => placement.replace(placement_of(&inv)),
-                Err(e) => warn!(error = %e, "inventory reload failed; keeping the previous placement"),
+                Err(e) => {
+                    warn!(error = %e, "inventory reload failed; keeping the previous placement")
+                }
             }
         }
         if let Some(p) = &deny_list {

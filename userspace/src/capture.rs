@@ -120,7 +120,8 @@ impl std::fmt::Debug for Capture {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CaptureError>
@@ -140,10 +141,12 @@ impl Capture {
         if !is_bpffs(parent) && !is_bpffs(&pin_dir) {
             return Err(CaptureError::NoBpffs(pin_dir));
         }
-        fs::create_dir_all(&pin_dir).map_err(|source| CaptureError::Io { path: pin_dir.clone(), source })?;
+        fs::create_dir_all(&pin_dir)
+            .map_err(|source| CaptureError::Io { path: pin_dir.clone(), source })?;
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(&pin_dir).load(EBPF_OBJECT)?;
-        let cgroup = fs::File::open(&settings.cgroup_root)
-            .map_err(|source| CaptureError::Cgroup { path: settings.cgroup_root.clone(), source })?;
+        let cgroup = fs::File::open(&settings.cgroup_root).map_err(|source| {
+            CaptureError::Cgroup { path: settings.cgroup_root.clone(), source }
+        })?;
 
         // Link-based cgroup attachments always coexist with other programs;
         // the kernel wants flags 0 here (aya maps `Single` to 0).
@@ -161,19 +164,27 @@ impl Capture {
                 let p: &mut SockOps = prog.try_into().map_err(err)?;
                 p.load().map_err(err)?;
                 let id = p.attach(&cgroup, CgroupAttachMode::Single).map_err(err)?;
-                p.take_link(id).map_err(err)?.try_into().map_err(|e: aya::programs::links::LinkError| {
-                    CaptureError::Pin { path: link_path.clone(), message: e.to_string() }
-                })?
+                p.take_link(id).map_err(err)?.try_into().map_err(
+                    |e: aya::programs::links::LinkError| CaptureError::Pin {
+                        path: link_path.clone(),
+                        message: e.to_string(),
+                    },
+                )?
             } else {
                 let p: &mut CgroupSockAddr = prog.try_into().map_err(err)?;
                 p.load().map_err(err)?;
                 let id = p.attach(&cgroup, CgroupAttachMode::Single).map_err(err)?;
-                p.take_link(id).map_err(err)?.try_into().map_err(|e: aya::programs::links::LinkError| {
-                    CaptureError::Pin { path: link_path.clone(), message: e.to_string() }
-                })?
+                p.take_link(id).map_err(err)?.try_into().map_err(
+                    |e: aya::programs::links::LinkError| CaptureError::Pin {
+                        path: link_path.clone(),
+                        message: e.to_string(),
+                    },
+                )?
             };
-            link.pin(&link_path)
-                .map_err(|e| CaptureError::Pin { path: link_path.clone(), message: e.to_string() })?;
+            link.pin(&link_path).map_err(|e| CaptureError::Pin {
+                path: link_path.clone(),
+                message: e.to_string(),
+            })?;
             adoption.insert(name, Adoption::Attached);
         }
         {
@@ -285,7 +296,8 @@ impl Capture {
             .map_err(err)?;
         let id = p.attach(netns.fd()).map_err(err)?;
         let link: FdLink = p.take_link(id).map_err(err)?.into();
-        link.pin(&path).map_err(|e| CaptureError::Pin { path: path.clone(), message: e.to_string() })?;
+        link.pin(&path)
+            .map_err(|e| CaptureError::Pin { path: path.clone(), message: e.to_string() })?;
         Ok(Adoption::Attached)
     }
 
@@ -300,7 +312,11 @@ impl Capture {
     }
 
     /// Registers the daemon's inbound listener for a pod address.
-    pub fn set_inbound_listener(&self, ip: IpAddr, listener: &impl AsRawFd) -> Result<(), CaptureError> {
+    pub fn set_inbound_listener(
+        &self,
+        ip: IpAddr,
+        listener: &impl AsRawFd,
+    ) -> Result<(), CaptureError> {
         let mut m = self.inbound.lock().expect("inbound map lock");
         m.insert(ip_key(ip), listener.as_raw_fd(), 0)
             .map_err(|source| CaptureError::Map { name: maps::INBOUND, source })
@@ -320,7 +336,8 @@ impl Capture {
     /// pod, so inbound capture lets its SYN through. Call before connecting.
     pub fn register_delivery(&self, src: SocketAddr) -> Result<(), CaptureError> {
         let mut m = self.deliveries.lock().expect("deliveries lock");
-        m.insert(sock_addr(src), 1, 0).map_err(|source| CaptureError::Map { name: maps::DELIVERIES, source })
+        m.insert(sock_addr(src), 1, 0)
+            .map_err(|source| CaptureError::Map { name: maps::DELIVERIES, source })
     }
 
     /// Forgets a delivery source (after the connect completed or failed).
@@ -365,7 +382,8 @@ impl Capture {
             fs::remove_file(&p).map_err(|source| CaptureError::Io { path: p.clone(), source })?;
             n += 1;
         }
-        fs::remove_dir(pin_dir).map_err(|source| CaptureError::Io { path: pin_dir.to_path_buf(), source })?;
+        fs::remove_dir(pin_dir)
+            .map_err(|source| CaptureError::Io { path: pin_dir.to_path_buf(), source })?;
         Ok(n)
     }
 }
@@ -393,7 +411,9 @@ pub fn bypass_ports(settings: &CaptureSettings) -> Vec<u16> {
 /// The LPM key of a CIDR: IPv4 as IPv4-mapped IPv6 with prefix + 96.
 pub fn cidr_key(ip: IpAddr, len: u8) -> (CidrKey, u32) {
     match ip {
-        IpAddr::V4(v4) => (CidrKey { addr: v4.to_ipv6_mapped().octets() }, 96 + u32::from(len.min(32))),
+        IpAddr::V4(v4) => {
+            (CidrKey { addr: v4.to_ipv6_mapped().octets() }, 96 + u32::from(len.min(32)))
+        }
         IpAddr::V6(v6) => (CidrKey { addr: v6.octets() }, u32::from(len.min(128))),
     }
 }
@@ -407,7 +427,9 @@ pub fn sock_addr(a: SocketAddr) -> SockAddr {
 /// The eBPF form of an address.
 pub fn ip_key(ip: IpAddr) -> IpKey {
     match ip.to_canonical() {
-        IpAddr::V4(v4) => IpKey { family: FAMILY_V4, addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0] },
+        IpAddr::V4(v4) => {
+            IpKey { family: FAMILY_V4, addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0] }
+        }
         IpAddr::V6(v6) => {
             let o = v6.octets();
             let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);

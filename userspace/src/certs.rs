@@ -99,13 +99,20 @@ pub fn placement_of(inv: &Inventory) -> Placement {
 }
 
 /// A pod's SPIFFE id.
-pub fn workload_id(trust_domain: &str, pod: &Pod) -> Result<SpiffeId, tlsmesh_identity::spiffe::SpiffeError> {
+pub fn workload_id(
+    trust_domain: &str,
+    pod: &Pod,
+) -> Result<SpiffeId, tlsmesh_identity::spiffe::SpiffeError> {
     SpiffeId::new(trust_domain, pod.namespace.clone(), pod.service_account.clone())
 }
 
 impl Certs {
     /// Sets up from the config; `None` when no CA is configured (no tunnel).
-    pub async fn setup(cfg: &IdentityConfig, node: &str, inv: &Inventory) -> Result<Option<Self>, CertsError> {
+    pub async fn setup(
+        cfg: &IdentityConfig,
+        node: &str,
+        inv: &Inventory,
+    ) -> Result<Option<Self>, CertsError> {
         let td = inv.trust_domain.clone();
         let deny = match &cfg.deny_list {
             Some(p) if p.exists() => DenyList::load(p)?,
@@ -117,7 +124,8 @@ impl Certs {
             let ca = files.shared();
             let bundle = TrustBundle::from_pem(&td, &ca.current().roots_pem())?;
             let placement = SharedPlacement::new(placement_of(inv));
-            let source = LocalCa::new(ca, placement.clone(), NodeId::new(td.clone(), node)?).with_lifetime(lifetime);
+            let source = LocalCa::new(ca, placement.clone(), NodeId::new(td.clone(), node)?)
+                .with_lifetime(lifetime);
             let manager = Arc::new(CertManager::new(Arc::new(source)));
             manager.spawn_renewal();
             info!(ca_dir = %dir.display(), lifetime_s = lifetime.as_secs(), "workload certificates from the local CA");
@@ -131,18 +139,23 @@ impl Certs {
             }));
         }
         let Some(addr) = &cfg.ca_addr else { return Ok(None) };
-        let bundle_path = cfg.ca_bundle.clone().ok_or_else(|| CertsError::Config("ca_addr needs ca_bundle (the CA's root PEM)".into()))?;
+        let bundle_path = cfg.ca_bundle.clone().ok_or_else(|| {
+            CertsError::Config("ca_addr needs ca_bundle (the CA's root PEM)".into())
+        })?;
         let bundle = TrustBundle::load(&td, &bundle_path)?;
         let token_path = cfg
             .join_token_file
             .clone()
             .ok_or_else(|| CertsError::Config("ca_addr needs join_token_file".into()))?;
-        let token = std::fs::read_to_string(&token_path)
-            .map_err(|e| CertsError::Config(format!("cannot read join token {}: {e}", token_path.display())))?;
-        let server_name = cfg
-            .ca_server_name
-            .clone()
-            .unwrap_or_else(|| addr.rsplit_once(':').map_or(addr.as_str(), |x| x.0).trim_matches(['[', ']']).to_string());
+        let token = std::fs::read_to_string(&token_path).map_err(|e| {
+            CertsError::Config(format!("cannot read join token {}: {e}", token_path.display()))
+        })?;
+        let server_name = cfg.ca_server_name.clone().unwrap_or_else(|| {
+            addr.rsplit_once(':')
+                .map_or(addr.as_str(), |x| x.0)
+                .trim_matches(['[', ']'])
+                .to_string()
+        });
         let client = Arc::new(CaClient::new(CaClientConfig {
             addr: addr.clone(),
             server_name,
@@ -167,7 +180,14 @@ impl Certs {
         }
         let manager = Arc::new(CertManager::new(client));
         manager.spawn_renewal();
-        Ok(Some(Self { trust_domain: td, bundle, deny, manager, placement: None, deny_path: cfg.deny_list.clone() }))
+        Ok(Some(Self {
+            trust_domain: td,
+            bundle,
+            deny,
+            manager,
+            placement: None,
+            deny_path: cfg.deny_list.clone(),
+        }))
     }
 
     /// Follows inventory changes: placement (local CA) and which certificates to keep.
@@ -175,8 +195,11 @@ impl Certs {
         if let Some(p) = &self.placement {
             p.replace(placement_of(inv));
         }
-        let keep: HashSet<SpiffeId> =
-            inv.enrolled_on(node).into_iter().filter_map(|p| workload_id(&inv.trust_domain, p).ok()).collect();
+        let keep: HashSet<SpiffeId> = inv
+            .enrolled_on(node)
+            .into_iter()
+            .filter_map(|p| workload_id(&inv.trust_domain, p).ok())
+            .collect();
         let dropped = self.manager.retain(&keep);
         for id in dropped {
             info!(identity = %id, "certificate dropped: no pod on this node uses it");
@@ -208,7 +231,11 @@ impl Certs {
     }
 
     /// Client TLS config presenting `src`'s certificate and requiring `dst`.
-    pub async fn client_config(&self, src: &SpiffeId, dst: &SpiffeId) -> Result<Arc<ClientConfig>, CertsError> {
+    pub async fn client_config(
+        &self,
+        src: &SpiffeId,
+        dst: &SpiffeId,
+    ) -> Result<Arc<ClientConfig>, CertsError> {
         let key = self.manager.ensure(src).await?;
         Ok(Arc::new(tls::client_config(key, dst.clone(), &self.bundle, &self.deny)?))
     }

@@ -128,7 +128,12 @@ impl NodeArgs {
             c.log_format = v;
         }
         let id = &mut c.identity;
-        for (dst, src) in [(&mut id.ca_dir, &self.ca_dir), (&mut id.ca_bundle, &self.ca_bundle), (&mut id.join_token_file, &self.join_token_file), (&mut id.deny_list, &self.deny_list)] {
+        for (dst, src) in [
+            (&mut id.ca_dir, &self.ca_dir),
+            (&mut id.ca_bundle, &self.ca_bundle),
+            (&mut id.join_token_file, &self.join_token_file),
+            (&mut id.deny_list, &self.deny_list),
+        ] {
             if src.is_some() {
                 dst.clone_from(src);
             }

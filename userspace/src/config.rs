@@ -138,13 +138,18 @@ impl NodeConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Malformed { path: path.to_path_buf(), message: e.to_string() })
+        toml::from_str(&text).map_err(|e| ConfigError::Malformed {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
     }
 
     /// Checks the values and fills in what can be discovered.
     pub fn validate(mut self) -> Result<Self, ConfigError> {
         if self.node.is_empty() {
-            return Err(ConfigError::Invalid("no node name: set `node` in the config or pass --node".into()));
+            return Err(ConfigError::Invalid(
+                "no node name: set `node` in the config or pass --node".into(),
+            ));
         }
         for c in &self.bypass_cidrs {
             parse_cidr(c).map_err(ConfigError::Invalid)?;
@@ -193,7 +198,10 @@ mod tests {
 
     #[test]
     fn parses_and_validates() {
-        let c: NodeConfig = toml::from_str("node = \"n0\"\nbypass_cidrs = [\"10.96.0.0/12\"]\ntransport = \"quic\"").unwrap();
+        let c: NodeConfig = toml::from_str(
+            "node = \"n0\"\nbypass_cidrs = [\"10.96.0.0/12\"]\ntransport = \"quic\"",
+        )
+        .unwrap();
         assert_eq!(c.transport, Transport::Quic);
         assert_eq!(c.admin_addr.port(), 15000);
         let c = c.validate().unwrap();

@@ -16,15 +16,12 @@
 //! Before connecting, the daemon registers the source address in the
 //! `TLSMESH_DELIVERIES` map so the pod's `sk_lookup` program lets it through.
 
-use std::{
-    ffi::CStr,
-    io,
-    net::SocketAddr,
-    path::Path,
-    process::Command,
-};
+use std::{ffi::CStr, io, net::SocketAddr, path::Path, process::Command};
 
-use nftnl::{nft_expr, Batch, Chain, ChainType, FinalizedBatch, Hook, MsgType, Policy, ProtoFamily, Rule, Table};
+use nftnl::{
+    nft_expr, Batch, Chain, ChainType, FinalizedBatch, Hook, MsgType, Policy, ProtoFamily, Rule,
+    Table,
+};
 use tokio::net::TcpStream;
 
 use crate::{
@@ -105,19 +102,30 @@ fn ip(netns: &Path, args: &[&str]) -> Result<(), DeliverError> {
         .arg("ip")
         .args(args)
         .output()
-        .map_err(|e| DeliverError::Route { netns: netns.display().to_string(), command: format!("ip {}", args.join(" ")), message: e.to_string() })?;
+        .map_err(|e| DeliverError::Route {
+            netns: netns.display().to_string(),
+            command: format!("ip {}", args.join(" ")),
+            message: e.to_string(),
+        })?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if out.status.success() || stderr.contains("File exists") {
         Ok(())
     } else {
-        Err(DeliverError::Route { netns: netns.display().to_string(), command: format!("ip {}", args.join(" ")), message: stderr.trim().to_string() })
+        Err(DeliverError::Route {
+            netns: netns.display().to_string(),
+            command: format!("ip {}", args.join(" ")),
+            message: stderr.trim().to_string(),
+        })
     }
 }
 
 /// Programs a pod netns for transparent delivery (idempotent).
 pub async fn setup(worker: &NetnsWorker, netns: &Path) -> Result<(), DeliverError> {
     let name = netns.display().to_string();
-    worker.run(move || send(&batch())).await?.map_err(|source| DeliverError::Nft { netns: name, source })?;
+    worker
+        .run(move || send(&batch()))
+        .await?
+        .map_err(|source| DeliverError::Nft { netns: name, source })?;
     let mark = format!("{DELIVERY_MARK:#x}/{DELIVERY_MARK:#x}");
     let table = ROUTE_TABLE.to_string();
     for fam in ["-4", "-6"] {
@@ -139,23 +147,43 @@ pub async fn connect(
     dst: SocketAddr,
 ) -> Result<TcpStream, NetnsError> {
     let Some(src_ip) = src.filter(|s| *s != dst.ip() && s.is_ipv4() == dst.is_ipv4()) else {
-        return worker.connect(dst, SocketOpts { mark: DAEMON_MARK, ..SocketOpts::default() }).await;
+        return worker
+            .connect(dst, SocketOpts { mark: DAEMON_MARK, ..SocketOpts::default() })
+            .await;
     };
-    let opts = SocketOpts { mark: DAEMON_MARK | DELIVERY_MARK, transparent: true, ..SocketOpts::default() };
+    let opts = SocketOpts {
+        mark: DAEMON_MARK | DELIVERY_MARK,
+        transparent: true,
+        ..SocketOpts::default()
+    };
     let (sock, bound) = worker
         .run(move || -> io::Result<(socket2::Socket, SocketAddr)> {
             let s = crate::netns::new_socket(dst, socket2::Type::STREAM, opts)?;
             s.bind(&SocketAddr::new(src_ip, 0).into())?;
-            let bound = s.local_addr()?.as_socket().ok_or_else(|| io::Error::other("bound address is not IP"))?;
+            let bound = s
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("bound address is not IP"))?;
             Ok((s, bound))
         })
         .await?
-        .map_err(|source| NetnsError::Socket { path: worker.path().to_path_buf(), what: format!("transparent socket from {src_ip}"), source })?;
+        .map_err(|source| NetnsError::Socket {
+            path: worker.path().to_path_buf(),
+            what: format!("transparent socket from {src_ip}"),
+            source,
+        })?;
     let _ = capture.register_delivery(bound);
-    sock.set_nonblocking(true)
-        .map_err(|source| NetnsError::Socket { path: worker.path().to_path_buf(), what: "O_NONBLOCK".into(), source })?;
+    sock.set_nonblocking(true).map_err(|source| NetnsError::Socket {
+        path: worker.path().to_path_buf(),
+        what: "O_NONBLOCK".into(),
+        source,
+    })?;
     let ts = tokio::net::TcpSocket::from_std_stream(sock.into());
     let r = ts.connect(dst).await;
     capture.unregister_delivery(bound);
-    r.map_err(|source| NetnsError::Socket { path: worker.path().to_path_buf(), what: format!("connect {bound} -> {dst}"), source })
+    r.map_err(|source| NetnsError::Socket {
+        path: worker.path().to_path_buf(),
+        what: format!("connect {bound} -> {dst}"),
+        source,
+    })
 }

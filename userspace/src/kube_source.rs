@@ -2,7 +2,7 @@
 //! services and endpoint slices (tlsmesh-k8s), learns each new pod's netns
 //! from the chained CNI plugin over a Unix socket, and publishes the same
 //! `Inventory` the static file gives. The CNI plugin's ADD is answered only
-//! once the pod is enrolled (listeners, sk_lookup, map entry in place), so no
+//! once the pod is enrolled (listeners, `sk_lookup`, map entry in place), so no
 //! first packet leaks.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -40,10 +40,12 @@ pub struct KubeSource {
 /// Starts the watchers and waits for the first complete inventory.
 pub async fn start(cfg: &NodeConfig) -> Result<KubeSource, KubeSourceError> {
     let pods = match &cfg.cni_state {
-        Some(p) => CniPods::with_state_file(p.clone()).map_err(|source| KubeSourceError::State { path: p.clone(), source })?,
+        Some(p) => CniPods::with_state_file(p.clone())
+            .map_err(|source| KubeSourceError::State { path: p.clone(), source })?,
         None => CniPods::new(),
     };
-    let client = kube::Client::try_default().await.map_err(|e| KubeSourceError::Client(e.to_string()))?;
+    let client =
+        kube::Client::try_default().await.map_err(|e| KubeSourceError::Client(e.to_string()))?;
     let (tx, mut rx) = watch::channel(Inventory::default());
     let opts = tlsmesh_k8s::Options {
         resolver: Arc::new(pods.clone()),
@@ -51,8 +53,11 @@ pub async fn start(cfg: &NodeConfig) -> Result<KubeSource, KubeSourceError> {
         ..tlsmesh_k8s::Options::new(Some(cfg.node.clone()), cfg.trust_domain.clone())
     };
     tokio::spawn(tlsmesh_k8s::run(client, opts, tx));
-    let limit = Duration::from_secs(60);
-    tokio::time::timeout(limit, rx.changed()).await.map_err(|_| KubeSourceError::Timeout(limit))?.map_err(|_| KubeSourceError::Timeout(limit))?;
+    let limit = Duration::from_mins(1);
+    tokio::time::timeout(limit, rx.changed())
+        .await
+        .map_err(|_| KubeSourceError::Timeout(limit))?
+        .map_err(|_| KubeSourceError::Timeout(limit))?;
     info!(pods = rx.borrow().pods.len(), "first inventory from the Kubernetes API");
     Ok(KubeSource { inventory: rx, pods })
 }
@@ -81,11 +86,16 @@ async fn handle(req: Request, source: KubeSource, shared: &Shared) -> Response {
         Command::Add => {
             source.pods.record(&req);
             let mut rx = source.inventory.clone();
-            let Some(pod) = cni_server::wait_for_pod(&mut rx, &key, Duration::from_secs(15)).await else {
+            let Some(pod) = cni_server::wait_for_pod(&mut rx, &key, Duration::from_secs(15)).await
+            else {
                 return Response::Error { message: format!("pod {key} not seen from the Kubernetes API within 15 s; the runtime will retry") };
             };
             let Some(mode) = pod.mode else {
-                return Response::NotEnrolled { reason: format!("pod {key}: namespace not labelled tlsmesh.io/mode or pod opted out") };
+                return Response::NotEnrolled {
+                    reason: format!(
+                        "pod {key}: namespace not labelled tlsmesh.io/mode or pod opted out"
+                    ),
+                };
             };
             // Wait until the reconcile has set the pod up.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -96,7 +106,11 @@ async fn handle(req: Request, source: KubeSource, shared: &Shared) -> Response {
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Response::Error { message: format!("pod {key} could not be enrolled within 15 s; see the tlsmesh daemon log") }
+            Response::Error {
+                message: format!(
+                    "pod {key} could not be enrolled within 15 s; see the tlsmesh daemon log"
+                ),
+            }
         }
     }
 }

@@ -4,7 +4,9 @@
 
 use std::{io::IsTerminal as _, sync::OnceLock};
 
-use tracing_subscriber::{fmt, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _, EnvFilter, Registry};
+use tracing_subscriber::{
+    fmt, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _, EnvFilter, Registry,
+};
 
 use crate::config::LogFormat;
 

@@ -8,7 +8,9 @@ use tlsmesh::cli::{Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // quinn pulls in rustls' ring feature next to aws-lc-rs: name the provider.
-    let _ = rustls::crypto::CryptoProvider::install_default((*tlsmesh_identity::tls::provider()).clone());
+    let _ = rustls::crypto::CryptoProvider::install_default(
+        (*tlsmesh_identity::tls::provider()).clone(),
+    );
     match cli.command {
         Command::Ca(cmd) => {
             tlsmesh::logging::init(tlsmesh::config::LogFormat::Text);
@@ -36,7 +38,10 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(&e),
             };
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
             match rt.block_on(tlsmesh::node::run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),

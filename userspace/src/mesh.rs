@@ -97,7 +97,10 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     fn add(&self, view: TunnelView, abort: AbortHandle) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.open.lock().expect("registry lock").insert(id, Entry { view, since: Instant::now(), abort });
+        self.open
+            .lock()
+            .expect("registry lock")
+            .insert(id, Entry { view, since: Instant::now(), abort });
         id
     }
 
@@ -118,7 +121,8 @@ impl Registry {
     /// Closes every tunnel whose peer fails `still_allowed`. Returns how many.
     pub fn close_where(&self, still_allowed: impl Fn(&TunnelView) -> bool) -> usize {
         let mut open = self.open.lock().expect("registry lock");
-        let doomed: Vec<u64> = open.iter().filter(|(_, e)| !still_allowed(&e.view)).map(|(k, _)| *k).collect();
+        let doomed: Vec<u64> =
+            open.iter().filter(|(_, e)| !still_allowed(&e.view)).map(|(k, _)| *k).collect();
         for id in &doomed {
             if let Some(e) = open.remove(id) {
                 warn!(peer = %e.view.peer, serial = %e.view.serial, direction = e.view.direction, "closing tunnel: peer revoked");
@@ -179,7 +183,8 @@ impl Mesh {
         let deny = self.certs.deny.current();
         self.registry.close_where(|v| {
             let Ok(id) = v.peer.parse::<SpiffeId>() else { return true };
-            let serials: Vec<&str> = if v.serial.is_empty() { vec![] } else { vec![v.serial.as_str()] };
+            let serials: Vec<&str> =
+                if v.serial.is_empty() { vec![] } else { vec![v.serial.as_str()] };
             deny.check(&Identity::Workload(id), &serials).is_ok()
         })
     }
@@ -208,7 +213,11 @@ pub async fn open(
     // new streams open a connection with the new certificate while the old
     // connection serves its live streams until it idles out.
     let serial = mesh.certs.manager.cert_info(&src_id).map(|i| i.serial).unwrap_or_default();
-    let key = PoolKey { src_identity: format!("{src_id}#{serial}"), dst_identity: dst_id.to_string(), dst: tunnel_addr };
+    let key = PoolKey {
+        src_identity: format!("{src_id}#{serial}"),
+        dst_identity: dst_id.to_string(),
+        dst: tunnel_addr,
+    };
     let headers = ConnectHeaders {
         forwarded_for: same_family(&src.ips, dst.ip()).map(|ip| SocketAddr::new(ip, client_port)),
         traceparent: None,
@@ -221,7 +230,11 @@ pub async fn open(
     });
     let sni = tls::sni_for(&dst_id);
     let connector = move || async move {
-        let sock = if tunnel_addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        let sock = if tunnel_addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
         socket2::SockRef::from(&sock).set_mark(DAEMON_MARK)?;
         sock.set_nodelay(true)?;
         let started = std::time::Instant::now();
@@ -234,7 +247,14 @@ pub async fn open(
 }
 
 /// Registers an outbound tunnel stream (for the admin API and revocation).
-pub fn track_outbound(shared: &Shared, pod: &Pod, peer: &Pod, transport: &str, remote: SocketAddr, abort: AbortHandle) -> Option<u64> {
+pub fn track_outbound(
+    shared: &Shared,
+    pod: &Pod,
+    peer: &Pod,
+    transport: &str,
+    remote: SocketAddr,
+    abort: AbortHandle,
+) -> Option<u64> {
     let mesh = shared.mesh.as_ref()?;
     let td = &mesh.certs.trust_domain;
     Some(mesh.registry.add(
@@ -260,7 +280,12 @@ pub fn untrack(shared: &Shared, id: Option<u64>) {
 
 /// Starts the pod's tunnel servers (TCP 15008 on all its addresses, and
 /// QUIC on each address when the node uses QUIC).
-pub fn start_servers(shared: &Arc<Shared>, rt: &Arc<PodRuntime>, tcp: Vec<std::net::TcpListener>, udp: Vec<std::net::UdpSocket>) -> Result<(), MeshError> {
+pub fn start_servers(
+    shared: &Arc<Shared>,
+    rt: &Arc<PodRuntime>,
+    tcp: Vec<std::net::TcpListener>,
+    udp: Vec<std::net::UdpSocket>,
+) -> Result<(), MeshError> {
     let Some(mesh) = shared.mesh.as_ref() else { return Ok(()) };
     let pod_id = workload_id(&mesh.certs.trust_domain, &rt.pod)?;
     let server_tls = mesh.certs.server_config(&pod_id)?;
@@ -273,11 +298,22 @@ pub fn start_servers(shared: &Arc<Shared>, rt: &Arc<PodRuntime>, tcp: Vec<std::n
     };
     for l in tcp {
         let Ok(l) = tokio::net::TcpListener::from_std(l) else { continue };
-        tokio::spawn(tcp_accept_loop(Arc::clone(shared), Arc::clone(rt), l, Arc::clone(&server_tls), Arc::clone(&handler)));
+        tokio::spawn(tcp_accept_loop(
+            Arc::clone(shared),
+            Arc::clone(rt),
+            l,
+            Arc::clone(&server_tls),
+            Arc::clone(&handler),
+        ));
     }
     for sock in udp {
         let qcfg = quic::server_config(&server_tls, &mesh.client.quic().config().clone())?;
-        let endpoint = match quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(qcfg), sock, Arc::new(quinn::TokioRuntime)) {
+        let endpoint = match quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(qcfg),
+            sock,
+            Arc::new(quinn::TokioRuntime),
+        ) {
             Ok(e) => e,
             Err(e) => {
                 warn!(pod = %rt.pod.key(), error = %e, "cannot start the QUIC server");
@@ -321,11 +357,16 @@ async fn tcp_accept_loop(
                 continue;
             }
         };
-        let (shared, rt, acceptor, handler) = (Arc::clone(&shared), Arc::clone(&rt), acceptor.clone(), Arc::clone(&handler));
+        let (shared, rt, acceptor, handler) =
+            (Arc::clone(&shared), Arc::clone(&rt), acceptor.clone(), Arc::clone(&handler));
         let task = tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
-            let local = tcp.local_addr().unwrap_or_else(|_| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT_TUNNEL));
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+            let local = tcp.local_addr().unwrap_or_else(|_| {
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT_TUNNEL)
+            });
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+                .await
+            {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
                     Stats::inc(&shared.stats.inbound_tunnel_refused);
@@ -363,8 +404,14 @@ fn tls_reason(e: &std::io::Error) -> String {
 }
 
 /// The decision for one tunnelled connection arriving at pod `rt`.
-async fn handle(shared: &Shared, rt: &PodRuntime, req: ConnectRequest) -> Result<Accepted, Refusal> {
-    let Some(mesh) = shared.mesh.as_ref() else { return Err(Refusal::unreachable("no identity configured")) };
+async fn handle(
+    shared: &Shared,
+    rt: &PodRuntime,
+    req: ConnectRequest,
+) -> Result<Accepted, Refusal> {
+    let Some(mesh) = shared.mesh.as_ref() else {
+        return Err(Refusal::unreachable("no identity configured"));
+    };
     let refused = |r: Refusal| {
         Stats::inc(&shared.stats.inbound_tunnel_refused);
         Err(r)
@@ -377,7 +424,11 @@ async fn handle(shared: &Shared, rt: &PodRuntime, req: ConnectRequest) -> Result
         return refused(Refusal::denied("peer is a node, not a workload"));
     };
     if !rt.pod.ips.contains(&req.authority.ip()) {
-        return refused(Refusal::malformed(format!("{} is not an address of pod {}", req.authority.ip(), rt.pod.key())));
+        return refused(Refusal::malformed(format!(
+            "{} is not an address of pod {}",
+            req.authority.ip(),
+            rt.pod.key()
+        )));
     }
     // Register the connection (first request on it) for revocation.
     if let Some(abort) = PENDING.lock().expect("pending lock").remove(&req.peer_addr) {
@@ -405,7 +456,11 @@ async fn handle(shared: &Shared, rt: &PodRuntime, req: ConnectRequest) -> Result
     );
     if let Decision::Deny(reason) = decision {
         Stats::inc(&shared.stats.policy_denied);
-        shared.record_deny(peer_id.to_string(), format!("{} {}", rt.pod.key(), req.authority), reason.clone());
+        shared.record_deny(
+            peer_id.to_string(),
+            format!("{} {}", rt.pod.key(), req.authority),
+            reason.clone(),
+        );
         info!(peer = %peer_id, dst = %req.authority, pod = %rt.pod.key(), %reason, "tunnel connection denied by policy");
         return refused(Refusal::denied(reason));
     }
@@ -424,7 +479,8 @@ async fn handle(shared: &Shared, rt: &PodRuntime, req: ConnectRequest) -> Result
             Stats::inc(&shared.stats.inbound_tunnel_accepted);
             Stats::inc(&shared.stats.active_connections);
             let started = Instant::now();
-            let (stats, pod, peer, dst) = (Arc::clone(&shared.stats), rt.pod.key(), peer_uri.clone(), req.authority);
+            let (stats, pod, peer, dst) =
+                (Arc::clone(&shared.stats), rt.pod.key(), peer_uri.clone(), req.authority);
             Ok(Accepted::new(up).on_close(move |o| {
                 Stats::dec(&stats.active_connections);
                 Stats::add(&stats.bytes_to_pods, o.a_to_b);

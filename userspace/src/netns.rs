@@ -25,7 +25,9 @@ pub enum NetnsError {
     #[error("cannot open network namespace {path}: {source} (does the pod still exist?)")]
     Open { path: PathBuf, source: io::Error },
     /// `setns` failed.
-    #[error("cannot enter network namespace {path}: {source} (is the daemon root with CAP_SYS_ADMIN?)")]
+    #[error(
+        "cannot enter network namespace {path}: {source} (is the daemon root with CAP_SYS_ADMIN?)"
+    )]
     Enter { path: PathBuf, source: nix::Error },
     /// A socket operation inside the namespace failed.
     #[error("in network namespace {path}: {what}: {source}")]
@@ -46,7 +48,8 @@ impl Netns {
     /// Opens the namespace at `path` (e.g. `/run/netns/<name>` or `/proc/<pid>/ns/net`).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, NetnsError> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).map_err(|source| NetnsError::Open { path: path.clone(), source })?;
+        let file =
+            File::open(&path).map_err(|source| NetnsError::Open { path: path.clone(), source })?;
         Ok(Self { path, fd: Arc::new(OwnedFd::from(file)) })
     }
 
@@ -91,10 +94,14 @@ impl Netns {
     pub fn cookie(&self) -> Result<u64, NetnsError> {
         let path = self.path.clone();
         self.run(move || -> Result<u64, NetnsError> {
-            let s = Socket::new(Domain::IPV4, Type::DGRAM, None)
-                .map_err(|source| NetnsError::Socket { path: path.clone(), what: "socket".into(), source })?;
-            netns_cookie_of(s.as_fd())
-                .map_err(|source| NetnsError::Socket { path, what: "SO_NETNS_COOKIE".into(), source })
+            let s = Socket::new(Domain::IPV4, Type::DGRAM, None).map_err(|source| {
+                NetnsError::Socket { path: path.clone(), what: "socket".into(), source }
+            })?;
+            netns_cookie_of(s.as_fd()).map_err(|source| NetnsError::Socket {
+                path,
+                what: "SO_NETNS_COOKIE".into(),
+                source,
+            })
         })?
     }
 
@@ -122,7 +129,11 @@ impl Netns {
     }
 
     /// Creates an unconnected TCP socket inside this namespace (to connect from).
-    pub fn tcp_socket(&self, family_of: SocketAddr, opts: SocketOpts) -> Result<Socket, NetnsError> {
+    pub fn tcp_socket(
+        &self,
+        family_of: SocketAddr,
+        opts: SocketOpts,
+    ) -> Result<Socket, NetnsError> {
         let path = self.path.clone();
         self.run(move || {
             new_socket(family_of, Type::STREAM, opts).map_err(|source| NetnsError::Socket {
@@ -134,10 +145,18 @@ impl Netns {
     }
 
     /// Creates a UDP socket bound to `addr` inside this namespace.
-    pub fn udp_socket(&self, addr: SocketAddr, opts: SocketOpts) -> Result<std::net::UdpSocket, NetnsError> {
+    pub fn udp_socket(
+        &self,
+        addr: SocketAddr,
+        opts: SocketOpts,
+    ) -> Result<std::net::UdpSocket, NetnsError> {
         let path = self.path.clone();
         self.run(move || -> Result<std::net::UdpSocket, NetnsError> {
-            let err = |source| NetnsError::Socket { path: path.clone(), what: format!("udp {addr}"), source };
+            let err = |source| NetnsError::Socket {
+                path: path.clone(),
+                what: format!("udp {addr}"),
+                source,
+            };
             let s = new_socket(addr, Type::DGRAM, opts).map_err(err)?;
             s.bind(&addr.into()).map_err(err)?;
             s.set_nonblocking(true).map_err(err)?;
@@ -191,7 +210,13 @@ pub fn netns_cookie_of(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).expect("8 fits socklen_t");
     // SAFETY: `v` and `len` are valid for writes of the sizes given; the fd is open.
     let rc = unsafe {
-        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut v).cast(), &raw mut len)
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut v).cast(),
+            &raw mut len,
+        )
     };
     if rc == 0 {
         Ok(v)
@@ -252,7 +277,11 @@ impl NetnsWorker {
                     }
                 }
             })
-            .map_err(|source| NetnsError::Socket { path: path.clone(), what: "spawn worker".into(), source })?;
+            .map_err(|source| NetnsError::Socket {
+                path: path.clone(),
+                what: "spawn worker".into(),
+                source,
+            })?;
         ready_rx.recv().map_err(|_| NetnsError::Thread { path: path.clone() })??;
         Ok(Self { tx, path })
     }
@@ -263,7 +292,10 @@ impl NetnsWorker {
     }
 
     /// Runs `f` inside the namespace and awaits its result.
-    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, NetnsError> {
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, NetnsError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.tx
             .send(Box::new(move || {
@@ -274,19 +306,28 @@ impl NetnsWorker {
     }
 
     /// Connects a TCP socket created inside the namespace to `dst`.
-    pub async fn connect(&self, dst: SocketAddr, opts: SocketOpts) -> Result<tokio::net::TcpStream, NetnsError> {
+    pub async fn connect(
+        &self,
+        dst: SocketAddr,
+        opts: SocketOpts,
+    ) -> Result<tokio::net::TcpStream, NetnsError> {
         let path = self.path.clone();
-        let sock = self
-            .run(move || new_socket(dst, Type::STREAM, opts))
-            .await?
-            .map_err(|source| NetnsError::Socket { path: path.clone(), what: format!("socket for {dst}"), source })?;
-        sock.set_nonblocking(true)
-            .map_err(|source| NetnsError::Socket { path: path.clone(), what: "O_NONBLOCK".into(), source })?;
+        let sock =
+            self.run(move || new_socket(dst, Type::STREAM, opts)).await?.map_err(|source| {
+                NetnsError::Socket { path: path.clone(), what: format!("socket for {dst}"), source }
+            })?;
+        sock.set_nonblocking(true).map_err(|source| NetnsError::Socket {
+            path: path.clone(),
+            what: "O_NONBLOCK".into(),
+            source,
+        })?;
         let std_stream: std::net::TcpStream = sock.into();
         let ts = tokio::net::TcpSocket::from_std_stream(std_stream);
-        ts.connect(dst)
-            .await
-            .map_err(|source| NetnsError::Socket { path, what: format!("connect {dst}"), source })
+        ts.connect(dst).await.map_err(|source| NetnsError::Socket {
+            path,
+            what: format!("connect {dst}"),
+            source,
+        })
     }
 
     /// Connects from an explicit (possibly foreign, with `transparent`) source address.
@@ -304,12 +345,21 @@ impl NetnsWorker {
                 Ok(s)
             })
             .await?
-            .map_err(|source| NetnsError::Socket { path: path.clone(), what: format!("socket from {src} to {dst}"), source })?;
-        sock.set_nonblocking(true)
-            .map_err(|source| NetnsError::Socket { path: path.clone(), what: "O_NONBLOCK".into(), source })?;
+            .map_err(|source| NetnsError::Socket {
+                path: path.clone(),
+                what: format!("socket from {src} to {dst}"),
+                source,
+            })?;
+        sock.set_nonblocking(true).map_err(|source| NetnsError::Socket {
+            path: path.clone(),
+            what: "O_NONBLOCK".into(),
+            source,
+        })?;
         let ts = tokio::net::TcpSocket::from_std_stream(sock.into());
-        ts.connect(dst)
-            .await
-            .map_err(|source| NetnsError::Socket { path, what: format!("connect {src} -> {dst}"), source })
+        ts.connect(dst).await.map_err(|source| NetnsError::Socket {
+            path,
+            what: format!("connect {src} -> {dst}"),
+            source,
+        })
     }
 }

@@ -147,9 +147,13 @@ impl Shared {
     }
 }
 
-/// A listener with SO_REUSEPORT, so a new daemon can bind beside the old one.
+/// A listener with `SO_REUSEPORT`, so a new daemon can bind beside the old one.
 pub fn reuse_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.bind(&addr.into())?;
@@ -191,6 +195,10 @@ pub struct PodView {
 }
 
 /// Runs the node daemon until SIGTERM/SIGINT or `/quitquitquit`.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the start-up wiring reads best top to bottom in one place"
+)]
 pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
     info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "tlsmesh node starting");
     let capture = Capture::install(&CaptureSettings {
@@ -212,7 +220,9 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         Some(k) => k.inventory.borrow().clone(),
         None => inventory::load(&cfg.inventory)?.0,
     };
-    let mesh = if let Some(certs) = crate::certs::Certs::setup(&cfg.identity, &cfg.node, &inv).await? {
+    let mesh = if let Some(certs) =
+        crate::certs::Certs::setup(&cfg.identity, &cfg.node, &inv).await?
+    {
         let policy = match &cfg.policy {
             Some(p) => crate::policy::Policy::load(p)?,
             None => crate::policy::Policy::default(),
@@ -238,19 +248,23 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         denies: Mutex::new(std::collections::VecDeque::new()),
     });
     let (quit_tx, mut quit_rx) = watch::channel(false);
-    let admin = reuse_listener(cfg.admin_addr).map_err(|source| NodeError::Admin { addr: cfg.admin_addr, source })?;
+    let admin = reuse_listener(cfg.admin_addr)
+        .map_err(|source| NodeError::Admin { addr: cfg.admin_addr, source })?;
     tokio::spawn(crate::admin::serve(admin, Arc::clone(&shared), quit_tx));
     for (addr, metrics) in [(cfg.metrics_addr, true), (cfg.readiness_addr, false)] {
         match reuse_listener(addr) {
             Ok(l) => {
                 tokio::spawn(crate::metrics::serve(l, Arc::clone(&shared), metrics));
             }
-            Err(e) => warn!(%addr, error = %e, "cannot serve {}", if metrics { "metrics" } else { "readiness" }),
+            Err(e) => {
+                warn!(%addr, error = %e, "cannot serve {}", if metrics { "metrics" } else { "readiness" })
+            }
         }
     }
 
     let mut last_mtime = None;
-    let mut policy_mtime = cfg.policy.as_ref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    let mut policy_mtime =
+        cfg.policy.as_ref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
     let mut feed = kube.as_ref().map(|k| k.inventory.clone());
     if let Some(k) = kube {
         let inv = k.inventory.borrow().clone();
@@ -316,7 +330,11 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
 }
 
 /// Reloads the inventory if its file changed (or `force`), then reconciles.
-async fn reload(shared: &Arc<Shared>, last: &mut Option<SystemTime>, force: bool) -> Result<(), NodeError> {
+async fn reload(
+    shared: &Arc<Shared>,
+    last: &mut Option<SystemTime>,
+    force: bool,
+) -> Result<(), NodeError> {
     let path = &shared.cfg.inventory;
     let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let changed = force || mtime != *last;
@@ -419,8 +437,13 @@ async fn reconcile(shared: &Arc<Shared>) -> Vec<Problem> {
     let inv = shared.inventory();
     let desired: BTreeMap<String, Pod> =
         inv.enrolled_on(&shared.cfg.node).into_iter().map(|p| (p.key(), p.clone())).collect();
-    let running: Vec<(String, Arc<PodRuntime>)> =
-        shared.pods.lock().expect("pods lock").iter().map(|(k, v)| (k.clone(), Arc::clone(v))).collect();
+    let running: Vec<(String, Arc<PodRuntime>)> = shared
+        .pods
+        .lock()
+        .expect("pods lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), Arc::clone(v)))
+        .collect();
     for (key, rt) in &running {
         match desired.get(key) {
             Some(p) if p == &rt.pod => {}
@@ -447,7 +470,8 @@ async fn reconcile(shared: &Arc<Shared>) -> Vec<Problem> {
         }
     }
     // Enrollment entries nobody owns (pods removed while no daemon ran).
-    let live: HashSet<u64> = shared.pods.lock().expect("pods lock").values().map(|p| p.cookie).collect();
+    let live: HashSet<u64> =
+        shared.pods.lock().expect("pods lock").values().map(|p| p.cookie).collect();
     for (cookie, _) in shared.capture.enrolled() {
         if !live.contains(&cookie) {
             let _ = shared.capture.release(cookie);
@@ -469,7 +493,8 @@ async fn add_pod(shared: &Arc<Shared>, pod: &Pod) -> Result<Arc<PodRuntime>, Pod
     // A listener closing (daemon replaced) hands its queued connections to
     // the other listener of its SO_REUSEPORT group instead of resetting them.
     let _ = worker.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")).await;
-    let opts = SocketOpts { mark: DAEMON_MARK, reuse_port: true, v6_only: true, ..SocketOpts::default() };
+    let opts =
+        SocketOpts { mark: DAEMON_MARK, reuse_port: true, v6_only: true, ..SocketOpts::default() };
     let out4 = ns.tcp_listener(SocketAddr::from((Ipv4Addr::LOCALHOST, PORT_OUTBOUND)), opts)?;
     let out6 = ns.tcp_listener(SocketAddr::from((Ipv6Addr::LOCALHOST, PORT_OUTBOUND)), opts).ok();
     let in4 = ns.tcp_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, PORT_INBOUND)), opts)?;
@@ -478,20 +503,32 @@ async fn add_pod(shared: &Arc<Shared>, pod: &Pod) -> Result<Arc<PodRuntime>, Pod
         match (ip, &in6) {
             (IpAddr::V4(_), _) => shared.capture.set_inbound_listener(*ip, &in4)?,
             (IpAddr::V6(_), Some(l6)) => shared.capture.set_inbound_listener(*ip, l6)?,
-            (IpAddr::V6(_), None) => warn!(pod = %pod.key(), %ip, "no IPv6 in the pod netns; IPv6 inbound not captured"),
+            (IpAddr::V6(_), None) => {
+                warn!(pod = %pod.key(), %ip, "no IPv6 in the pod netns; IPv6 inbound not captured")
+            }
         }
     }
     crate::deliver::setup(&worker, &path).await?;
     let (mut tunnel_tcp, mut tunnel_udp) = (Vec::new(), Vec::new());
     if let Some(mesh) = &shared.mesh {
-        let topts = SocketOpts { mark: DAEMON_MARK, reuse_port: true, v6_only: true, ..SocketOpts::default() };
-        tunnel_tcp.push(ns.tcp_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, PORT_TUNNEL)), topts)?);
-        tunnel_tcp.extend(ns.tcp_listener(SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT_TUNNEL)), topts).ok());
+        let topts = SocketOpts {
+            mark: DAEMON_MARK,
+            reuse_port: true,
+            v6_only: true,
+            ..SocketOpts::default()
+        };
+        tunnel_tcp
+            .push(ns.tcp_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, PORT_TUNNEL)), topts)?);
+        tunnel_tcp.extend(
+            ns.tcp_listener(SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT_TUNNEL)), topts).ok(),
+        );
         for ip in &pod.ips {
             let uopts = SocketOpts { mark: DAEMON_MARK, v6_only: true, ..SocketOpts::default() };
             match ns.udp_socket(SocketAddr::new(*ip, PORT_TUNNEL), uopts) {
                 Ok(u) => tunnel_udp.push(u),
-                Err(e) => warn!(pod = %pod.key(), %ip, error = %e, "no QUIC server on this address"),
+                Err(e) => {
+                    warn!(pod = %pod.key(), %ip, error = %e, "no QUIC server on this address")
+                }
             }
         }
         if let Ok(id) = crate::certs::workload_id(&mesh.certs.trust_domain, pod) {

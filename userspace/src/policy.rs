@@ -119,13 +119,17 @@ impl Policy {
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| PolicyError::Read { path: path.display().to_string(), source })?;
-        toml::from_str(&text).map_err(|e| PolicyError::Malformed { path: path.display().to_string(), message: e.to_string() })
+        toml::from_str(&text).map_err(|e| PolicyError::Malformed {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
     }
 
     /// Decides.
     pub fn decide(&self, src: Source<'_>, dst: Destination<'_>) -> Decision {
         let selecting: Vec<&Rule> = self.rules.iter().filter(|r| selects(r, dst)).collect();
-        if let Some(r) = selecting.iter().find(|r| r.action == Action::Deny && matches(r, src, dst)) {
+        if let Some(r) = selecting.iter().find(|r| r.action == Action::Deny && matches(r, src, dst))
+        {
             return Decision::Deny(format!("denied by rule {:?}", r.name));
         }
         let allows: Vec<&&Rule> = selecting.iter().filter(|r| r.action == Action::Allow).collect();
@@ -144,7 +148,8 @@ impl Policy {
 
 fn selects(r: &Rule, d: Destination<'_>) -> bool {
     r.to_namespace == d.namespace
-        && (r.to_service_accounts.is_empty() || r.to_service_accounts.iter().any(|s| s == d.service_account))
+        && (r.to_service_accounts.is_empty()
+            || r.to_service_accounts.iter().any(|s| s == d.service_account))
         && (r.to_pods.is_empty() || r.to_pods.iter().any(|p| p == d.pod))
 }
 

@@ -32,7 +32,11 @@ pub fn pod_socket_opts() -> SocketOpts {
 }
 
 /// Accept loop of a pod's outbound listener; ends when the pod is removed.
-pub async fn outbound_loop(shared: Arc<Shared>, pod: Arc<PodRuntime>, listener: tokio::net::TcpListener) {
+pub async fn outbound_loop(
+    shared: Arc<Shared>,
+    pod: Arc<PodRuntime>,
+    listener: tokio::net::TcpListener,
+) {
     let mut shutdown = pod.shutdown.subscribe();
     let mut draining = shared.draining.subscribe();
     loop {
@@ -62,7 +66,12 @@ pub async fn outbound_loop(shared: Arc<Shared>, pod: Arc<PodRuntime>, listener: 
     }
 }
 
-async fn outbound(shared: Arc<Shared>, pod: Arc<PodRuntime>, mut client: TcpStream, peer: SocketAddr) {
+async fn outbound(
+    shared: Arc<Shared>,
+    pod: Arc<PodRuntime>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+) {
     let Some(dst) = shared.capture.take_orig_dst(pod.cookie, peer) else {
         Stats::inc(&shared.stats.outbound_no_orig_dst);
         warn!(pod = %pod.pod.key(), %peer, "captured connection with no recorded original destination; closing");
@@ -72,20 +81,24 @@ async fn outbound(shared: Arc<Shared>, pod: Arc<PodRuntime>, mut client: TcpStre
     let inv = shared.inventory();
     // A Service ClusterIP is resolved to a ready endpoint first (capture
     // happens before kube-proxy's DNAT could).
-    let dst = inventory::resolve_service(&inv, dst, &mut shared.services.lock().expect("services lock")).unwrap_or(dst);
+    let dst =
+        inventory::resolve_service(&inv, dst, &mut shared.services.lock().expect("services lock"))
+            .unwrap_or(dst);
     let route = inventory::route(&inv, &shared.cfg.node, dst.ip());
     let span = info_span!("outbound", src = %pod.pod.key(), %dst, route = ?route);
     async move {
         let started = Instant::now();
         let src_ip = pod.pod.ips.iter().copied().find(|ip| ip.is_ipv4() == dst.ip().is_ipv4());
         let upstream = match &route {
-            Route::LocalPod(key) => if let Some(dst_pod) = shared.pod(key) {
-                Stats::inc(&shared.stats.outbound_local);
-                crate::deliver::connect(&shared.capture, &dst_pod.worker, src_ip, dst).await
-            } else {
-                Stats::inc(&shared.stats.outbound_passthrough);
-                pod.worker.connect(dst, pod_socket_opts()).await
-            },
+            Route::LocalPod(key) => {
+                if let Some(dst_pod) = shared.pod(key) {
+                    Stats::inc(&shared.stats.outbound_local);
+                    crate::deliver::connect(&shared.capture, &dst_pod.worker, src_ip, dst).await
+                } else {
+                    Stats::inc(&shared.stats.outbound_passthrough);
+                    pod.worker.connect(dst, pod_socket_opts()).await
+                }
+            }
             Route::RemotePod { pod: dst_key, .. } => {
                 let Some(dst_pod) = inv.pods.get(dst_key).cloned() else { return };
                 tunnel(&shared, &pod, &dst_pod, client, peer, dst, started).await;
@@ -153,7 +166,11 @@ async fn tunnel(
 }
 
 /// Accept loop of a pod's inbound plaintext listener.
-pub async fn inbound_loop(shared: Arc<Shared>, pod: Arc<PodRuntime>, listener: tokio::net::TcpListener) {
+pub async fn inbound_loop(
+    shared: Arc<Shared>,
+    pod: Arc<PodRuntime>,
+    listener: tokio::net::TcpListener,
+) {
     let mut shutdown = pod.shutdown.subscribe();
     let mut draining = shared.draining.subscribe();
     loop {
@@ -181,7 +198,12 @@ pub async fn inbound_loop(shared: Arc<Shared>, pod: Arc<PodRuntime>, listener: t
     }
 }
 
-async fn inbound(shared: Arc<Shared>, pod: Arc<PodRuntime>, mut client: TcpStream, peer: SocketAddr) {
+async fn inbound(
+    shared: Arc<Shared>,
+    pod: Arc<PodRuntime>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+) {
     let Ok(dst) = client.local_addr() else { return };
     let verdict = inventory::inbound_verdict(pod.mode, peer.ip(), &shared.probe_sources());
     let span = info_span!("inbound", dst_pod = %pod.pod.key(), src = %peer, %dst, ?verdict);
@@ -190,7 +212,11 @@ async fn inbound(shared: Arc<Shared>, pod: Arc<PodRuntime>, mut client: TcpStrea
             InboundVerdict::Refuse => {
                 Stats::inc(&shared.stats.inbound_plaintext_refused);
                 info!(mode = %pod.mode, "plaintext connection to a strict pod refused");
-                shared.record_deny(peer.to_string(), format!("{} {dst}", pod.pod.key()), "plaintext to a strict pod".into());
+                shared.record_deny(
+                    peer.to_string(),
+                    format!("{} {dst}", pod.pod.key()),
+                    "plaintext to a strict pod".into(),
+                );
                 reset(client);
                 return;
             }
@@ -211,7 +237,13 @@ async fn inbound(shared: Arc<Shared>, pod: Arc<PodRuntime>, mut client: TcpStrea
 }
 
 /// Copies both ways until both sides are done; counts bytes; logs one access line.
-async fn splice(shared: &Shared, pod_side: &mut TcpStream, other: &mut TcpStream, started: Instant, dir: &str) {
+async fn splice(
+    shared: &Shared,
+    pod_side: &mut TcpStream,
+    other: &mut TcpStream,
+    started: Instant,
+    dir: &str,
+) {
     Stats::inc(&shared.stats.active_connections);
     let r = tokio::io::copy_bidirectional_with_sizes(pod_side, other, 64 * 1024, 64 * 1024).await;
     Stats::dec(&shared.stats.active_connections);
@@ -219,9 +251,18 @@ async fn splice(shared: &Shared, pod_side: &mut TcpStream, other: &mut TcpStream
         Ok((from_pod, to_pod)) => {
             Stats::add(&shared.stats.bytes_from_pods, from_pod);
             Stats::add(&shared.stats.bytes_to_pods, to_pod);
-            info!(direction = dir, bytes_sent = from_pod, bytes_received = to_pod, duration_ms = started.elapsed().as_millis(), outcome = "ok", "connection complete");
+            info!(
+                direction = dir,
+                bytes_sent = from_pod,
+                bytes_received = to_pod,
+                duration_ms = started.elapsed().as_millis(),
+                outcome = "ok",
+                "connection complete"
+            );
         }
-        Err(e) => info!(direction = dir, duration_ms = started.elapsed().as_millis(), outcome = "error", error = %e, "connection complete"),
+        Err(e) => {
+            info!(direction = dir, duration_ms = started.elapsed().as_millis(), outcome = "error", error = %e, "connection complete")
+        }
     }
 }
 

@@ -9,7 +9,10 @@ use std::{
 use crate::cli::StatusArgs;
 
 /// GETs `path` from the admin API and parses the JSON body.
-pub fn fetch(addr: std::net::SocketAddr, path: &str) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+pub fn fetch(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         .map_err(|e| format!("cannot reach the tlsmesh admin API at {addr}: {e} (is the daemon running on this node?)"))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -26,7 +29,12 @@ pub fn run(args: &StatusArgs) -> Result<(), Box<dyn std::error::Error>> {
     let stats = fetch(args.admin_addr, "/stats")?;
     let ready = fetch(args.admin_addr, "/healthz/ready").unwrap_or_default();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"config_dump": dump, "stats": stats, "ready": ready}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"config_dump": dump, "stats": stats, "ready": ready})
+            )?
+        );
         return Ok(());
     }
     let colour = std::io::IsTerminal::is_terminal(&std::io::stdout());
@@ -43,9 +51,15 @@ fn s(v: &serde_json::Value) -> String {
 }
 
 /// The human-readable report (pure, for tests).
-pub fn render(dump: &serde_json::Value, stats: &serde_json::Value, ready: &serde_json::Value, colour: bool) -> String {
+pub fn render(
+    dump: &serde_json::Value,
+    stats: &serde_json::Value,
+    ready: &serde_json::Value,
+    colour: bool,
+) -> String {
     use std::fmt::Write as _;
-    let (bold, green, red, reset) = if colour { ("\x1b[1m", "\x1b[32m", "\x1b[31m", "\x1b[0m") } else { ("", "", "", "") };
+    let (bold, green, red, reset) =
+        if colour { ("\x1b[1m", "\x1b[32m", "\x1b[31m", "\x1b[0m") } else { ("", "", "", "") };
     let mut o = String::new();
     let is_ready = ready.as_str() == Some("ready");
     let _ = writeln!(
@@ -53,32 +67,76 @@ pub fn render(dump: &serde_json::Value, stats: &serde_json::Value, ready: &serde
         "{bold}node {}{reset}  transport {}  {}",
         s(&dump["config"]["node"]),
         s(&dump["config"]["transport"]),
-        if is_ready { format!("{green}ready{reset}") } else { format!("{red}not ready: {}{reset}", s(&ready["not_ready"])) }
+        if is_ready {
+            format!("{green}ready{reset}")
+        } else {
+            format!("{red}not ready: {}{reset}", s(&ready["not_ready"]))
+        }
     );
-    let _ = writeln!(o, "\n{bold}PODS{reset}\n{:<28} {:<11} {:<52} ADDRESSES", "POD", "MODE", "IDENTITY");
+    let _ = writeln!(
+        o,
+        "\n{bold}PODS{reset}\n{:<28} {:<11} {:<52} ADDRESSES",
+        "POD", "MODE", "IDENTITY"
+    );
     for p in dump["pods"].as_array().into_iter().flatten() {
         let ips: Vec<String> = p["ips"].as_array().into_iter().flatten().map(s).collect();
-        let _ = writeln!(o, "{:<28} {:<11} {:<52} {}", s(&p["key"]), s(&p["mode"]), s(&p["identity"]), ips.join(","));
+        let _ = writeln!(
+            o,
+            "{:<28} {:<11} {:<52} {}",
+            s(&p["key"]),
+            s(&p["mode"]),
+            s(&p["identity"]),
+            ips.join(",")
+        );
     }
-    let mut groups: std::collections::BTreeMap<(String, String, String), usize> = std::collections::BTreeMap::new();
+    let mut groups: std::collections::BTreeMap<(String, String, String), usize> =
+        std::collections::BTreeMap::new();
     for t in dump["tunnels"].as_array().into_iter().flatten() {
         *groups.entry((s(&t["direction"]), s(&t["peer"]), s(&t["transport"]))).or_default() += 1;
     }
-    let _ = writeln!(o, "\n{bold}TUNNELS{reset}\n{:<9} {:<52} {:<9} STREAMS", "DIRECTION", "PEER", "TRANSPORT");
+    let _ = writeln!(
+        o,
+        "\n{bold}TUNNELS{reset}\n{:<9} {:<52} {:<9} STREAMS",
+        "DIRECTION", "PEER", "TRANSPORT"
+    );
     for ((dir, peer, tr), n) in &groups {
         let _ = writeln!(o, "{dir:<9} {peer:<52} {tr:<9} {n}");
     }
     if let Some(pool) = dump["pool"].as_object() {
-        let _ = writeln!(o, "pool: {} TCP connections / {} streams, {} QUIC connections / {} streams", s(&pool["hbone_connections"]), s(&pool["hbone_streams"]), s(&pool["quic_connections"]), s(&pool["quic_streams"]));
+        let _ = writeln!(
+            o,
+            "pool: {} TCP connections / {} streams, {} QUIC connections / {} streams",
+            s(&pool["hbone_connections"]),
+            s(&pool["hbone_streams"]),
+            s(&pool["quic_connections"]),
+            s(&pool["quic_streams"])
+        );
     }
-    let _ = writeln!(o, "\n{bold}CERTIFICATES{reset}\n{:<52} {:<34} {:<12} RENEWALS", "IDENTITY", "SERIAL", "EXPIRES IN");
+    let _ = writeln!(
+        o,
+        "\n{bold}CERTIFICATES{reset}\n{:<52} {:<34} {:<12} RENEWALS",
+        "IDENTITY", "SERIAL", "EXPIRES IN"
+    );
     let now = time::OffsetDateTime::now_utc();
     for c in dump["certificates"].as_array().into_iter().flatten() {
-        let left = time::OffsetDateTime::parse(&s(&c["not_after"]), &time::format_description::well_known::Rfc3339)
-            .map(|t| (t - now).whole_seconds())
-            .unwrap_or(0);
-        let left = if left > 3600 { format!("{}h{}m", left / 3600, (left % 3600) / 60) } else { format!("{}m{}s", left / 60, left % 60) };
-        let _ = writeln!(o, "{:<52} {:<34} {:<12} {}", s(&c["identity"]), s(&c["serial"]), left, s(&c["renewals"]));
+        let left = time::OffsetDateTime::parse(
+            &s(&c["not_after"]),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .map_or(0, |t| (t - now).whole_seconds());
+        let left = if left > 3600 {
+            format!("{}h{}m", left / 3600, (left % 3600) / 60)
+        } else {
+            format!("{}m{}s", left / 60, left % 60)
+        };
+        let _ = writeln!(
+            o,
+            "{:<52} {:<34} {:<12} {}",
+            s(&c["identity"]),
+            s(&c["serial"]),
+            left,
+            s(&c["renewals"])
+        );
     }
     let _ = writeln!(o, "\n{bold}RECENT DENIES{reset}");
     let denies: Vec<&serde_json::Value> = dump["denies"].as_array().into_iter().flatten().collect();
@@ -86,9 +144,17 @@ pub fn render(dump: &serde_json::Value, stats: &serde_json::Value, ready: &serde
         let _ = writeln!(o, "(none)");
     }
     for d in denies.iter().rev().take(10) {
-        let _ = writeln!(o, "{}  {} -> {}: {red}{}{reset}", s(&d["at"]), s(&d["source"]), s(&d["destination"]), s(&d["reason"]));
+        let _ = writeln!(
+            o,
+            "{}  {} -> {}: {red}{}{reset}",
+            s(&d["at"]),
+            s(&d["source"]),
+            s(&d["destination"]),
+            s(&d["reason"])
+        );
     }
-    let problems: Vec<&serde_json::Value> = dump["problems"].as_array().into_iter().flatten().collect();
+    let problems: Vec<&serde_json::Value> =
+        dump["problems"].as_array().into_iter().flatten().collect();
     if !problems.is_empty() {
         let _ = writeln!(o, "\n{bold}PROBLEMS{reset}");
         for p in problems {
@@ -118,13 +184,26 @@ mod tests {
             "certificates": [{"identity": "spiffe://td/ns/shop/sa/web", "serial": "ab", "not_after": "2999-01-01T00:00:00Z", "renewals": 2}],
             "denies": [{"at": "t", "source": "10.9.9.9:1", "destination": "shop/web", "reason": "plaintext to a strict pod"}],
         });
-        let out = render(&dump, &serde_json::json!({"daemon": {"outbound_tunnel": 3}}), &serde_json::json!("ready"), false);
+        let out = render(
+            &dump,
+            &serde_json::json!({"daemon": {"outbound_tunnel": 3}}),
+            &serde_json::json!("ready"),
+            false,
+        );
         assert!(!out.contains('\x1b'), "no colour codes");
         assert!(out.contains("shop/web") && out.contains("strict"));
-        assert!(out.lines().any(|l| l.starts_with("outbound") && l.trim_end().ends_with(" 2")), "streams grouped per peer:\n{out}");
+        assert!(
+            out.lines().any(|l| l.starts_with("outbound") && l.trim_end().ends_with(" 2")),
+            "streams grouped per peer:\n{out}"
+        );
         assert!(out.contains("plaintext to a strict pod"));
         assert!(out.contains("outbound_tunnel"));
-        let coloured = render(&dump, &serde_json::json!({}), &serde_json::json!({"not_ready": "starting"}), true);
+        let coloured = render(
+            &dump,
+            &serde_json::json!({}),
+            &serde_json::json!({"not_ready": "starting"}),
+            true,
+        );
         assert!(coloured.contains("\x1b[31mnot ready: starting"));
     }
 }

@@ -92,23 +92,53 @@ fn real_main() -> Result<()> {
             run(cargo().args(["build", "--release", "-p", "tlsmesh"]))?;
         }
         Cmd::Cleanup => {
-            run(cargo().args(["run", "--quiet", "-p", "tlsmesh-tests", "--bin", "netkit-cleanup"]))?;
+            run(cargo().args([
+                "run",
+                "--quiet",
+                "-p",
+                "tlsmesh-tests",
+                "--bin",
+                "netkit-cleanup",
+            ]))?;
         }
         Cmd::Test { args } => {
             setup()?;
-            run(cargo().args(["run", "--quiet", "-p", "tlsmesh-tests", "--bin", "netkit-cleanup"]))?;
+            run(cargo().args([
+                "run",
+                "--quiet",
+                "-p",
+                "tlsmesh-tests",
+                "--bin",
+                "netkit-cleanup",
+            ]))?;
             run(cargo().args(["build", "--workspace", "--all-targets"]))?;
             run(cargo().args(["test", "--workspace"]).args(&args))?;
             eprintln!("xtask: all tests passed in {:.0?}", t0.elapsed());
         }
         Cmd::Demo { transport } => {
             setup()?;
-            run(cargo().args(["build", "--release", "-p", "tlsmesh", "-p", "tlsmesh-tests", "--bins"]))?;
+            run(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "tlsmesh",
+                "-p",
+                "tlsmesh-tests",
+                "--bins",
+            ]))?;
             run(Command::new(root().join("target/release/demo")).args(["--transport", &transport]))?;
         }
         Cmd::Bench { args } => {
             setup()?;
-            run(cargo().args(["build", "--release", "-p", "tlsmesh", "-p", "tlsmesh-tests", "--bins"]))?;
+            run(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "tlsmesh",
+                "-p",
+                "tlsmesh-tests",
+                "--bins",
+            ]))?;
             run(Command::new(root().join("target/release/bench")).args(&args))?;
         }
     }
