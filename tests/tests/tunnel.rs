@@ -248,69 +248,106 @@ fn tls_probe(
     })
 }
 
+struct Refusals {
+    topo: Topology,
+    d1: Daemon,
+    _d0: Daemon,
+    ca: Arc<Ca>,
+    bundle: TrustBundle,
+    server_id: SpiffeId,
+    client_id: SpiffeId,
+    dst: SocketAddr,
+}
+
+impl Refusals {
+    fn new() -> Self {
+        let (topo, d0, d1) = two_strict_nodes(&[]);
+        let server = topo.pod(1, 0).clone();
+        let dst = SocketAddr::new(server.ip4.into(), 15008);
+        let files = CaFiles::open(CaPaths::in_dir(topo.ca_dir()), "cluster.local").unwrap();
+        let ca = files.shared().current();
+        let bundle = TrustBundle::from_pem("cluster.local", &ca.roots_pem()).unwrap();
+        let server_id = SpiffeId::new("cluster.local", "strict", "n1p0").unwrap();
+        let client_id = SpiffeId::new("cluster.local", "strict", "n0p0").unwrap();
+        Self { topo, d1, _d0: d0, ca, bundle, server_id, client_id, dst }
+    }
+
+    fn issue(&self, ca: &Ca, lifetime: u64, ago: i64) -> Arc<rustls::sign::CertifiedKey> {
+        let key = PrivateKey::generate().unwrap();
+        let csr = key.csr_pem(&Identity::Workload(self.client_id.clone())).unwrap();
+        let now = time::OffsetDateTime::now_utc() - time::Duration::seconds(ago);
+        let issued = ca.issue(&csr, &Identity::Workload(self.client_id.clone()), Duration::from_secs(lifetime), now).unwrap();
+        key.certified_key(&issued.chain_pem).unwrap()
+    }
+
+    fn probe(&self, key: Arc<rustls::sign::CertifiedKey>) -> Result<(), String> {
+        tls_probe(&self.topo, key, &self.server_id, &self.bundle, self.dst)
+    }
+
+    /// Asserts one more refusal was counted and the log names `words` (any of them).
+    fn assert_refused_and_logged(&self, before: u64, words: &[&str]) {
+        assert!(
+            wait_for(Duration::from_secs(5), || (self.d1.counter("inbound_tunnel_refused") > before).then_some(())).is_some(),
+            "the refusal is counted"
+        );
+        let log = wait_for(Duration::from_secs(5), || {
+            let log = self.d1.log_text();
+            words.iter().any(|w| log.contains(w)).then_some(log)
+        });
+        assert!(log.is_some(), "the log names the reason ({words:?}):\n{}", self.d1.log_text());
+    }
+}
+
 #[test]
-fn peers_with_bad_certificates_are_refused() {
-    if !require_root("peers_with_bad_certificates_are_refused") {
+fn good_certificate_is_accepted_control() {
+    if !require_root("good_certificate_is_accepted_control") {
         return;
     }
-    let (topo, _d0, d1) = two_strict_nodes(&[]);
-    let server = topo.pod(1, 0).clone();
-    let dst = SocketAddr::new(server.ip4.into(), 15008);
-    let files = CaFiles::open(CaPaths::in_dir(topo.ca_dir()), "cluster.local").unwrap();
-    let ca = files.shared().current();
-    let bundle = TrustBundle::from_pem("cluster.local", &ca.roots_pem()).unwrap();
-    let server_id = SpiffeId::new("cluster.local", "strict", "n1p0").unwrap();
-    let client_id = SpiffeId::new("cluster.local", "strict", "n0p0").unwrap();
-    let issue = |ca: &Ca, lifetime: u64, ago: i64| {
-        let key = PrivateKey::generate().unwrap();
-        let csr = key.csr_pem(&Identity::Workload(client_id.clone())).unwrap();
-        let now = time::OffsetDateTime::now_utc() - time::Duration::seconds(ago);
-        let issued = ca
-            .issue(&csr, &Identity::Workload(client_id.clone()), Duration::from_secs(lifetime), now)
-            .unwrap();
-        key.certified_key(&issued.chain_pem).unwrap()
-    };
+    let r = Refusals::new();
+    r.probe(r.issue(&r.ca, 3600, 0)).expect("a good certificate is accepted");
+}
 
-    // Control: a good certificate is accepted.
-    tls_probe(&topo, issue(&ca, 3600, 0), &server_id, &bundle, dst)
-        .expect("a good certificate is accepted");
-
-    let refused0 = d1.counter("inbound_tunnel_refused");
+#[test]
+fn foreign_ca_is_refused() {
+    if !require_root("foreign_ca_is_refused") {
+        return;
+    }
+    let r = Refusals::new();
+    let before = r.d1.counter("inbound_tunnel_refused");
     let (foreign, _) = Ca::generate_root("cluster.local", Duration::from_secs(3600)).unwrap();
-    let e = tls_probe(&topo, issue(&foreign, 3600, 0), &server_id, &bundle, dst)
-        .expect_err("foreign CA refused");
-    assert!(e.contains("certificate") || e.contains("alert"), "{e}");
-    let e = tls_probe(&topo, issue(&ca, 60, 7200), &server_id, &bundle, dst)
-        .expect_err("expired refused");
+    let e = r.probe(r.issue(&foreign, 3600, 0)).expect_err("foreign CA refused");
     assert!(!e.is_empty());
-    assert!(
-        wait_for(Duration::from_secs(5), || (d1.counter("inbound_tunnel_refused") >= refused0 + 2)
-            .then_some(()))
-        .is_some(),
-        "both refusals counted"
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let log = d1.log_text();
-    assert!(
-        log.contains("foreign") || log.contains("UnknownIssuer") || log.contains("unknown issuer"),
-        "foreign CA named in the log:\n{log}"
-    );
-    assert!(log.contains("expired") || log.contains("Expired"), "expiry named in the log");
+    r.assert_refused_and_logged(before, &["foreign CA", "foreign_ca"]);
+}
 
-    // No client certificate at all (openssl s_client).
+#[test]
+fn expired_certificate_is_refused() {
+    if !require_root("expired_certificate_is_refused") {
+        return;
+    }
+    let r = Refusals::new();
+    let before = r.d1.counter("inbound_tunnel_refused");
+    let e = r.probe(r.issue(&r.ca, 60, 7200)).expect_err("expired refused");
+    assert!(!e.is_empty());
+    r.assert_refused_and_logged(before, &["expired", "Expired"]);
+}
+
+#[test]
+fn no_client_certificate_is_refused() {
+    if !require_root("no_client_certificate_is_refused") {
+        return;
+    }
+    let r = Refusals::new();
+    let before = r.d1.counter("inbound_tunnel_refused");
     let out = Command::new("nsenter")
-        .arg(format!("--net={}", topo.node(0).netns_path().display()))
-        .args(["openssl", "s_client", "-connect", &dst.to_string(), "-tls1_3"])
+        .arg(format!("--net={}", r.topo.node(0).netns_path().display()))
+        .args(["openssl", "s_client", "-connect", &r.dst.to_string(), "-tls1_3"])
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
-    let text =
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(
-        text.contains("certificate required") || !out.status.success(),
-        "s_client without a certificate must fail:\n{text}"
-    );
-    assert!(!text.contains("HTTP/2"), "no application data");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("certificate required") || !out.status.success(), "s_client without a certificate must fail:\n{text}");
+    r.assert_refused_and_logged(before, &["certificate", "NoCertificatesPresented", "no certificate"]);
 }
 
 #[test]
