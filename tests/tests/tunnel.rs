@@ -341,7 +341,7 @@ fn no_client_certificate_is_refused() {
     let before = r.d1.counter("inbound_tunnel_refused");
     let out = Command::new("nsenter")
         .arg(format!("--net={}", r.topo.node(0).netns_path().display()))
-        .args(["openssl", "s_client", "-connect", &r.dst.to_string(), "-tls1_3"])
+        .args(["openssl", "s_client", "-connect", &r.dst.to_string(), "-tls1_3", "-ign_eof"])
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
