@@ -715,6 +715,19 @@ impl Daemon {
 
     /// Starts a daemon with an explicit pin directory (restarts reuse it).
     pub fn start_with_pin(topo: &Topology, node: &Node, pin_dir: &Path, inventory: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(topo, node, pin_dir, inventory, extra, &[])
+    }
+
+    /// Like [`Daemon::start_with_pin`], with extra environment variables
+    /// (e.g. `KUBECONFIG`) set on the daemon's process.
+    pub fn start_with_env(
+        topo: &Topology,
+        node: &Node,
+        pin_dir: &Path,
+        inventory: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let bin = tlsmesh_bin();
         let mut args = vec![
             "node".to_string(),
@@ -738,6 +751,7 @@ impl Daemon {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        cmd.envs(env.iter().copied());
         let proc = topo.spawn(&format!("tlsmesh node {}", node.name), cmd).expect("start daemon");
         let mut d = Self {
             proc,

@@ -84,6 +84,10 @@ async fn handle(req: Request, source: KubeSource, shared: &Shared) -> Response {
             Response::Ok
         }
         Command::Add => {
+            // The netns this sandbox lives in: a re-created sandbox (new
+            // netns, same pod) must not be answered on the strength of the
+            // previous sandbox's enrollment.
+            let netns = req.netns.as_deref().filter(|n| !n.is_empty()).map(PathBuf::from);
             source.pods.record(&req);
             let mut rx = source.inventory.clone();
             let Some(pod) = cni_server::wait_for_pod(&mut rx, &key, Duration::from_secs(15)).await
@@ -100,7 +104,7 @@ async fn handle(req: Request, source: KubeSource, shared: &Shared) -> Response {
             // Wait until the reconcile has set the pod up.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
             while tokio::time::Instant::now() < deadline {
-                if shared.pod(&key).is_some() {
+                if shared.pod(&key).is_some_and(|rt| netns.is_none() || rt.pod.netns == netns) {
                     info!(pod = %key, %mode, "pod enrolled before its containers start");
                     return Response::Enrolled { mode: mode.to_string() };
                 }

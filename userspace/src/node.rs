@@ -458,6 +458,10 @@ async fn reconcile(shared: &Arc<Shared>) -> Vec<Problem> {
         if shared.pods.lock().expect("pods lock").contains_key(&key) {
             continue;
         }
+        if pod.netns.is_none() && shared.cfg.inventory_source == crate::config::InventorySource::Kubernetes {
+            tracing::debug!(pod = %key, "waiting for the CNI plugin to report the pod's netns");
+            continue;
+        }
         match add_pod(shared, &pod).await {
             Ok(rt) => {
                 info!(pod = %key, mode = %rt.mode, cookie = rt.cookie, ips = ?pod.ips, "pod enrolled");
