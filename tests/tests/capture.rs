@@ -337,3 +337,36 @@ fn pod_churn_leaks_nothing_and_bad_inventory_keeps_valid_pods() {
     assert_eq!(d.config_dump()["pods"].as_array().unwrap().len(), 1);
     assert!(d.get("/healthz/ready").unwrap().0 == 200);
 }
+
+#[test]
+fn same_node_enrolled_pods_skip_tls_and_a_vanishing_netns_is_survived() {
+    if !require_root("same_node_enrolled_pods_skip_tls_and_a_vanishing_netns_is_survived") {
+        return;
+    }
+    let topo = Topology::build(1, 3).expect("topology");
+    let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
+    let d = Daemon::start(&topo, 0, &inv, &[]);
+    let (client, server, doomed) = (topo.pod(0, 0).clone(), topo.pod(0, 1).clone(), topo.pod(0, 2).clone());
+    let dst = SocketAddr::new(server.ip4.into(), 9400);
+    hash_server(&server.netns, dst);
+    let r = send(&client.netns, dst, 8 << 20).expect("same-node delivery");
+    assert_eq!(r.server_hash, r.local_hash);
+    assert_eq!(r.server_saw, client.ip4.to_string(), "the app sees the client pod's address");
+    assert_eq!(d.counter("outbound_local"), 1, "delivered on the node");
+    assert_eq!(d.counter("outbound_tunnel"), 0, "no TLS for same-node traffic");
+    assert_eq!(d.counter("inbound_tunnel_accepted"), 0);
+
+    // A pod's netns disappears under the running daemon.
+    netkit::sh(&["ip", "netns", "del", &doomed.netns]).unwrap();
+    let gone = wait_for(Duration::from_secs(10), || {
+        let dump = d.config_dump();
+        let listed = dump["pods"].as_array().is_some_and(|p| p.iter().any(|x| x["key"] == "strict/n0p2"));
+        (!listed).then_some(dump)
+    })
+    .expect("the vanished pod is released");
+    assert!(format!("{}", gone["problems"]).contains("n0p2"), "and reported: {gone}");
+    let mut d = d;
+    assert!(d.proc.running(), "the daemon did not crash");
+    let r = send(&client.netns, dst, 1 << 20).expect("the other pods are still served");
+    assert_eq!(r.server_hash, r.local_hash);
+}
