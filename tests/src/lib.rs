@@ -635,6 +635,22 @@ impl LinkCapture {
     }
 }
 
+/// A TCP echo server inside `netns` (a thread per connection; it half-closes
+/// after the client did). Lives until the process ends or the netns goes.
+pub fn echo_server(netns: &str, addr: std::net::SocketAddr) {
+    let l = Topology::in_netns(netns, move || std::net::TcpListener::bind(addr).expect("bind echo server"));
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let Ok(mut r) = s.try_clone() else { return };
+                let mut w = s;
+                let _ = io::copy(&mut r, &mut w);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+}
+
 /// True when `needle` occurs in `hay`.
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)

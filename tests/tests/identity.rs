@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeSet,
     io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     process::Command,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -14,21 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use netkit::{require_root, tlsmesh_bin, wait_for, write_inventory, Daemon, Role, Topology};
-
-fn echo_server(netns: &str, addr: SocketAddr) {
-    let l = Topology::in_netns(netns, move || TcpListener::bind(addr).expect("bind echo"));
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().expect("clone");
-                let mut w = s;
-                let _ = std::io::copy(&mut r, &mut w);
-                let _ = w.shutdown(Shutdown::Write);
-            });
-        }
-    });
-}
+use netkit::{echo_server, require_root, tlsmesh_bin, wait_for, write_inventory, Daemon, Role, Topology};
 
 /// A long-lived echo conversation: one 1 KiB message every `every`, until
 /// `stop` or an error. Returns (messages echoed intact, error if any).

@@ -5,7 +5,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{Shutdown, SocketAddr, TcpStream},
     process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use netkit::{require_root, tlsmesh_bin, wait_for, write_inventory, Daemon, Role, Topology};
+use netkit::{echo_server, require_root, tlsmesh_bin, wait_for, write_inventory, Daemon, Role, Topology};
 
 fn http_get(netns: &str, addr: &str, path: &str) -> Option<(u16, String)> {
     let (addr, path) = (addr.to_string(), path.to_string());
@@ -27,20 +27,6 @@ fn http_get(netns: &str, addr: &str, path: &str) -> Option<(u16, String)> {
         let code = buf.get(9..12)?.parse().ok()?;
         Some((code, buf.split_once("\r\n\r\n").map_or(String::new(), |x| x.1.to_string())))
     })
-}
-
-fn echo_server(netns: &str, addr: SocketAddr) {
-    let l = Topology::in_netns(netns, move || TcpListener::bind(addr).expect("bind echo"));
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().expect("clone");
-                let mut w = s;
-                let _ = std::io::copy(&mut r, &mut w);
-                let _ = w.shutdown(Shutdown::Write);
-            });
-        }
-    });
 }
 
 fn exchange(netns: &str, dst: SocketAddr, len: usize) -> std::io::Result<()> {

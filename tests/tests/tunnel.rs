@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use netkit::{
+use netkit::{echo_server, 
     contains, require_root, wait_for, write_inventory, Daemon, LinkCapture, Role, Topology,
 };
 use sha2::{Digest, Sha256};
@@ -26,21 +26,6 @@ use tlsmesh_identity::{
 };
 
 const MARKER: &[u8] = b"TUNNEL-TEST-PLAINTEXT-MARKER";
-
-/// An echo server: copies everything back; reports nothing.
-fn echo_server(netns: &str, addr: SocketAddr) {
-    let l = Topology::in_netns(netns, move || TcpListener::bind(addr).expect("bind echo"));
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().expect("clone");
-                let mut w = s;
-                let _ = std::io::copy(&mut r, &mut w);
-                let _ = w.shutdown(Shutdown::Write);
-            });
-        }
-    });
-}
 
 /// A server that answers each connection with the peer address it sees.
 fn whoami_server(netns: &str, addr: SocketAddr) {

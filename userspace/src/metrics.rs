@@ -237,8 +237,12 @@ pub fn readiness(shared: &Shared) -> Result<(), String> {
     // A pod whose netns is not known yet (Kubernetes: scheduled, CNI ADD not
     // yet run) cannot be enrolled yet and does not hold readiness back; the
     // CNI plugin's ADD waits for its enrollment instead.
-    let wanted: Vec<String> =
-        inv.enrolled_on(&shared.cfg.node).iter().filter(|p| p.netns.is_some()).map(|p| p.key()).collect();
+    let wanted: Vec<String> = inv
+        .enrolled_on(&shared.cfg.node)
+        .iter()
+        .filter(|p| p.netns.is_some())
+        .map(|p| p.key())
+        .collect();
     let pods = shared.pods.lock().expect("pods lock");
     let missing: Vec<&String> = wanted.iter().filter(|k| !pods.contains_key(*k)).collect();
     if !missing.is_empty() {

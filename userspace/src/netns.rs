@@ -311,23 +311,7 @@ impl NetnsWorker {
         dst: SocketAddr,
         opts: SocketOpts,
     ) -> Result<tokio::net::TcpStream, NetnsError> {
-        let path = self.path.clone();
-        let sock =
-            self.run(move || new_socket(dst, Type::STREAM, opts)).await?.map_err(|source| {
-                NetnsError::Socket { path: path.clone(), what: format!("socket for {dst}"), source }
-            })?;
-        sock.set_nonblocking(true).map_err(|source| NetnsError::Socket {
-            path: path.clone(),
-            what: "O_NONBLOCK".into(),
-            source,
-        })?;
-        let std_stream: std::net::TcpStream = sock.into();
-        let ts = tokio::net::TcpSocket::from_std_stream(std_stream);
-        ts.connect(dst).await.map_err(|source| NetnsError::Socket {
-            path,
-            what: format!("connect {dst}"),
-            source,
-        })
+        self.connect_with(None, dst, opts).await
     }
 
     /// Connects from an explicit (possibly foreign, with `transparent`) source address.
@@ -337,29 +321,31 @@ impl NetnsWorker {
         dst: SocketAddr,
         opts: SocketOpts,
     ) -> Result<tokio::net::TcpStream, NetnsError> {
-        let path = self.path.clone();
+        self.connect_with(Some(src), dst, opts).await
+    }
+
+    async fn connect_with(
+        &self,
+        src: Option<SocketAddr>,
+        dst: SocketAddr,
+        opts: SocketOpts,
+    ) -> Result<tokio::net::TcpStream, NetnsError> {
+        let err = |what: String| {
+            let path = self.path.clone();
+            move |source| NetnsError::Socket { path, what, source }
+        };
         let sock = self
             .run(move || -> io::Result<Socket> {
                 let s = new_socket(dst, Type::STREAM, opts)?;
-                s.bind(&src.into())?;
+                if let Some(src) = src {
+                    s.bind(&src.into())?;
+                }
+                s.set_nonblocking(true)?;
                 Ok(s)
             })
             .await?
-            .map_err(|source| NetnsError::Socket {
-                path: path.clone(),
-                what: format!("socket from {src} to {dst}"),
-                source,
-            })?;
-        sock.set_nonblocking(true).map_err(|source| NetnsError::Socket {
-            path: path.clone(),
-            what: "O_NONBLOCK".into(),
-            source,
-        })?;
+            .map_err(err(format!("socket for {dst}")))?;
         let ts = tokio::net::TcpSocket::from_std_stream(sock.into());
-        ts.connect(dst).await.map_err(|source| NetnsError::Socket {
-            path,
-            what: format!("connect {src} -> {dst}"),
-            source,
-        })
+        ts.connect(dst).await.map_err(err(format!("connect {src:?} -> {dst}")))
     }
 }

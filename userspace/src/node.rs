@@ -458,7 +458,9 @@ async fn reconcile(shared: &Arc<Shared>) -> Vec<Problem> {
         if shared.pods.lock().expect("pods lock").contains_key(&key) {
             continue;
         }
-        if pod.netns.is_none() && shared.cfg.inventory_source == crate::config::InventorySource::Kubernetes {
+        if pod.netns.is_none()
+            && shared.cfg.inventory_source == crate::config::InventorySource::Kubernetes
+        {
             tracing::debug!(pod = %key, "waiting for the CNI plugin to report the pod's netns");
             continue;
         }

@@ -31,11 +31,22 @@ pub fn pod_socket_opts() -> SocketOpts {
     SocketOpts { mark: DAEMON_MARK, ..SocketOpts::default() }
 }
 
-/// Accept loop of a pod's outbound listener; ends when the pod is removed.
-pub async fn outbound_loop(
+/// What an accept loop does with each accepted connection.
+type Serve = fn(
+    Arc<Shared>,
+    Arc<PodRuntime>,
+    TcpStream,
+    SocketAddr,
+) -> futures::future::BoxFuture<'static, ()>;
+
+/// Accepts on a pod's listener until the pod is removed or the daemon
+/// drains; each connection runs until it ends or the pod is removed.
+async fn accept_loop(
     shared: Arc<Shared>,
     pod: Arc<PodRuntime>,
     listener: tokio::net::TcpListener,
+    what: &'static str,
+    serve: Serve,
 ) {
     let mut shutdown = pod.shutdown.subscribe();
     let mut draining = shared.draining.subscribe();
@@ -47,23 +58,47 @@ pub async fn outbound_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                Stats::inc(&shared.stats.outbound_accepted);
                 let _ = stream.set_nodelay(true);
                 let (shared, pod) = (Arc::clone(&shared), Arc::clone(&pod));
                 tokio::spawn(async move {
                     let mut stop = pod.shutdown.subscribe();
                     tokio::select! {
-                        () = outbound(Arc::clone(&shared), Arc::clone(&pod), stream, peer) => {}
-                        _ = stop.wait_for(|v| *v) => debug!(pod = %pod.pod.key(), "connection ended: pod removed"),
+                        () = serve(Arc::clone(&shared), Arc::clone(&pod), stream, peer) => {}
+                        _ = stop.wait_for(|v| *v) => debug!(pod = %pod.pod.key(), what, "connection ended: pod removed"),
                     }
                 });
             }
             Err(e) => {
-                warn!(pod = %pod.pod.key(), error = %e, "outbound accept failed");
+                warn!(pod = %pod.pod.key(), error = %e, what, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
         }
     }
+}
+
+/// Accept loop of a pod's outbound listener.
+pub async fn outbound_loop(
+    shared: Arc<Shared>,
+    pod: Arc<PodRuntime>,
+    listener: tokio::net::TcpListener,
+) {
+    accept_loop(shared, pod, listener, "outbound", |shared, pod, stream, peer| {
+        Stats::inc(&shared.stats.outbound_accepted);
+        Box::pin(outbound(shared, pod, stream, peer))
+    })
+    .await;
+}
+
+/// Accept loop of a pod's inbound plaintext listener.
+pub async fn inbound_loop(
+    shared: Arc<Shared>,
+    pod: Arc<PodRuntime>,
+    listener: tokio::net::TcpListener,
+) {
+    accept_loop(shared, pod, listener, "inbound", |shared, pod, stream, peer| {
+        Box::pin(inbound(shared, pod, stream, peer))
+    })
+    .await;
 }
 
 async fn outbound(
@@ -161,39 +196,6 @@ async fn tunnel(
         Err(e) => {
             stream.reset();
             info!(direction = "outbound", %transport, dst_pod = %dst_pod.key(), duration_ms = started.elapsed().as_millis(), outcome = "error", error = %e, "connection complete");
-        }
-    }
-}
-
-/// Accept loop of a pod's inbound plaintext listener.
-pub async fn inbound_loop(
-    shared: Arc<Shared>,
-    pod: Arc<PodRuntime>,
-    listener: tokio::net::TcpListener,
-) {
-    let mut shutdown = pod.shutdown.subscribe();
-    let mut draining = shared.draining.subscribe();
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = shutdown.wait_for(|v| *v) => return,
-            _ = draining.wait_for(|v| *v) => return,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let (shared, pod) = (Arc::clone(&shared), Arc::clone(&pod));
-                tokio::spawn(async move {
-                    let mut stop = pod.shutdown.subscribe();
-                    tokio::select! {
-                        () = inbound(Arc::clone(&shared), Arc::clone(&pod), stream, peer) => {}
-                        _ = stop.wait_for(|v| *v) => {}
-                    }
-                });
-            }
-            Err(e) => {
-                warn!(pod = %pod.pod.key(), error = %e, "inbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
         }
     }
 }
