@@ -335,7 +335,10 @@ fn pod_churn_leaks_nothing_and_bad_inventory_keeps_valid_pods() {
     std::fs::write(&inv, "this is [not toml").unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(d.config_dump()["pods"].as_array().unwrap().len(), 1);
-    assert!(d.get("/healthz/ready").unwrap().0 == 200);
+    // Not ready while a listed pod cannot be enrolled, and it says which.
+    let (code, why) = d.get("/healthz/ready").unwrap();
+    assert_eq!(code, 503);
+    assert!(why.to_string().contains("strict/ghost"), "{why}");
 }
 
 #[test]
