@@ -1,7 +1,9 @@
 //! The CA's authorization decisions, as pure functions over data: which node
 //! may obtain certificates for which workload identity ([`Placement`],
 //! [`authorize`]), and which node may bootstrap with which join token
-//! ([`JoinTokens`]).
+//! ([`JoinTokens`]). How a join is authenticated is pluggable
+//! ([`JoinAuthenticator`]): the token file here, or, in a cluster, the
+//! API server's `TokenReview` (`tlsmesh_k8s::tokenreview`).
 //!
 //! Join tokens are **reusable** by default: a node that loses its state (a
 //! re-imaged host, a `DaemonSet` pod without a host volume) re-joins with the
@@ -13,8 +15,10 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
+use std::future::Future;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use sha2::{Digest as _, Sha256};
@@ -249,6 +253,47 @@ impl JoinTokens {
     }
 }
 
+/// Why a join was not authenticated. The text is for the CA's log; the node
+/// is told only the class (see [`crate::server`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinRefusal {
+    /// The credential does not prove any node, or not the claimed one
+    /// (wrong, unknown, expired or foreign token). Retrying will not help.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The authenticator could not decide (e.g. the API server is
+    /// unreachable, or the CA may not create `TokenReviews`): retry later.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The future an authenticator returns (boxed, so the trait can be used as
+/// `Arc<dyn JoinAuthenticator>`).
+pub type JoinFuture<'a> = Pin<Box<dyn Future<Output = Result<String, JoinRefusal>> + Send + 'a>>;
+
+/// Authenticates a node's `join`: given the node name the request claims and
+/// the token it presents, returns the node name the **credential** proves.
+/// The CA server issues a node certificate only if that name equals the
+/// claimed one (and logs a refusal otherwise), so an authenticator that knows
+/// where a token comes from (`TokenReview`: the node its pod runs on) must
+/// return that, never just echo `claimed`.
+pub trait JoinAuthenticator: Send + Sync {
+    /// The node proven by `token`, or why there is none.
+    fn authenticate<'a>(&'a self, claimed: &'a str, token: &'a str) -> JoinFuture<'a>;
+}
+
+/// Token-file authentication: a token proves exactly the node it was issued
+/// for (a one-time token is consumed).
+impl JoinAuthenticator for JoinTokens {
+    fn authenticate<'a>(&'a self, claimed: &'a str, token: &'a str) -> JoinFuture<'a> {
+        let result = self
+            .check(claimed, token)
+            .map(|()| claimed.to_owned())
+            .map_err(|e| JoinRefusal::Unauthenticated(e.to_string()));
+        Box::pin(std::future::ready(result))
+    }
+}
+
 /// A new random join token (256 bits, hex).
 pub fn generate_token() -> String {
     let bytes: [u8; 32] = rand::random();
@@ -342,6 +387,41 @@ mod tests {
         ));
         assert!(tokens.remove("node-a"));
         assert!(tokens.check("node-a", "0123456789abcdef-a").is_err());
+    }
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
+    #[test]
+    fn join_tokens_as_authenticator() {
+        let tokens = JoinTokens::new();
+        tokens.insert("node-a", "0123456789abcdef-a", false).unwrap();
+        tokens.insert("node-b", "0123456789abcdef-b", true).unwrap();
+        let auth: Arc<dyn JoinAuthenticator> = Arc::new(tokens);
+
+        // A token proves the node it belongs to, and reusable tokens stay usable.
+        for _ in 0..2 {
+            assert_eq!(
+                block_on(auth.authenticate("node-a", "0123456789abcdef-a")),
+                Ok("node-a".to_owned())
+            );
+        }
+        // Node b's token does not prove node a.
+        let e = block_on(auth.authenticate("node-a", "0123456789abcdef-b")).unwrap_err();
+        assert_eq!(e, JoinRefusal::Unauthenticated("wrong join token for node \"node-a\"".into()));
+        let e = block_on(auth.authenticate("node-x", "0123456789abcdef-a")).unwrap_err();
+        assert!(
+            matches!(&e, JoinRefusal::Unauthenticated(m) if m.contains("no join token is configured for node \"node-x\"")),
+            "{e}"
+        );
+        // A one-time token works once.
+        assert_eq!(
+            block_on(auth.authenticate("node-b", "0123456789abcdef-b")),
+            Ok("node-b".to_owned())
+        );
+        let e = block_on(auth.authenticate("node-b", "0123456789abcdef-b")).unwrap_err();
+        assert!(e.to_string().contains("already used"), "{e}");
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The CA's network service (`tlsmesh ca serve`): TLS 1.3 on TCP, one JSON
 //! request and one JSON response per connection (see [`crate::protocol`]).
 //!
-//! * `join` needs no client certificate: the node proves itself with its
-//!   join token and gets a node certificate.
+//! * `join` needs no client certificate: the node proves itself with a
+//!   token, checked by a [`JoinAuthenticator`] (the token file, or
+//!   `TokenReview` in a cluster), and gets a node certificate for the node
+//!   name the authenticator proves, which must equal the one it claims.
 //! * `renew_node` and `workload` need the node certificate as client
 //!   certificate; the node name is taken from that certificate, never from
 //!   the request, and a workload certificate is issued only for an identity
@@ -21,7 +23,7 @@ use tokio::io::{AsyncWriteExt as _, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use crate::authz::{authorize, JoinTokens, SharedPlacement};
+use crate::authz::{authorize, JoinAuthenticator, JoinRefusal, JoinTokens, SharedPlacement};
 use crate::ca::{Ca, CaError, SharedCa, DEFAULT_LIFETIME};
 use crate::protocol::{read_message, write_message, ErrorKind, ProtocolError, Request, Response};
 use crate::spiffe::{Identity, NodeId};
@@ -96,7 +98,7 @@ struct Serving {
 pub struct CaServer {
     ca: SharedCa,
     placement: SharedPlacement,
-    tokens: Arc<JoinTokens>,
+    auth: Arc<dyn JoinAuthenticator>,
     config: CaServerConfig,
     serving: Mutex<Option<Serving>>,
 }
@@ -108,14 +110,25 @@ impl std::fmt::Debug for CaServer {
 }
 
 impl CaServer {
-    /// `placement` and `tokens` may be updated while serving.
+    /// Joins are checked against a token file; `placement` and `tokens`
+    /// may be updated while serving.
     pub fn new(
         ca: SharedCa,
         placement: SharedPlacement,
         tokens: Arc<JoinTokens>,
         config: CaServerConfig,
     ) -> Self {
-        Self { ca, placement, tokens, config, serving: Mutex::new(None) }
+        Self::with_authenticator(ca, placement, tokens, config)
+    }
+
+    /// Joins are checked by `auth` (e.g. `TokenReview` in a cluster).
+    pub fn with_authenticator(
+        ca: SharedCa,
+        placement: SharedPlacement,
+        auth: Arc<dyn JoinAuthenticator>,
+        config: CaServerConfig,
+    ) -> Self {
+        Self { ca, placement, auth, config, serving: Mutex::new(None) }
     }
 
     /// Accepts connections until the task is dropped; each is handled in
@@ -161,7 +174,7 @@ impl CaServer {
         let (read, mut write) = tokio::io::split(tls);
         let mut read = BufReader::new(read);
         let response = match read_message::<Request>(&mut read).await {
-            Ok(request) => self.handle(node.as_ref(), request, peer),
+            Ok(request) => self.handle(node.as_ref(), request, peer).await,
             Err(e) => Response::Error { kind: ErrorKind::BadRequest, message: e.to_string() },
         };
         write_message(&mut write, &response)
@@ -173,8 +186,20 @@ impl CaServer {
     }
 
     /// The answer to one request from `peer`, authenticated as `node` (from
-    /// its verified client certificate) or anonymous. No network IO.
-    pub fn handle(&self, node: Option<&NodeId>, request: Request, peer: SocketAddr) -> Response {
+    /// its verified client certificate) or anonymous. The only IO is the
+    /// join authenticator's (none for a token file).
+    pub async fn handle(
+        &self,
+        node: Option<&NodeId>,
+        request: Request,
+        peer: SocketAddr,
+    ) -> Response {
+        if let Request::Join { node: claimed, token, csr } = request {
+            return match self.authenticate_join(&claimed, &token, peer).await {
+                Ok(()) => self.join(&claimed, &csr, peer),
+                Err(refused) => refused,
+            };
+        }
         let ca = self.ca.current();
         let now = OffsetDateTime::now_utc();
         let ok = |chain: String| Response::Ok { chain, bundle: ca.roots_pem() };
@@ -183,31 +208,7 @@ impl CaServer {
             Response::Error { kind, message }
         };
         match request {
-            Request::Join { node: name, token, csr } => {
-                if let Err(e) = self.tokens.check(&name, &token) {
-                    tracing::warn!(%peer, node = %name, reason = %e, "join refused");
-                    return Response::Error {
-                        kind: ErrorKind::Unauthenticated,
-                        message: format!(
-                            "join refused for node {name:?}: wrong or unknown join token (the CA log has details)"
-                        ),
-                    };
-                }
-                let id = match NodeId::new(ca.trust_domain(), &name) {
-                    Ok(id) => id,
-                    Err(e) => return refuse(ErrorKind::BadRequest, e.to_string()),
-                };
-                if let Err(e) = self.config.deny.check(&Identity::Node(id.clone()), &[]) {
-                    return refuse(ErrorKind::Denied, format!("join refused: {e}"));
-                }
-                match ca.issue(&csr, &Identity::Node(id), self.config.node_lifetime, now) {
-                    Ok(issued) => {
-                        tracing::info!(%peer, node = %name, serial = %issued.info.serial, "node joined");
-                        ok(issued.chain_pem)
-                    }
-                    Err(e) => refuse(ca_error_kind(&e), e.to_string()),
-                }
-            }
+            Request::Join { .. } => unreachable!("handled above"),
             Request::RenewNode { csr } => {
                 let Some(node) = node else {
                     return refuse(ErrorKind::Unauthenticated, NEED_NODE_CERT.into());
@@ -242,6 +243,70 @@ impl CaServer {
                 }
             }
             Request::Bundle => ok(String::new()),
+        }
+    }
+
+    /// Runs the join authenticator; `Err` is the refusal to send. The token
+    /// is never logged, and the node learns only the class of the refusal.
+    async fn authenticate_join(
+        &self,
+        claimed: &str,
+        token: &str,
+        peer: SocketAddr,
+    ) -> Result<(), Response> {
+        match self.auth.authenticate(claimed, token).await {
+            Ok(proven) if proven == claimed => Ok(()),
+            Ok(proven) => {
+                tracing::warn!(%peer, node = %claimed, token_node = %proven, "join refused: the token belongs to node {proven:?}, not to the node {claimed:?} the request claims");
+                Err(Response::Error {
+                    kind: ErrorKind::Unauthenticated,
+                    message: format!(
+                        "join refused for node {claimed:?}: the token belongs to another node (is the daemon's node name right? the CA log has details)"
+                    ),
+                })
+            }
+            Err(JoinRefusal::Unauthenticated(reason)) => {
+                tracing::warn!(%peer, node = %claimed, %reason, "join refused");
+                Err(Response::Error {
+                    kind: ErrorKind::Unauthenticated,
+                    message: format!(
+                        "join refused for node {claimed:?}: wrong or unknown join token (the CA log has details)"
+                    ),
+                })
+            }
+            Err(JoinRefusal::Unavailable(reason)) => {
+                tracing::warn!(%peer, node = %claimed, %reason, "join not checked: the authenticator is unavailable");
+                Err(Response::Error {
+                    kind: ErrorKind::Internal,
+                    message: format!(
+                        "join of node {claimed:?} could not be checked right now; retry (the CA log has details)"
+                    ),
+                })
+            }
+        }
+    }
+
+    /// Issues the node certificate of an authenticated join.
+    fn join(&self, name: &str, csr: &str, peer: SocketAddr) -> Response {
+        let ca = self.ca.current();
+        let refuse = |kind, message: String| {
+            tracing::warn!(%peer, node = %name, ?kind, "CA request refused: {message}");
+            Response::Error { kind, message }
+        };
+        let id = match NodeId::new(ca.trust_domain(), name) {
+            Ok(id) => id,
+            Err(e) => return refuse(ErrorKind::BadRequest, e.to_string()),
+        };
+        if let Err(e) = self.config.deny.check(&Identity::Node(id.clone()), &[]) {
+            return refuse(ErrorKind::Denied, format!("join refused: {e}"));
+        }
+        let now = OffsetDateTime::now_utc();
+        match ca.issue(csr, &Identity::Node(id), self.config.node_lifetime, now) {
+            Ok(issued) => {
+                tracing::info!(%peer, node = %name, serial = %issued.info.serial, "node joined");
+                Response::Ok { chain: issued.chain_pem, bundle: ca.roots_pem() }
+            }
+            Err(e) => refuse(ca_error_kind(&e), e.to_string()),
         }
     }
 

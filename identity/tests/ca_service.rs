@@ -179,7 +179,7 @@ async fn node_name_comes_from_the_certificate() {
     assert_eq!(kind, ErrorKind::Unauthenticated);
 
     // Certificate requests without a node certificate are refused.
-    let anon = h.server.handle(None, Request::Workload { id: web, csr }, h.addr);
+    let anon = h.server.handle(None, Request::Workload { id: web, csr }, h.addr).await;
     assert!(matches!(anon, Response::Error { kind: ErrorKind::Unauthenticated, .. }), "{anon:?}");
 }
 

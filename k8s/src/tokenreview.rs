@@ -10,6 +10,9 @@
 //!
 //! This replaces join tokens when the CA runs in the cluster: the node
 //! certificate's name comes from the API server, never from the request.
+//! [`TokenReviewAuthenticator`] is a [`JoinAuthenticator`] for
+//! `CaServer::with_authenticator`; the server refuses a join whose claimed
+//! node differs from the one returned here.
 
 use std::collections::BTreeMap;
 
@@ -18,7 +21,12 @@ use k8s_openapi::api::{
     core::v1::Pod,
 };
 use kube::{api::PostParams, Api, Client};
+use tlsmesh_identity::{
+    authz::{JoinAuthenticator, JoinFuture, JoinRefusal, Placement, SharedPlacement},
+    SpiffeId,
+};
 use tlsmesh_inventory::Inventory;
+use tokio::sync::watch;
 
 /// The audience daemons request for the token they show the CA.
 pub const DEFAULT_AUDIENCE: &str = "tlsmesh-ca";
@@ -186,6 +194,32 @@ impl TokenReviewAuthenticator {
     }
 }
 
+impl AuthError {
+    /// Whether the API server could not be asked (retry later), as opposed
+    /// to having said no.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, AuthError::Api(_))
+    }
+}
+
+/// A join's token is the daemon's projected `ServiceAccount` token; the node
+/// it proves is the one the API server names (the claimed name is not used
+/// here: the CA server compares the two).
+impl JoinAuthenticator for TokenReviewAuthenticator {
+    fn authenticate<'a>(&'a self, claimed: &'a str, token: &'a str) -> JoinFuture<'a> {
+        Box::pin(async move {
+            match TokenReviewAuthenticator::authenticate(self, token).await {
+                Ok(daemon) => {
+                    tracing::debug!(claimed, node = %daemon.node, user = %daemon.username, pod = ?daemon.pod, "TokenReview authenticated a node daemon");
+                    Ok(daemon.node)
+                }
+                Err(e) if e.is_unavailable() => Err(JoinRefusal::Unavailable(e.to_string())),
+                Err(e) => Err(JoinRefusal::Unauthenticated(e.to_string())),
+            }
+        })
+    }
+}
+
 /// Why a node was refused a workload certificate.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
@@ -206,6 +240,31 @@ pub fn authorize_identity(inv: &Inventory, node: &str, requested: &str) -> Resul
         Some(nodes) if nodes.iter().any(|n| n == node) => Ok(()),
         Some(nodes) => {
             Err(Denied::NotOnNode { node: node.into(), id: requested.into(), nodes: nodes.clone() })
+        }
+    }
+}
+
+/// The CA's placement (which nodes run pods of each identity) from an
+/// inventory of the whole cluster ([`crate::run`] with `node: None`). Pods
+/// whose names cannot form a SPIFFE id are left out (the CA then refuses them).
+pub fn placement(inv: &Inventory) -> Placement {
+    inv.pods
+        .values()
+        .filter_map(|p| {
+            let id = SpiffeId::new(&inv.trust_domain, &p.namespace, &p.service_account).ok()?;
+            Some((id, p.node.clone()))
+        })
+        .collect()
+}
+
+/// Keeps `shared` equal to the placement of every inventory published on
+/// `rx` (the first one included), until the sender is gone.
+pub async fn follow_placement(mut rx: watch::Receiver<Inventory>, shared: SharedPlacement) {
+    loop {
+        let next = placement(&rx.borrow_and_update());
+        shared.replace(next);
+        if rx.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -235,7 +235,7 @@ fn unique_id() -> String {
 impl Topology {
     /// Builds `nodes` nodes with `pods_per_node` pods each.
     pub fn build(nodes: usize, pods_per_node: usize) -> io::Result<Self> {
-        assert!(nodes >= 1 && nodes <= 200 && pods_per_node <= 250, "topology too large");
+        assert!((1..=200).contains(&nodes) && pods_per_node <= 250, "topology too large");
         let id = unique_id();
         let lan = format!("{PREFIX}{id}-lan");
         let cgroup_dir = cgroup2_root().map(|r| r.join(format!("{PREFIX}{id}")));
@@ -277,7 +277,18 @@ impl Topology {
         t.nodes.push(node.clone());
         sh(&["ip", "netns", "add", &ns])?;
         ip(&ns, "link set lo up")?;
-        sh(&["ip", "netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])?;
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+        ])?;
         ip(&t.lan, &format!("link add l{n} type veth peer name eth0 netns {ns}"))?;
         ip(&t.lan, &format!("link set l{n} master br0 up"))?;
         ip(&ns, &format!("addr add {}/24 dev eth0", node.ip4))?;
@@ -332,7 +343,16 @@ impl Topology {
         ip(&ns, &format!("route replace default via 10.77.{nn}.1 dev eth0"))?;
         ip(&ns, &format!("-6 route add fd77:{nn:x}::1/128 dev eth0"))?;
         ip(&ns, &format!("-6 route replace default via fd77:{nn:x}::1 dev eth0"))?;
-        sh(&["ip", "netns", "exec", &node_ns, "sysctl", "-qw", &format!("net.ipv4.conf.p{p}.proxy_arp=1"), &format!("net.ipv6.conf.p{p}.proxy_ndp=1")])?;
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &node_ns,
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.p{p}.proxy_arp=1"),
+            &format!("net.ipv6.conf.p{p}.proxy_ndp=1"),
+        ])?;
         ip(&node_ns, &format!("-6 neigh add proxy fd77:{nn:x}::1 dev p{p}"))?;
         if !cgroup.as_os_str().is_empty() {
             fs::create_dir_all(&cgroup)?;
@@ -401,7 +421,12 @@ impl Topology {
     }
 
     /// A command that will run inside `netns` (and `cgroup`, if given).
-    pub fn command_in(netns: &str, cgroup: Option<&Path>, program: &str, args: &[&str]) -> io::Result<Command> {
+    pub fn command_in(
+        netns: &str,
+        cgroup: Option<&Path>,
+        program: &str,
+        args: &[&str],
+    ) -> io::Result<Command> {
         let f = fs::File::open(Path::new("/run/netns").join(netns))?;
         let procs = match cgroup {
             Some(c) if !c.as_os_str().is_empty() => {
@@ -502,7 +527,10 @@ fn kill_netns_pids(ns: &str) {
     if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
             if let Ok(pid) = pid.parse::<i32>() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
     }
@@ -577,7 +605,10 @@ pub fn tlsmesh_bin() -> PathBuf {
             return cand;
         }
     }
-    panic!("tlsmesh binary not found next to {}; build it with `cargo build -p tlsmesh`", exe.display());
+    panic!(
+        "tlsmesh binary not found next to {}; build it with `cargo build -p tlsmesh`",
+        exe.display()
+    );
 }
 
 /// Waits until `f` returns `Some`, polling, up to `timeout`.
@@ -616,12 +647,23 @@ impl LinkCapture {
     pub fn start(topo: &Topology) -> io::Result<Self> {
         let file = topo.scratch_dir().join(format!("lan-{}.pcap", rand::random::<u32>()));
         let f = file.display().to_string();
-        let mut cmd = Topology::command_in(topo.lan_netns(), None, "tcpdump", &["-i", "br0", "-U", "-s", "0", "-w", &f, "ip or ip6"])?;
+        let mut cmd = Topology::command_in(
+            topo.lan_netns(),
+            None,
+            "tcpdump",
+            &["-i", "br0", "-U", "-s", "0", "-w", &f, "ip or ip6"],
+        )?;
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
         let proc = topo.spawn("tcpdump", cmd)?;
         // tcpdump writes the pcap header once it is capturing.
-        wait_for(Duration::from_secs(5), || fs::metadata(&file).ok().filter(|m| m.len() > 0).map(|_| ()))
-            .ok_or_else(|| io::Error::other("tcpdump did not start (is it installed? scripts/bootstrap.sh installs it)"))?;
+        wait_for(Duration::from_secs(5), || {
+            fs::metadata(&file).ok().filter(|m| m.len() > 0).map(|_| ())
+        })
+        .ok_or_else(|| {
+            io::Error::other(
+                "tcpdump did not start (is it installed? scripts/bootstrap.sh installs it)",
+            )
+        })?;
         std::thread::sleep(Duration::from_millis(200));
         Ok(Self { proc, file })
     }
@@ -638,7 +680,9 @@ impl LinkCapture {
 /// A TCP echo server inside `netns` (a thread per connection; it half-closes
 /// after the client did). Lives until the process ends or the netns goes.
 pub fn echo_server(netns: &str, addr: std::net::SocketAddr) {
-    let l = Topology::in_netns(netns, move || std::net::TcpListener::bind(addr).expect("bind echo server"));
+    let l = Topology::in_netns(netns, move || {
+        std::net::TcpListener::bind(addr).expect("bind echo server")
+    });
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
             std::thread::spawn(move || {
@@ -672,9 +716,17 @@ pub enum Role {
 /// Writes an inventory for the topology: every pod in the namespace its role
 /// names, with service account = pod name. Returns the file's path.
 pub fn write_inventory(topo: &Topology, file: &str, role: &dyn Fn(&Pod) -> Role) -> PathBuf {
+    use std::fmt::Write as _;
     let mut s = String::from("trust_domain = \"cluster.local\"\n");
     for n in topo.nodes() {
-        s += &format!("[[node]]\nname = \"{}\"\naddresses = [\"{}\", \"{}\", \"{}\"]\n", n.name, n.ip4, n.ip6, gateway4(n));
+        let _ = writeln!(
+            s,
+            "[[node]]\nname = \"{}\"\naddresses = [\"{}\", \"{}\", \"{}\"]",
+            n.name,
+            n.ip4,
+            n.ip6,
+            gateway4(n)
+        );
     }
     s += "[[namespace]]\nname = \"strict\"\nmode = \"strict\"\n[[namespace]]\nname = \"permissive\"\nmode = \"permissive\"\n";
     for n in topo.nodes() {
@@ -685,8 +737,9 @@ pub fn write_inventory(topo: &Topology, file: &str, role: &dyn Fn(&Pod) -> Role)
                 Role::Plain => "plain",
                 Role::Absent => continue,
             };
-            s += &format!(
-                "[[pod]]\nname = \"{}\"\nnamespace = \"{ns}\"\nservice_account = \"{}\"\nnode = \"{}\"\nips = [\"{}\", \"{}\"]\nnetns = \"{}\"\n",
+            let _ = writeln!(
+                s,
+                "[[pod]]\nname = \"{}\"\nnamespace = \"{ns}\"\nservice_account = \"{}\"\nnode = \"{}\"\nips = [\"{}\", \"{}\"]\nnetns = \"{}\"",
                 p.name, p.name, n.name, p.ip4, p.ip6, p.netns_path().display()
             );
         }
@@ -730,7 +783,13 @@ impl Daemon {
     }
 
     /// Starts a daemon with an explicit pin directory (restarts reuse it).
-    pub fn start_with_pin(topo: &Topology, node: &Node, pin_dir: &Path, inventory: &Path, extra: &[&str]) -> Self {
+    pub fn start_with_pin(
+        topo: &Topology,
+        node: &Node,
+        pin_dir: &Path,
+        inventory: &Path,
+        extra: &[&str],
+    ) -> Self {
         Self::start_with_env(topo, node, pin_dir, inventory, extra, &[])
     }
 
@@ -759,9 +818,11 @@ impl Daemon {
             args.push(topo.ca_dir().display().to_string());
         }
         args.extend(extra.iter().filter(|a| **a != "--no-ca").map(ToString::to_string));
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut cmd = Topology::command_in(&node.netns, None, &bin.to_string_lossy(), &argv).expect("daemon command");
-        let log_path = topo.scratch_dir().join(format!("daemon-{}-{}.log", node.name, rand::random::<u32>()));
+        let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut cmd = Topology::command_in(&node.netns, None, &bin.to_string_lossy(), &arg_refs)
+            .expect("daemon command");
+        let log_path =
+            topo.scratch_dir().join(format!("daemon-{}-{}.log", node.name, rand::random::<u32>()));
         let log = fs::File::create(&log_path).expect("daemon log");
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         if std::env::var_os("RUST_LOG").is_none() {
@@ -784,7 +845,12 @@ impl Daemon {
     /// Waits for `/healthz/ready`; panics with the daemon's log when it dies.
     pub fn wait_ready(&mut self) {
         let ok = wait_for(Duration::from_secs(20), || {
-            assert!(self.proc.running(), "daemon for {} exited during start-up:\n{}", self.node, fs::read_to_string(&self.log).unwrap_or_default());
+            assert!(
+                self.proc.running(),
+                "daemon for {} exited during start-up:\n{}",
+                self.node,
+                fs::read_to_string(&self.log).unwrap_or_default()
+            );
             self.get("/healthz/ready").ok().filter(|(code, _)| *code == 200)
         });
         assert!(ok.is_some(), "daemon for {} not ready within 20 s", self.node);
@@ -795,7 +861,10 @@ impl Daemon {
         let path = path.to_string();
         Topology::in_netns(&self.netns, move || -> io::Result<(u16, serde_json::Value)> {
             use std::io::Read as _;
-            let mut s = std::net::TcpStream::connect_timeout(&"127.0.0.1:15000".parse().expect("addr"), Duration::from_secs(2))?;
+            let mut s = std::net::TcpStream::connect_timeout(
+                &"127.0.0.1:15000".parse().expect("addr"),
+                Duration::from_secs(2),
+            )?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
             write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
             let mut buf = String::new();

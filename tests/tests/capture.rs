@@ -3,6 +3,18 @@
 //! permissive, fail closed across a daemon kill and restart, uninstall,
 //! 1,000 concurrent connections, pod churn, bad inventories.
 
+#![allow(
+    clippy::similar_names,
+    clippy::many_single_char_names,
+    clippy::cast_possible_truncation,
+    clippy::format_push_string,
+    clippy::items_after_statements,
+    clippy::large_stack_arrays,
+    clippy::too_many_lines,
+    clippy::format_collect,
+    reason = "test scenarios: long, explicit, with throwaway names"
+)]
+
 use std::{
     io::{Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -54,7 +66,7 @@ fn send(netns: &str, dst: SocketAddr, len: usize) -> std::io::Result<Sent> {
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut left = len;
         while left > 0 {
-            for b in chunk.iter_mut() {
+            for b in &mut chunk {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
@@ -89,7 +101,13 @@ fn enrolled_pod_outbound_is_captured_v4_and_v6() {
     }
     let topo = Topology::build(2, 1).expect("topology");
     let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
-    let inv = write_inventory(&topo, "inv.toml", &|p| if p.name == "n0p0" { Role::Permissive } else { Role::Plain });
+    let inv = write_inventory(&topo, "inv.toml", &|p| {
+        if p.name == "n0p0" {
+            Role::Permissive
+        } else {
+            Role::Plain
+        }
+    });
     let d = Daemon::start(&topo, 0, &inv, &[]);
     for v6 in [false, true] {
         let dst = SocketAddr::new(ip_of(&server, v6), 9000 + u16::from(v6));
@@ -99,7 +117,11 @@ fn enrolled_pod_outbound_is_captured_v4_and_v6() {
         let r = send(&client.netns, dst, len).expect("send through the daemon");
         assert_eq!(r.server_hash, r.local_hash, "bytes arrive intact ({len} bytes, v6={v6})");
         assert_eq!(r.peer_seen_by_client, dst, "getpeername shows the original destination");
-        assert_eq!(r.server_saw, ip_of(&client, v6).to_string(), "passthrough leaves with the pod's own address");
+        assert_eq!(
+            r.server_saw,
+            ip_of(&client, v6).to_string(),
+            "passthrough leaves with the pod's own address"
+        );
         assert_eq!(d.counter("outbound_accepted"), before + 1, "the daemon carried it (v6={v6})");
     }
     assert!(d.counter("outbound_passthrough") >= 2);
@@ -112,7 +134,13 @@ fn unenrolled_pods_the_node_and_the_daemon_are_not_captured() {
         return;
     }
     let topo = Topology::build(2, 2).expect("topology");
-    let inv = write_inventory(&topo, "inv.toml", &|p| if p.name == "n0p0" { Role::Strict } else { Role::Plain });
+    let inv = write_inventory(&topo, "inv.toml", &|p| {
+        if p.name == "n0p0" {
+            Role::Strict
+        } else {
+            Role::Plain
+        }
+    });
     let d = Daemon::start(&topo, 0, &inv, &[]);
     let server = topo.pod(1, 0).clone();
     let dst = SocketAddr::new(server.ip4.into(), 9100);
@@ -131,7 +159,10 @@ fn unenrolled_pods_the_node_and_the_daemon_are_not_captured() {
     let r = send(&topo.pod(0, 0).netns, dst, 1 << 20).expect("captured");
     assert_eq!(r.server_hash, r.local_hash);
     assert_eq!(d.counter("outbound_accepted"), base + 1);
-    assert!(d.kernel_counter("daemon_skipped") > skipped, "the daemon's own connect was recognised and left alone");
+    assert!(
+        d.kernel_counter("daemon_skipped") > skipped,
+        "the daemon's own connect was recognised and left alone"
+    );
 }
 
 #[test]
@@ -165,11 +196,16 @@ fn inbound_strict_refuses_plaintext_permissive_counts_it_probes_pass() {
         let acc_before = d1.counter("inbound_plaintext_accepted");
         let r = send(&outsider.netns, p_addr, 1 << 20).expect("permissive accepts plaintext");
         assert_eq!(r.server_hash, r.local_hash);
-        assert_eq!(d1.counter("inbound_plaintext_accepted"), acc_before + 1, "plaintext to permissive is counted");
+        assert_eq!(
+            d1.counter("inbound_plaintext_accepted"),
+            acc_before + 1,
+            "plaintext to permissive is counted"
+        );
     }
     // A kubelet-style probe from the node itself reaches even the strict pod.
     let probe_before = d1.counter("inbound_probe_accepted");
-    let r = send(&topo.node(1).netns, SocketAddr::new(strict.ip4.into(), 8080), 1024).expect("probe");
+    let r =
+        send(&topo.node(1).netns, SocketAddr::new(strict.ip4.into(), 8080), 1024).expect("probe");
     assert_eq!(r.server_hash, r.local_hash);
     assert_eq!(d1.counter("inbound_probe_accepted"), probe_before + 1);
     assert!(d1.kernel_counter("inbound_steered") >= 5);
@@ -182,7 +218,11 @@ fn link_ids(pin_dir: &std::path::Path) -> Vec<u64> {
         if !(name.starts_with("link_") || name.starts_with("sk_lookup_")) {
             continue;
         }
-        let out = Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(e.path()).output().expect("bpftool");
+        let out = Command::new("bpftool")
+            .args(["-j", "link", "show", "pinned"])
+            .arg(e.path())
+            .output()
+            .expect("bpftool");
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
         ids.push(v["id"].as_u64().expect("link id"));
     }
@@ -196,7 +236,13 @@ fn fail_closed_restart_readopts_uninstall_leaves_nothing() {
     }
     let topo = Topology::build(2, 1).expect("topology");
     let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
-    let inv = write_inventory(&topo, "inv.toml", &|p| if p.name == "n0p0" { Role::Strict } else { Role::Plain });
+    let inv = write_inventory(&topo, "inv.toml", &|p| {
+        if p.name == "n0p0" {
+            Role::Strict
+        } else {
+            Role::Plain
+        }
+    });
     let dst = SocketAddr::new(server.ip4.into(), 9200);
     hash_server(&server.netns, dst);
     let mut d = Daemon::start(&topo, 0, &inv, &[]);
@@ -205,7 +251,8 @@ fn fail_closed_restart_readopts_uninstall_leaves_nothing() {
     assert_eq!(links.len(), 6, "5 cgroup links + 1 sk_lookup link pinned");
 
     d.proc.kill();
-    let err = send(&client.netns, dst, 4096).err().expect("with the daemon dead the connect must fail");
+    let err =
+        send(&client.netns, dst, 4096).err().expect("with the daemon dead the connect must fail");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
 
     let node = topo.node(0).clone();
@@ -227,7 +274,8 @@ fn fail_closed_restart_readopts_uninstall_leaves_nothing() {
     assert!(!pin_dir.exists());
     let all = Command::new("bpftool").args(["-j", "link", "list"]).output().expect("bpftool");
     let all: serde_json::Value = serde_json::from_slice(&all.stdout).expect("json");
-    let live: Vec<u64> = all.as_array().expect("array").iter().filter_map(|l| l["id"].as_u64()).collect();
+    let live: Vec<u64> =
+        all.as_array().expect("array").iter().filter_map(|l| l["id"].as_u64()).collect();
     for id in links {
         assert!(!live.contains(&id), "link {id} still exists after uninstall");
     }
@@ -243,7 +291,13 @@ fn thousand_concurrent_connections_from_one_pod() {
     }
     let topo = Topology::build(2, 1).expect("topology");
     let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
-    let inv = write_inventory(&topo, "inv.toml", &|p| if p.name == "n0p0" { Role::Permissive } else { Role::Plain });
+    let inv = write_inventory(&topo, "inv.toml", &|p| {
+        if p.name == "n0p0" {
+            Role::Permissive
+        } else {
+            Role::Plain
+        }
+    });
     let d = Daemon::start(&topo, 0, &inv, &[]);
     let dst = SocketAddr::new(server.ip4.into(), 9300);
     // An echo server that answers each connection with its first 8 bytes.
@@ -285,7 +339,7 @@ fn thousand_concurrent_connections_from_one_pod() {
 }
 
 fn daemon_fds(d: &Daemon) -> usize {
-    std::fs::read_dir(format!("/proc/{}/fd", d.proc.pid())).map(Iterator::count).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{}/fd", d.proc.pid())).map_or(0, Iterator::count)
 }
 
 #[test]
@@ -303,19 +357,36 @@ fn pod_churn_leaks_nothing_and_bad_inventory_keeps_valid_pods() {
     for round in 0..2 {
         write_inventory(&topo, "inv.toml", &|_| Role::Permissive);
         assert!(
-            wait_for(Duration::from_secs(30), || (d.config_dump()["pods"].as_array().map_or(0, Vec::len) == 100).then_some(())).is_some(),
+            wait_for(Duration::from_secs(30), || (d.config_dump()["pods"]
+                .as_array()
+                .map_or(0, Vec::len)
+                == 100)
+                .then_some(()))
+            .is_some(),
             "round {round}: 100 pods enrolled"
         );
         assert_eq!(d.kernel_counter("enrolled_netns"), 100);
         write_inventory(&topo, "inv.toml", &only_first);
         assert!(
-            wait_for(Duration::from_secs(30), || (d.config_dump()["pods"].as_array().map_or(0, Vec::len) == 1).then_some(())).is_some(),
+            wait_for(Duration::from_secs(30), || (d.config_dump()["pods"]
+                .as_array()
+                .map_or(0, Vec::len)
+                == 1)
+                .then_some(()))
+            .is_some(),
             "round {round}: back to 1 pod"
         );
     }
-    assert!(wait_for(Duration::from_secs(10), || (daemon_fds(&d) <= fds0 + 2).then_some(())).is_some(), "fds: {} vs {fds0}", daemon_fds(&d));
+    assert!(
+        wait_for(Duration::from_secs(10), || (daemon_fds(&d) <= fds0 + 2).then_some(())).is_some(),
+        "fds: {} vs {fds0}",
+        daemon_fds(&d)
+    );
     assert_eq!(d.kernel_counter("enrolled_netns"), 1, "no leaked enrollment entries");
-    let pins = std::fs::read_dir(&d.pin_dir).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("sk_lookup_")).count();
+    let pins = std::fs::read_dir(&d.pin_dir)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("sk_lookup_"))
+        .count();
     assert_eq!(pins, 1, "no leaked sk_lookup attachments");
 
     // Bad entries: a missing netns and a duplicate pod are reported, the valid pod is served.
@@ -330,7 +401,11 @@ fn pod_churn_leaks_nothing_and_bad_inventory_keeps_valid_pods() {
     .expect("two problems reported");
     let all = format!("{problems:?}");
     assert!(all.contains("does-not-exist") && all.contains("duplicate pod"), "{all}");
-    assert_eq!(d.config_dump()["pods"].as_array().unwrap().len(), 1, "the valid pod is still served");
+    assert_eq!(
+        d.config_dump()["pods"].as_array().unwrap().len(),
+        1,
+        "the valid pod is still served"
+    );
     // A malformed file keeps the previous inventory.
     std::fs::write(&inv, "this is [not toml").unwrap();
     std::thread::sleep(Duration::from_millis(1500));
@@ -349,7 +424,8 @@ fn same_node_enrolled_pods_skip_tls_and_a_vanishing_netns_is_survived() {
     let topo = Topology::build(1, 3).expect("topology");
     let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
     let d = Daemon::start(&topo, 0, &inv, &[]);
-    let (client, server, doomed) = (topo.pod(0, 0).clone(), topo.pod(0, 1).clone(), topo.pod(0, 2).clone());
+    let (client, server, doomed) =
+        (topo.pod(0, 0).clone(), topo.pod(0, 1).clone(), topo.pod(0, 2).clone());
     let dst = SocketAddr::new(server.ip4.into(), 9400);
     hash_server(&server.netns, dst);
     let r = send(&client.netns, dst, 8 << 20).expect("same-node delivery");
@@ -363,7 +439,8 @@ fn same_node_enrolled_pods_skip_tls_and_a_vanishing_netns_is_survived() {
     netkit::sh(&["ip", "netns", "del", &doomed.netns]).unwrap();
     let gone = wait_for(Duration::from_secs(10), || {
         let dump = d.config_dump();
-        let listed = dump["pods"].as_array().is_some_and(|p| p.iter().any(|x| x["key"] == "strict/n0p2"));
+        let listed =
+            dump["pods"].as_array().is_some_and(|p| p.iter().any(|x| x["key"] == "strict/n0p2"));
         (!listed).then_some(dump)
     })
     .expect("the vanished pod is released");

@@ -2,6 +2,18 @@
 //! program attaches at the cgroup-v2 root gated by the netns-cookie map, and
 //! only the enrolled pod's connect is rewritten.
 
+#![allow(
+    clippy::similar_names,
+    clippy::many_single_char_names,
+    clippy::cast_possible_truncation,
+    clippy::format_push_string,
+    clippy::items_after_statements,
+    clippy::large_stack_arrays,
+    clippy::too_many_lines,
+    clippy::format_collect,
+    reason = "test scenarios: long, explicit, with throwaway names"
+)]
+
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -69,9 +81,16 @@ fn connect4_rewrites_only_enrolled_pods() {
     capture.enroll(cookie, MODE_PERMISSIVE).unwrap();
 
     let (said, peer) = ask(&enrolled.netns, server);
-    assert_eq!(said, "captured", "the enrolled pod's connect must be rewritten to the outbound listener");
+    assert_eq!(
+        said, "captured",
+        "the enrolled pod's connect must be rewritten to the outbound listener"
+    );
     assert_eq!(peer, server, "getpeername must still show the original destination");
-    assert_eq!(ask(&other.netns, server).0, "real", "a pod that is not enrolled must not be captured");
+    assert_eq!(
+        ask(&other.netns, server).0,
+        "real",
+        "a pod that is not enrolled must not be captured"
+    );
     assert!(capture.counters()[counter::CAPTURED as usize] >= 1);
 
     // Releasing the pod stops capture at once.

@@ -2,6 +2,18 @@
 //! connections with the new serial, revocation closing open tunnels, the CA
 //! service with join tokens, and bad CA files refused with a clear error.
 
+#![allow(
+    clippy::similar_names,
+    clippy::many_single_char_names,
+    clippy::cast_possible_truncation,
+    clippy::format_push_string,
+    clippy::items_after_statements,
+    clippy::large_stack_arrays,
+    clippy::too_many_lines,
+    clippy::format_collect,
+    reason = "test scenarios: long, explicit, with throwaway names"
+)]
+
 use std::{
     collections::BTreeSet,
     io::{Read, Write},
@@ -14,15 +26,24 @@ use std::{
     time::{Duration, Instant},
 };
 
-use netkit::{echo_server, require_root, tlsmesh_bin, wait_for, write_inventory, Daemon, Role, Topology};
+use netkit::{
+    echo_server, require_root, tlsmesh_bin, wait_for, write_inventory, Daemon, Role, Topology,
+};
 
 /// A long-lived echo conversation: one 1 KiB message every `every`, until
 /// `stop` or an error. Returns (messages echoed intact, error if any).
-fn conversation(netns: &str, dst: SocketAddr, every: Duration, stop: Arc<AtomicBool>, count: Arc<AtomicU64>) -> std::thread::JoinHandle<Result<(), String>> {
+fn conversation(
+    netns: &str,
+    dst: SocketAddr,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<Result<(), String>> {
     let netns = netns.to_string();
     std::thread::spawn(move || {
         Topology::in_netns(&netns, move || {
-            let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+            let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(10))
+                .map_err(|e| e.to_string())?;
             s.set_read_timeout(Some(Duration::from_secs(20))).map_err(|e| e.to_string())?;
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -55,7 +76,11 @@ fn ask(netns: &str, dst: SocketAddr) -> std::io::Result<()> {
 
 fn cert_serial(d: &Daemon, identity: &str) -> Option<String> {
     let dump = d.config_dump();
-    dump["certificates"].as_array()?.iter().find(|c| c["identity"] == identity).and_then(|c| c["serial"].as_str().map(String::from))
+    dump["certificates"]
+        .as_array()?
+        .iter()
+        .find(|c| c["identity"] == identity)
+        .and_then(|c| c["serial"].as_str().map(String::from))
 }
 
 fn inbound_serials(d: &Daemon, peer: &str) -> BTreeSet<String> {
@@ -85,7 +110,13 @@ fn rotation_keeps_a_five_minute_stream_and_new_connections_use_the_new_serial() 
 
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
-    let long = conversation(&client.netns, dst, Duration::from_millis(200), Arc::clone(&stop), Arc::clone(&count));
+    let long = conversation(
+        &client.netns,
+        dst,
+        Duration::from_millis(200),
+        Arc::clone(&stop),
+        Arc::clone(&count),
+    );
 
     let started = Instant::now();
     let mut seen_serials = BTreeSet::new();
@@ -95,8 +126,14 @@ fn rotation_keeps_a_five_minute_stream_and_new_connections_use_the_new_serial() 
             if seen_serials.insert(s.clone()) {
                 // A new certificate: the next new connection must present it.
                 ask(&client.netns, dst).expect("a new connection after a rotation");
-                let got = wait_for(Duration::from_secs(5), || inbound_serials(&d1, client_id).contains(&s).then_some(()));
-                assert!(got.is_some(), "a new connection after rotation presents serial {s}; server saw {:?}", inbound_serials(&d1, client_id));
+                let got = wait_for(Duration::from_secs(5), || {
+                    inbound_serials(&d1, client_id).contains(&s).then_some(())
+                });
+                assert!(
+                    got.is_some(),
+                    "a new connection after rotation presents serial {s}; server saw {:?}",
+                    inbound_serials(&d1, client_id)
+                );
                 used_serials.insert(s);
             }
         }
@@ -105,7 +142,10 @@ fn rotation_keeps_a_five_minute_stream_and_new_connections_use_the_new_serial() 
     }
     stop.store(true, Ordering::Relaxed);
     long.join().expect("stream thread").expect("the 5-minute stream stayed up across rotations");
-    assert!(seen_serials.len() >= 5, "at least 4 rotations in 5 minutes with 60 s certificates: {seen_serials:?}");
+    assert!(
+        seen_serials.len() >= 5,
+        "at least 4 rotations in 5 minutes with 60 s certificates: {seen_serials:?}"
+    );
     assert_eq!(used_serials, seen_serials);
     assert!(count.load(Ordering::Relaxed) > 1000, "the stream kept moving");
 }
@@ -127,9 +167,20 @@ fn revoking_a_serial_closes_open_tunnels_and_refuses_new_ones() {
     echo_server(&server.netns, dst);
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
-    let long = conversation(&client.netns, dst, Duration::from_millis(50), Arc::clone(&stop), Arc::clone(&count));
-    assert!(wait_for(Duration::from_secs(10), || (count.load(Ordering::Relaxed) > 10).then_some(())).is_some(), "stream flowing");
-    let serial = cert_serial(&d0, "spiffe://cluster.local/ns/strict/sa/n0p0").expect("client serial in the admin API");
+    let long = conversation(
+        &client.netns,
+        dst,
+        Duration::from_millis(50),
+        Arc::clone(&stop),
+        Arc::clone(&count),
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || (count.load(Ordering::Relaxed) > 10).then_some(()))
+            .is_some(),
+        "stream flowing"
+    );
+    let serial = cert_serial(&d0, "spiffe://cluster.local/ns/strict/sa/n0p0")
+        .expect("client serial in the admin API");
 
     std::fs::write(&deny, format!("# revoked serials\n{serial}\n")).unwrap();
     let revoked_at = Instant::now();
@@ -138,7 +189,10 @@ fn revoking_a_serial_closes_open_tunnels_and_refuses_new_ones() {
     let r = long.join().unwrap();
     assert!(r.is_err(), "the stream ended with an error: {r:?}");
     eprintln!("tunnel closed {:?} after the revocation", revoked_at.elapsed());
-    assert!(ask(&client.netns, dst).is_err(), "a new connection with the revoked certificate is refused");
+    assert!(
+        ask(&client.netns, dst).is_err(),
+        "a new connection with the revoked certificate is refused"
+    );
     assert!(d1.log_text().contains("revoked"), "the refusal names the revocation");
     stop.store(true, Ordering::Relaxed);
 }
@@ -155,7 +209,11 @@ fn ca_service_issues_only_for_pods_on_the_asking_node() {
     let tokens = dir.join("tokens.json");
     let mut token_files = Vec::new();
     for n in topo.nodes() {
-        let out = Command::new(tlsmesh_bin()).args(["ca", "token", "--node", &n.name, "--tokens"]).arg(&tokens).output().unwrap();
+        let out = Command::new(tlsmesh_bin())
+            .args(["ca", "token", "--node", &n.name, "--tokens"])
+            .arg(&tokens)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let f = dir.join(format!("token-{}", n.name));
         std::fs::write(&f, String::from_utf8_lossy(&out.stdout).trim()).unwrap();
@@ -166,8 +224,18 @@ fn ca_service_issues_only_for_pods_on_the_asking_node() {
     let ca_addr = SocketAddr::new(n0.ip4.into(), 15012);
     let bin = tlsmesh_bin();
     let args: Vec<String> = vec![
-        "ca".into(), "serve".into(), "--dir".into(), ca_dir.display().to_string(), "--listen".into(), ca_addr.to_string(),
-        "--server-name".into(), n0.ip4.to_string(), "--inventory".into(), inv.display().to_string(), "--tokens".into(), tokens.display().to_string(),
+        "ca".into(),
+        "serve".into(),
+        "--dir".into(),
+        ca_dir.display().to_string(),
+        "--listen".into(),
+        ca_addr.to_string(),
+        "--server-name".into(),
+        n0.ip4.to_string(),
+        "--inventory".into(),
+        inv.display().to_string(),
+        "--tokens".into(),
+        tokens.display().to_string(),
     ];
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut cmd = Topology::command_in(&n0.netns, None, &bin.to_string_lossy(), &argv).unwrap();
@@ -178,15 +246,31 @@ fn ca_service_issues_only_for_pods_on_the_asking_node() {
     let mut daemons = Vec::new();
     for (i, n) in topo.nodes().iter().enumerate() {
         let tf = token_files[i].display().to_string();
-        let extra = ["--ca-addr", ca.as_str(), "--ca-bundle", bundle.as_str(), "--join-token-file", tf.as_str()];
-        daemons.push(Daemon::start_with_pin(&topo, n, &topo.pin_dir(&format!("ca{i}")), &inv, &extra));
+        let extra = [
+            "--ca-addr",
+            ca.as_str(),
+            "--ca-bundle",
+            bundle.as_str(),
+            "--join-token-file",
+            tf.as_str(),
+        ];
+        daemons.push(Daemon::start_with_pin(
+            &topo,
+            n,
+            &topo.pin_dir(&format!("ca{i}")),
+            &inv,
+            &extra,
+        ));
     }
     let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
     let dst = SocketAddr::new(server.ip4.into(), 7000);
     echo_server(&server.netns, dst);
     ask(&client.netns, dst).expect("traffic with certificates from the CA service");
     assert!(cert_serial(&daemons[0], "spiffe://cluster.local/ns/strict/sa/n0p0").is_some());
-    assert!(cert_serial(&daemons[0], "spiffe://cluster.local/ns/strict/sa/n1p0").is_none(), "node 0 holds no certificate of node 1's pod");
+    assert!(
+        cert_serial(&daemons[0], "spiffe://cluster.local/ns/strict/sa/n1p0").is_none(),
+        "node 0 holds no certificate of node 1's pod"
+    );
 
     // A node asking for an identity it does not host is refused and logged.
     let ca_log = std::fs::read_to_string(dir.join("ca.log")).unwrap_or_default();
@@ -197,9 +281,20 @@ fn ca_service_issues_only_for_pods_on_the_asking_node() {
     let out = Command::new("nsenter")
         .arg(format!("--net={}", topo.node(1).netns_path().display()))
         .arg(&bin)
-        .args(["node", "--node", "n1", "--inventory"]).arg(&inv)
-        .args(["--pin-dir"]).arg(topo.pin_dir("badtoken"))
-        .args(["--admin-addr", "127.0.0.1:15099", "--ca-addr", &ca, "--ca-bundle", &bundle, "--join-token-file"]).arg(&bad)
+        .args(["node", "--node", "n1", "--inventory"])
+        .arg(&inv)
+        .args(["--pin-dir"])
+        .arg(topo.pin_dir("badtoken"))
+        .args([
+            "--admin-addr",
+            "127.0.0.1:15099",
+            "--ca-addr",
+            &ca,
+            "--ca-bundle",
+            &bundle,
+            "--join-token-file",
+        ])
+        .arg(&bad)
         .output()
         .unwrap();
     assert!(!out.status.success(), "a wrong join token must stop the daemon");
@@ -220,8 +315,10 @@ fn bad_ca_files_are_clear_errors() {
         let out = Command::new("nsenter")
             .arg(format!("--net={}", topo.node(0).netns_path().display()))
             .arg(tlsmesh_bin())
-            .args(["node", "--node", "n0", "--inventory"]).arg(&inv)
-            .args(["--pin-dir"]).arg(topo.pin_dir("bad"))
+            .args(["node", "--node", "n0", "--inventory"])
+            .arg(&inv)
+            .args(["--pin-dir"])
+            .arg(topo.pin_dir("bad"))
             .args(extra)
             .output()
             .unwrap();
@@ -236,7 +333,14 @@ fn bad_ca_files_are_clear_errors() {
     let missing = topo.scratch_dir().join("nope");
     let e = run(&["--ca-dir", &missing.display().to_string()]);
     assert!(e.contains("nope"), "missing file named: {e}");
-    let e = run(&["--ca-addr", "127.0.0.1:1", "--ca-bundle", "/nonexistent/ca.pem", "--join-token-file", "/x"]);
+    let e = run(&[
+        "--ca-addr",
+        "127.0.0.1:1",
+        "--ca-bundle",
+        "/nonexistent/ca.pem",
+        "--join-token-file",
+        "/x",
+    ]);
     assert!(e.contains("/nonexistent/ca.pem"), "unreadable bundle named: {e}");
 }
 
@@ -275,7 +379,12 @@ fn decode_base64(s: &str) -> Vec<u8> {
 }
 
 fn roots_of(d: &Daemon) -> BTreeSet<String> {
-    d.config_dump()["trust_roots"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect()
+    d.config_dump()["trust_roots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect()
 }
 
 #[test]
@@ -289,7 +398,11 @@ fn ca_rotation_runbook_without_interruption() {
     let bin = tlsmesh_bin();
     let old = topo.ca_dir();
     let new = dir.join("ca-new");
-    let out = Command::new(&bin).args(["ca", "init", "--trust-domain", "cluster.local", "--dir"]).arg(&new).output().unwrap();
+    let out = Command::new(&bin)
+        .args(["ca", "init", "--trust-domain", "cluster.local", "--dir"])
+        .arg(&new)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     // The CA serves from a "live" directory the runbook edits.
     let live = dir.join("ca-live");
@@ -299,10 +412,15 @@ fn ca_rotation_runbook_without_interruption() {
         for f in ["ca.pem", "ca.key"] {
             let tmp = live.join(format!("{f}.tmp"));
             std::fs::copy(from.join(f), &tmp).unwrap();
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(if f == "ca.key" { 0o600 } else { 0o644 })).unwrap();
+            std::fs::set_permissions(
+                &tmp,
+                std::fs::Permissions::from_mode(if f == "ca.key" { 0o600 } else { 0o644 }),
+            )
+            .unwrap();
             std::fs::rename(&tmp, live.join(f)).unwrap();
         }
-        let text: String = bundle.iter().map(|d| std::fs::read_to_string(d.join("ca.pem")).unwrap()).collect();
+        let text: String =
+            bundle.iter().map(|d| std::fs::read_to_string(d.join("ca.pem")).unwrap()).collect();
         std::fs::write(live.join("bundle.tmp"), text).unwrap();
         std::fs::rename(live.join("bundle.tmp"), live.join("bundle.pem")).unwrap();
     };
@@ -310,7 +428,11 @@ fn ca_rotation_runbook_without_interruption() {
     let tokens = dir.join("tokens.json");
     let mut token_files = Vec::new();
     for n in topo.nodes() {
-        let out = Command::new(&bin).args(["ca", "token", "--node", &n.name, "--tokens"]).arg(&tokens).output().unwrap();
+        let out = Command::new(&bin)
+            .args(["ca", "token", "--node", &n.name, "--tokens"])
+            .arg(&tokens)
+            .output()
+            .unwrap();
         let f = dir.join(format!("token-{}", n.name));
         std::fs::write(&f, String::from_utf8_lossy(&out.stdout).trim()).unwrap();
         token_files.push(f);
@@ -318,13 +440,26 @@ fn ca_rotation_runbook_without_interruption() {
     let n0 = topo.node(0).clone();
     let ca_addr = SocketAddr::new(n0.ip4.into(), 15012);
     let args: Vec<String> = vec![
-        "ca".into(), "serve".into(),
-        "--cert".into(), live.join("ca.pem").display().to_string(),
-        "--key".into(), live.join("ca.key").display().to_string(),
-        "--bundle".into(), live.join("bundle.pem").display().to_string(),
-        "--listen".into(), ca_addr.to_string(), "--server-name".into(), n0.ip4.to_string(),
-        "--inventory".into(), inv.display().to_string(), "--tokens".into(), tokens.display().to_string(),
-        "--workload-lifetime".into(), "60".into(), "--node-lifetime".into(), "60".into(),
+        "ca".into(),
+        "serve".into(),
+        "--cert".into(),
+        live.join("ca.pem").display().to_string(),
+        "--key".into(),
+        live.join("ca.key").display().to_string(),
+        "--bundle".into(),
+        live.join("bundle.pem").display().to_string(),
+        "--listen".into(),
+        ca_addr.to_string(),
+        "--server-name".into(),
+        n0.ip4.to_string(),
+        "--inventory".into(),
+        inv.display().to_string(),
+        "--tokens".into(),
+        tokens.display().to_string(),
+        "--workload-lifetime".into(),
+        "60".into(),
+        "--node-lifetime".into(),
+        "60".into(),
     ];
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut cmd = Topology::command_in(&n0.netns, None, &bin.to_string_lossy(), &argv).unwrap();
@@ -335,7 +470,14 @@ fn ca_rotation_runbook_without_interruption() {
     let mut d = Vec::new();
     for (i, n) in topo.nodes().iter().enumerate() {
         let tf = token_files[i].display().to_string();
-        let extra = ["--ca-addr", ca.as_str(), "--ca-bundle", bundle.as_str(), "--join-token-file", tf.as_str()];
+        let extra = [
+            "--ca-addr",
+            ca.as_str(),
+            "--ca-bundle",
+            bundle.as_str(),
+            "--join-token-file",
+            tf.as_str(),
+        ];
         d.push(Daemon::start_with_pin(&topo, n, &topo.pin_dir(&format!("rot{i}")), &inv, &extra));
     }
     let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
@@ -345,11 +487,18 @@ fn ca_rotation_runbook_without_interruption() {
     // Traffic throughout: one long stream, and a new connection every 500 ms.
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
-    let long = conversation(&client.netns, dst, Duration::from_millis(200), Arc::clone(&stop), Arc::clone(&count));
+    let long = conversation(
+        &client.netns,
+        dst,
+        Duration::from_millis(200),
+        Arc::clone(&stop),
+        Arc::clone(&count),
+    );
     let failures = Arc::new(AtomicU64::new(0));
     let attempts = Arc::new(AtomicU64::new(0));
     let prober = {
-        let (stop, failures, attempts, netns) = (Arc::clone(&stop), Arc::clone(&failures), Arc::clone(&attempts), client.netns.clone());
+        let (stop, failures, attempts, netns) =
+            (Arc::clone(&stop), Arc::clone(&failures), Arc::clone(&attempts), client.netns.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 attempts.fetch_add(1, Ordering::Relaxed);
@@ -368,16 +517,26 @@ fn ca_rotation_runbook_without_interruption() {
 
     // 1. Add the new root to the bundle; nodes learn it at their next renewal.
     install(&old, &[&old, &new]);
-    assert!(wait_for(Duration::from_secs(120), || all_roots(&both).then_some(())).is_some(), "nodes trust old+new: {:?}", d.iter().map(roots_of).collect::<Vec<_>>());
+    assert!(
+        wait_for(Duration::from_secs(120), || all_roots(&both).then_some(())).is_some(),
+        "nodes trust old+new: {:?}",
+        d.iter().map(roots_of).collect::<Vec<_>>()
+    );
     // 2. Sign with the new root; wait until every workload certificate was
     // re-issued twice and a whole node-certificate lifetime has passed.
     install(&new, &[&old, &new]);
     let switched = std::time::Instant::now();
-    let ids = ["spiffe://cluster.local/ns/strict/sa/n0p0", "spiffe://cluster.local/ns/strict/sa/n1p0"];
+    let ids =
+        ["spiffe://cluster.local/ns/strict/sa/n0p0", "spiffe://cluster.local/ns/strict/sa/n1p0"];
     for _round in 0..2 {
-        let before: Vec<Option<String>> = ids.iter().zip(&d).map(|(id, x)| cert_serial(x, id)).collect();
+        let before: Vec<Option<String>> =
+            ids.iter().zip(&d).map(|(id, x)| cert_serial(x, id)).collect();
         let changed = wait_for(Duration::from_secs(120), || {
-            ids.iter().zip(&d).zip(&before).all(|((id, x), b)| cert_serial(x, id) != *b).then_some(())
+            ids.iter()
+                .zip(&d)
+                .zip(&before)
+                .all(|((id, x), b)| cert_serial(x, id) != *b)
+                .then_some(())
         });
         assert!(changed.is_some(), "certificates re-issued under the new root");
     }
@@ -386,12 +545,20 @@ fn ca_rotation_runbook_without_interruption() {
     }
     // 3. Remove the old root.
     install(&new, &[&new]);
-    assert!(wait_for(Duration::from_secs(120), || all_roots(&only_new).then_some(())).is_some(), "nodes trust only the new root");
+    assert!(
+        wait_for(Duration::from_secs(120), || all_roots(&only_new).then_some(())).is_some(),
+        "nodes trust only the new root"
+    );
     std::thread::sleep(Duration::from_secs(2));
     ask(&client.netns, dst).expect("new connections work under the new root alone");
     stop.store(true, Ordering::Relaxed);
     prober.join().unwrap();
     long.join().unwrap().expect("the long stream was never interrupted");
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "no new connection failed in {} attempts", attempts.load(Ordering::Relaxed));
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "no new connection failed in {} attempts",
+        attempts.load(Ordering::Relaxed)
+    );
     assert!(attempts.load(Ordering::Relaxed) > 20);
 }

@@ -9,6 +9,18 @@
 //! namespace label flip releases the pods, and the CNI plugin fails closed
 //! (code 999) when the daemon is down.
 
+#![allow(
+    clippy::similar_names,
+    clippy::many_single_char_names,
+    clippy::cast_possible_truncation,
+    clippy::format_push_string,
+    clippy::items_after_statements,
+    clippy::large_stack_arrays,
+    clippy::too_many_lines,
+    clippy::format_collect,
+    reason = "test scenarios: long, explicit, with throwaway names"
+)]
+
 use std::{
     collections::{BTreeMap, HashMap},
     convert::Infallible,

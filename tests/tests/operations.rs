@@ -3,6 +3,18 @@
 //! run-time log level, and a rolling restart under load with zero failed
 //! connections and a long transfer finishing within the drain deadline.
 
+#![allow(
+    clippy::similar_names,
+    clippy::many_single_char_names,
+    clippy::cast_possible_truncation,
+    clippy::format_push_string,
+    clippy::items_after_statements,
+    clippy::large_stack_arrays,
+    clippy::too_many_lines,
+    clippy::format_collect,
+    reason = "test scenarios: long, explicit, with throwaway names"
+)]
+
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
@@ -14,7 +26,9 @@ use std::{
     time::Duration,
 };
 
-use netkit::{echo_server, require_root, tlsmesh_bin, wait_for, write_inventory, Daemon, Role, Topology};
+use netkit::{
+    echo_server, require_root, tlsmesh_bin, wait_for, write_inventory, Daemon, Role, Topology,
+};
 
 fn http_get(netns: &str, addr: &str, path: &str) -> Option<(u16, String)> {
     let (addr, path) = (addr.to_string(), path.to_string());
@@ -52,7 +66,9 @@ fn exchange(netns: &str, dst: SocketAddr, len: usize) -> std::io::Result<()> {
 
 /// The value of one sample line `name{labels} value` in a metrics page.
 fn sample(page: &str, name_and_labels: &str) -> Option<f64> {
-    page.lines().find(|l| l.starts_with(name_and_labels)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    page.lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 #[test]
@@ -72,14 +88,27 @@ fn metrics_count_known_traffic_and_status_shows_it() {
     }
     let page = wait_for(Duration::from_secs(5), || {
         let (code, page) = http_get(&d0.netns, "127.0.0.1:15020", "/metrics")?;
-        (code == 200 && sample(&page, "tlsmesh_bytes_total{direction=\"from_pods\"}") >= Some(300_000.0)).then_some(page)
+        (code == 200
+            && sample(&page, "tlsmesh_bytes_total{direction=\"from_pods\"}") >= Some(300_000.0))
+        .then_some(page)
     })
     .expect("metrics with the traffic counted");
-    assert_eq!(sample(&page, "tlsmesh_connections_opened_total{direction=\"outbound\",route=\"tunnel\"}"), Some(3.0), "{page}");
+    assert_eq!(
+        sample(&page, "tlsmesh_connections_opened_total{direction=\"outbound\",route=\"tunnel\"}"),
+        Some(3.0),
+        "{page}"
+    );
     assert_eq!(sample(&page, "tlsmesh_bytes_total{direction=\"from_pods\"}"), Some(300_000.0));
     assert_eq!(sample(&page, "tlsmesh_bytes_total{direction=\"to_pods\"}"), Some(300_000.0));
-    assert!(sample(&page, "tlsmesh_tunnel_handshake_seconds_count").unwrap_or(0.0) >= 1.0, "{page}");
-    let expiry = sample(&page, "tlsmesh_certificate_expiry_seconds{identity=\"spiffe://cluster.local/ns/strict/sa/n0p0\"}").expect("cert expiry");
+    assert!(
+        sample(&page, "tlsmesh_tunnel_handshake_seconds_count").unwrap_or(0.0) >= 1.0,
+        "{page}"
+    );
+    let expiry = sample(
+        &page,
+        "tlsmesh_certificate_expiry_seconds{identity=\"spiffe://cluster.local/ns/strict/sa/n0p0\"}",
+    )
+    .expect("cert expiry");
     assert!(expiry > 3600.0 && expiry <= 86_400.0, "{expiry}");
     assert!(sample(&page, "tlsmesh_ebpf_events_total{event=\"captured\"}").unwrap_or(0.0) >= 3.0);
     assert_eq!(sample(&page, "tlsmesh_enrolled_pods"), Some(1.0));
@@ -87,7 +116,9 @@ fn metrics_count_known_traffic_and_status_shows_it() {
     // tlsmesh status, text and JSON.
     let status = |json: bool| {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", topo.node(0).netns_path().display())).arg(tlsmesh_bin()).arg("status");
+        cmd.arg(format!("--net={}", topo.node(0).netns_path().display()))
+            .arg(tlsmesh_bin())
+            .arg("status");
         if json {
             cmd.arg("--json");
         }
@@ -97,10 +128,14 @@ fn metrics_count_known_traffic_and_status_shows_it() {
     };
     let text = status(false);
     assert!(text.contains("node n0") && text.contains("ready"), "{text}");
-    assert!(text.contains("strict/n0p0") && text.contains("spiffe://cluster.local/ns/strict/sa/n0p0"), "{text}");
+    assert!(
+        text.contains("strict/n0p0") && text.contains("spiffe://cluster.local/ns/strict/sa/n0p0"),
+        "{text}"
+    );
     assert!(text.contains("CERTIFICATES") && text.contains("TUNNELS"));
     assert!(!text.contains('\x1b'), "no colour when not on a terminal");
-    let json: serde_json::Value = serde_json::from_str(&status(true)).expect("status --json is JSON");
+    let json: serde_json::Value =
+        serde_json::from_str(&status(true)).expect("status --json is JSON");
     assert_eq!(json["config_dump"]["pods"][0]["key"], "strict/n0p0");
     assert_eq!(json["stats"]["daemon"]["outbound_tunnel"], 3);
 
@@ -132,9 +167,20 @@ fn readiness_waits_for_every_pod() {
     }
     let node = topo.node(0).clone();
     let pin = topo.pin_dir("ready");
-    let args: Vec<String> = vec!["node".into(), "--node".into(), "n0".into(), "--inventory".into(), inv.display().to_string(), "--pin-dir".into(), pin.display().to_string(), "--ca-dir".into(), topo.ca_dir().display().to_string()];
+    let args: Vec<String> = vec![
+        "node".into(),
+        "--node".into(),
+        "n0".into(),
+        "--inventory".into(),
+        inv.display().to_string(),
+        "--pin-dir".into(),
+        pin.display().to_string(),
+        "--ca-dir".into(),
+        topo.ca_dir().display().to_string(),
+    ];
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut cmd = Topology::command_in(&node.netns, None, &tlsmesh_bin().to_string_lossy(), &argv).unwrap();
+    let mut cmd =
+        Topology::command_in(&node.netns, None, &tlsmesh_bin().to_string_lossy(), &argv).unwrap();
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
     let _d = topo.spawn("tlsmesh node", cmd).unwrap();
     let not_ready = wait_for(Duration::from_secs(20), || {
@@ -142,7 +188,11 @@ fn readiness_waits_for_every_pod() {
         (code == 503 && body.contains("strict/late")).then_some(body)
     });
     assert!(not_ready.is_some(), "not ready while a pod is missing");
-    assert!(http_get(&node.netns, "127.0.0.1:15000", "/config_dump").is_some_and(|(_, b)| b.contains("strict/n0p0")), "the other pod is served meanwhile");
+    assert!(
+        http_get(&node.netns, "127.0.0.1:15000", "/config_dump")
+            .is_some_and(|(_, b)| b.contains("strict/n0p0")),
+        "the other pod is served meanwhile"
+    );
     let _late = Netns(late.clone());
     netkit::sh(&["ip", "netns", "add", &late]).unwrap();
     netkit::sh(&["ip", "-n", &late, "link", "set", "lo", "up"]).unwrap();
@@ -170,7 +220,8 @@ fn rolling_restart_refuses_no_connection_and_drains_long_transfers() {
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let looper = {
-        let (stop, ok, failed, netns) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed), client.netns.clone());
+        let (stop, ok, failed, netns) =
+            (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed), client.netns.clone());
         std::thread::spawn(move || {
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) && n < 20_000 {

@@ -5,6 +5,18 @@
 //! concurrent streams, a destination daemon killed mid-transfer, and the
 //! QUIC to TCP fallback when UDP is blocked.
 
+#![allow(
+    clippy::similar_names,
+    clippy::many_single_char_names,
+    clippy::cast_possible_truncation,
+    clippy::format_push_string,
+    clippy::items_after_statements,
+    clippy::large_stack_arrays,
+    clippy::too_many_lines,
+    clippy::format_collect,
+    reason = "test scenarios: long, explicit, with throwaway names"
+)]
+
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -13,8 +25,9 @@ use std::{
     time::Duration,
 };
 
-use netkit::{echo_server, 
-    contains, require_root, wait_for, write_inventory, Daemon, LinkCapture, Role, Topology,
+use netkit::{
+    contains, echo_server, require_root, wait_for, write_inventory, Daemon, LinkCapture, Role,
+    Topology,
 };
 use sha2::{Digest, Sha256};
 use tlsmesh_identity::{
@@ -261,7 +274,14 @@ impl Refusals {
         let key = PrivateKey::generate().unwrap();
         let csr = key.csr_pem(&Identity::Workload(self.client_id.clone())).unwrap();
         let now = time::OffsetDateTime::now_utc() - time::Duration::seconds(ago);
-        let issued = ca.issue(&csr, &Identity::Workload(self.client_id.clone()), Duration::from_secs(lifetime), now).unwrap();
+        let issued = ca
+            .issue(
+                &csr,
+                &Identity::Workload(self.client_id.clone()),
+                Duration::from_secs(lifetime),
+                now,
+            )
+            .unwrap();
         key.certified_key(&issued.chain_pem).unwrap()
     }
 
@@ -272,7 +292,10 @@ impl Refusals {
     /// Asserts one more refusal was counted and the log names `words` (any of them).
     fn assert_refused_and_logged(&self, before: u64, words: &[&str]) {
         assert!(
-            wait_for(Duration::from_secs(5), || (self.d1.counter("inbound_tunnel_refused") > before).then_some(())).is_some(),
+            wait_for(Duration::from_secs(5), || (self.d1.counter("inbound_tunnel_refused")
+                > before)
+                .then_some(()))
+            .is_some(),
             "the refusal is counted"
         );
         let log = wait_for(Duration::from_secs(5), || {
@@ -330,9 +353,16 @@ fn no_client_certificate_is_refused() {
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("certificate required") || !out.status.success(), "s_client without a certificate must fail:\n{text}");
-    r.assert_refused_and_logged(before, &["certificate", "NoCertificatesPresented", "no certificate"]);
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("certificate required") || !out.status.success(),
+        "s_client without a certificate must fail:\n{text}"
+    );
+    r.assert_refused_and_logged(
+        before,
+        &["certificate", "NoCertificatesPresented", "no certificate"],
+    );
 }
 
 #[test]

@@ -2,23 +2,34 @@
 //!
 //! `init` writes `ca.pem` and `ca.key` (0600). `token` adds a node's join
 //! token to the tokens file (0600) and prints it. `serve` signs workload
-//! certificates for nodes that joined, only for identities the inventory
-//! places on the asking node; the inventory, the CA files (external
-//! intermediate from cert-manager included) and the deny list are re-read
-//! when they change.
+//! certificates for nodes that joined, only for identities placed on the
+//! asking node; the CA files (external intermediate from cert-manager
+//! included) and the deny list are re-read when they change.
+//!
+//! Where `serve` learns placement and node identity:
+//!
+//! | flag | `static` / `tokens` (default) | `kubernetes` |
+//! |---|---|---|
+//! | `--inventory-source` | the `--inventory` file, re-read when it changes | the CA's own watcher (`tlsmesh_k8s::run` with `node: None`), updated on every change |
+//! | `--node-auth` | the `--tokens` file | `TokenReview` of the daemon's projected token (`--node-service-account`, `--node-token-audience`); the node is the one its pod runs on |
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use clap::Subcommand;
 use tlsmesh_identity::{
-    authz::{generate_token, JoinTokens, SharedPlacement},
+    authz::{generate_token, JoinAuthenticator, JoinTokens, SharedPlacement},
     ca::{CaFiles, CaPaths, Overwrite},
     server::{CaServer, CaServerConfig},
     trust::DenyList,
 };
+use tlsmesh_k8s::tokenreview::{follow_placement, TokenReviewAuthenticator, DEFAULT_AUDIENCE};
 use tracing::{info, warn};
 
-use crate::certs::placement_of;
+use crate::{
+    certs::placement_of,
+    config::{InventorySource, LogFormat},
+    inventory::Inventory,
+};
 
 /// `tlsmesh ca …`
 #[derive(Debug, Subcommand)]
@@ -48,41 +59,87 @@ pub enum CaCommand {
         node: String,
     },
     /// Run the CA service.
-    Serve {
-        /// Directory with ca.pem and ca.key (or use --cert/--key).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// CA (intermediate) certificate PEM, e.g. a cert-manager Secret's tls.crt.
-        #[arg(long)]
-        cert: Option<PathBuf>,
-        /// CA key PEM (mode 0600 or stricter).
-        #[arg(long)]
-        key: Option<PathBuf>,
-        /// Chain up to the root (e.g. ca.crt) when --cert is an intermediate.
-        #[arg(long)]
-        bundle: Option<PathBuf>,
-        /// Listen address.
-        #[arg(long, default_value = "0.0.0.0:15012")]
-        listen: std::net::SocketAddr,
-        /// Names/addresses for the CA's own certificate (what nodes dial).
-        #[arg(long = "server-name", default_value = "localhost")]
-        server_names: Vec<String>,
-        /// Inventory (who runs where) for the placement check.
-        #[arg(long)]
-        inventory: PathBuf,
-        /// Join tokens file.
-        #[arg(long)]
-        tokens: PathBuf,
-        /// Workload certificate lifetime in seconds (default 24 h, at least 60).
-        #[arg(long, default_value_t = 86_400)]
-        workload_lifetime: u64,
-        /// Node certificate lifetime in seconds (default 24 h, at least 60).
-        #[arg(long, default_value_t = 86_400)]
-        node_lifetime: u64,
-        /// Deny list (serials, SPIFFE ids), re-read when it changes.
-        #[arg(long)]
-        deny_list: Option<PathBuf>,
-    },
+    Serve(Box<ServeArgs>),
+}
+
+impl CaCommand {
+    /// The log format asked for (`serve --log-format`; text otherwise).
+    pub fn log_format(&self) -> LogFormat {
+        match self {
+            CaCommand::Serve(args) => args.log_format,
+            _ => LogFormat::Text,
+        }
+    }
+}
+
+/// How `tlsmesh ca serve` authenticates a node's `join`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum NodeAuth {
+    /// Join tokens from the `--tokens` file.
+    #[default]
+    Tokens,
+    /// The daemon's projected `ServiceAccount` token, checked with `TokenReview`.
+    Kubernetes,
+}
+
+/// `tlsmesh ca serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Directory with ca.pem and ca.key (or use --cert/--key).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// CA (intermediate) certificate PEM, e.g. a cert-manager Secret's tls.crt.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// CA key PEM (mode 0600 or stricter).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Chain up to the root (e.g. ca.crt) when --cert is an intermediate.
+    #[arg(long)]
+    pub bundle: Option<PathBuf>,
+    /// Listen address.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    pub listen: std::net::SocketAddr,
+    /// Names/addresses for the CA's own certificate (what nodes dial).
+    #[arg(long = "server-name", default_value = "localhost")]
+    pub server_names: Vec<String>,
+    /// Where placement (which pods run on which node) comes from.
+    #[arg(long, value_enum, default_value_t = InventorySource::Static)]
+    pub inventory_source: InventorySource,
+    /// Inventory file (who runs where); required with --inventory-source static.
+    #[arg(long)]
+    pub inventory: Option<PathBuf>,
+    /// SPIFFE trust domain [default: cluster.local; static: the inventory file's].
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// How a node's join is authenticated.
+    #[arg(long, value_enum, default_value_t = NodeAuth::Tokens)]
+    pub node_auth: NodeAuth,
+    /// Join tokens file; required with --node-auth tokens.
+    #[arg(long)]
+    pub tokens: Option<PathBuf>,
+    /// With --node-auth kubernetes: the node daemons' `ServiceAccount`
+    /// (system:serviceaccount:<namespace>:<name>); repeat for several.
+    #[arg(
+        long = "node-service-account",
+        default_value = "system:serviceaccount:tlsmesh-system:tlsmesh-node"
+    )]
+    pub node_service_accounts: Vec<String>,
+    /// With --node-auth kubernetes: the audience of the daemons' projected token.
+    #[arg(long, default_value = DEFAULT_AUDIENCE)]
+    pub node_token_audience: String,
+    /// Workload certificate lifetime in seconds (default 24 h, at least 60).
+    #[arg(long, default_value_t = 86_400)]
+    pub workload_lifetime: u64,
+    /// Node certificate lifetime in seconds (default 24 h, at least 60).
+    #[arg(long, default_value_t = 86_400)]
+    pub node_lifetime: u64,
+    /// Deny list (serials, SPIFFE ids), re-read when it changes.
+    #[arg(long)]
+    pub deny_list: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 #[derive(serde::Serialize, serde::Deserialize, Default)]
@@ -122,34 +179,9 @@ pub fn run(cmd: CaCommand) -> Result<(), Box<dyn std::error::Error>> {
             println!("{token}");
             Ok(())
         }
-        CaCommand::Serve {
-            dir,
-            cert,
-            key,
-            bundle,
-            listen,
-            server_names,
-            inventory,
-            tokens,
-            workload_lifetime,
-            node_lifetime,
-            deny_list,
-        } => {
-            let paths = match (dir, cert, key) {
-                (Some(d), None, None) => CaPaths::in_dir(d),
-                (None, Some(cert), Some(key)) => CaPaths { cert, key, bundle },
-                _ => return Err("give either --dir, or --cert and --key".into()),
-            };
+        CaCommand::Serve(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(serve(
-                paths,
-                listen,
-                server_names,
-                inventory,
-                tokens,
-                (workload_lifetime, node_lifetime),
-                deny_list,
-            ))
+            rt.block_on(serve(*args))
         }
     }
 }
@@ -167,60 +199,215 @@ fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-async fn serve(
-    paths: CaPaths,
-    listen: std::net::SocketAddr,
-    server_names: Vec<String>,
-    inventory: PathBuf,
-    tokens: PathBuf,
-    (lifetime, node_lifetime): (u64, u64),
-    deny_list: Option<PathBuf>,
+/// Checks a `system:serviceaccount:<namespace>:<name>` user name.
+fn check_service_account(user: &str) -> Result<(), String> {
+    let ok = user
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|r| r.split_once(':'))
+        .is_some_and(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains(':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "--node-service-account {user:?} is not of the form system:serviceaccount:<namespace>:<name>"
+        ))
+    }
+}
+
+async fn kube_client() -> Result<kube::Client, String> {
+    kube::Client::try_default().await.map_err(|e| {
+        format!("cannot reach the Kubernetes API: {e} (in a pod: is the ServiceAccount token mounted? outside: set KUBECONFIG)")
+    })
+}
+
+/// Starts the CA's cluster watcher and waits for its first complete
+/// inventory (never decide with a half-listed cluster); then `placement`
+/// follows every change.
+async fn watch_placement(
+    client: kube::Client,
+    trust_domain: &str,
+    placement: &SharedPlacement,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let (inv, _) = crate::inventory::load(&inventory)?;
-    let files = Arc::new(CaFiles::open(paths, &inv.trust_domain)?);
+    let (tx, mut rx) = tokio::sync::watch::channel(Inventory::default());
+    tokio::spawn(tlsmesh_k8s::run(client, tlsmesh_k8s::Options::new(None, trust_domain), tx));
+    let started = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            r = tokio::time::timeout(Duration::from_secs(10), rx.changed()) => match r {
+                Ok(Ok(())) => break,
+                Ok(Err(_)) => return Err("the Kubernetes watcher stopped".into()),
+                Err(_) => warn!(waited_s = started.elapsed().as_secs(), "no complete inventory from the Kubernetes API yet; not serving until there is one (check RBAC: list/watch pods, namespaces, services, endpointslices)"),
+            },
+            _ = tokio::signal::ctrl_c() => return Err("interrupted".into()),
+        }
+    }
+    info!(pods = rx.borrow().pods.len(), "first inventory from the Kubernetes API");
+    tokio::spawn(follow_placement(rx, placement.clone()));
+    Ok(())
+}
+
+/// The trust domain, and with `--inventory-source static` the inventory file
+/// (whose placement is installed in `placement`).
+fn static_placement(
+    args: &ServeArgs,
+    placement: &SharedPlacement,
+) -> Result<(String, Option<PathBuf>), Box<dyn std::error::Error>> {
+    match args.inventory_source {
+        InventorySource::Static => {
+            let path = args.inventory.clone().ok_or(
+                "--inventory-source static needs --inventory (or use --inventory-source kubernetes)",
+            )?;
+            let (inv, _) = crate::inventory::load(&path)?;
+            if let Some(td) = args.trust_domain.as_ref().filter(|td| **td != inv.trust_domain) {
+                return Err(format!(
+                    "--trust-domain {td} differs from {}'s trust domain {}",
+                    path.display(),
+                    inv.trust_domain
+                )
+                .into());
+            }
+            placement.replace(placement_of(&inv));
+            Ok((inv.trust_domain, Some(path)))
+        }
+        InventorySource::Kubernetes => {
+            Ok((args.trust_domain.clone().unwrap_or_else(|| "cluster.local".into()), None))
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    for user in &args.node_service_accounts {
+        check_service_account(user)?;
+    }
+    let placement = SharedPlacement::default();
+    let (trust_domain, inventory) = static_placement(&args, &placement)?;
+    let paths = match (args.dir, args.cert, args.key) {
+        (Some(d), None, None) => CaPaths::in_dir(d),
+        (None, Some(cert), Some(key)) => CaPaths { cert, key, bundle: args.bundle },
+        _ => return Err("give either --dir, or --cert and --key".into()),
+    };
+    let uses_kube = args.inventory_source == InventorySource::Kubernetes
+        || args.node_auth == NodeAuth::Kubernetes;
+    let client = if uses_kube { Some(kube_client().await?) } else { None };
+    let files = Arc::new(CaFiles::open(paths, &trust_domain)?);
     let _reload = Arc::clone(&files).spawn_reload_loop(Duration::from_secs(5));
-    let placement = SharedPlacement::new(placement_of(&inv));
-    let tokens = Arc::new(JoinTokens::load(&tokens)?);
-    let deny = match &deny_list {
+    let auth: Arc<dyn JoinAuthenticator> = if let (NodeAuth::Kubernetes, Some(client)) =
+        (args.node_auth, &client)
+    {
+        info!(accounts = ?args.node_service_accounts, audience = %args.node_token_audience, "nodes join with their ServiceAccount token (TokenReview)");
+        Arc::new(TokenReviewAuthenticator::new(
+            client.clone(),
+            args.node_token_audience,
+            args.node_service_accounts,
+        ))
+    } else {
+        let tokens = args
+            .tokens
+            .ok_or("--node-auth tokens needs --tokens (or use --node-auth kubernetes)")?;
+        Arc::new(JoinTokens::load(&tokens)?)
+    };
+    let deny = match &args.deny_list {
         Some(p) if p.exists() => DenyList::load(p)?,
         _ => DenyList::default(),
     };
     let config = CaServerConfig {
-        server_names,
-        workload_lifetime: Duration::from_secs(lifetime.max(60)),
-        node_lifetime: Duration::from_secs(node_lifetime.max(60)),
+        server_names: args.server_names,
+        workload_lifetime: Duration::from_secs(args.workload_lifetime.max(60)),
+        node_lifetime: Duration::from_secs(args.node_lifetime.max(60)),
         deny: deny.clone(),
         ..CaServerConfig::default()
     };
-    let server = Arc::new(CaServer::new(files.shared(), placement.clone(), tokens, config));
+    if let (InventorySource::Kubernetes, Some(client)) = (args.inventory_source, client) {
+        watch_placement(client, &trust_domain, &placement).await?;
+    }
+    let server =
+        Arc::new(CaServer::with_authenticator(files.shared(), placement.clone(), auth, config));
+    let listen = args.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    info!(%listen, trust_domain = %inv.trust_domain, "tlsmesh CA serving");
+    info!(%listen, %trust_domain, inventory_source = ?args.inventory_source, node_auth = ?args.node_auth, "tlsmesh CA serving");
     tokio::spawn(server.serve(listener));
-    let mut last = std::fs::metadata(&inventory).and_then(|m| m.modified()).ok();
+    let mut last =
+        inventory.as_ref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
-        let m = std::fs::metadata(&inventory).and_then(|m| m.modified()).ok();
-        if m != last {
-            last = m;
-            match crate::inventory::load(&inventory) {
-                Ok((inv, _)) => placement.replace(placement_of(&inv)),
-                Err(e) => {
-                    warn!(error = %e, "inventory reload failed; keeping the previous placement")
+        if let Some(path) = &inventory {
+            let m = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+            if m != last {
+                last = m;
+                match crate::inventory::load(path) {
+                    Ok((inv, _)) => placement.replace(placement_of(&inv)),
+                    Err(e) => {
+                        warn!(error = %e, "inventory reload failed; keeping the previous placement");
+                    }
                 }
             }
         }
-        if let Some(p) = &deny_list {
+        if let Some(p) = &args.deny_list {
             if p.exists() {
                 if let Err(e) = deny.reload(p) {
                     warn!(error = %e, "deny list reload failed");
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn serve_args(args: &[&str]) -> ServeArgs {
+        let command_line = ["tlsmesh", "ca", "serve"].iter().chain(args).copied();
+        let parsed = Cli::try_parse_from(command_line).unwrap();
+        let Command::Ca(CaCommand::Serve(serve)) = parsed.command else {
+            panic!("parsed as {:?}", parsed.command)
+        };
+        *serve
+    }
+
+    #[test]
+    fn serve_flags() {
+        let a = serve_args(&["--dir", "/ca", "--inventory", "i.toml", "--tokens", "t.json"]);
+        assert_eq!(a.inventory_source, InventorySource::Static);
+        assert_eq!(a.node_auth, NodeAuth::Tokens);
+        assert_eq!(a.log_format, LogFormat::Text);
+        assert_eq!(a.trust_domain, None);
+        let a = serve_args(&[
+            "--cert=/c/tls.crt",
+            "--key=/c/tls.key",
+            "--inventory-source=kubernetes",
+            "--trust-domain=example.org",
+            "--node-auth=kubernetes",
+            "--node-service-account=system:serviceaccount:mesh:node",
+            "--log-format=json",
+        ]);
+        assert_eq!(a.inventory_source, InventorySource::Kubernetes);
+        assert_eq!(a.node_auth, NodeAuth::Kubernetes);
+        assert_eq!(a.node_service_accounts, ["system:serviceaccount:mesh:node"]);
+        assert_eq!(a.node_token_audience, DEFAULT_AUDIENCE);
+        assert_eq!(a.trust_domain.as_deref(), Some("example.org"));
+        assert_eq!(CaCommand::Serve(Box::new(a)).log_format(), LogFormat::Json);
+        assert!(check_service_account("system:serviceaccount:mesh:node").is_ok());
+        for bad in ["tlsmesh-node", "system:serviceaccount:mesh", "system:serviceaccount::x"] {
+            assert!(check_service_account(bad)
+                .unwrap_err()
+                .contains("system:serviceaccount:<namespace>:<name>"));
+        }
+    }
+
+    #[test]
+    fn serve_needs_its_files() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let e = rt.block_on(serve(serve_args(&["--dir", "/nonexistent"]))).unwrap_err();
+        assert!(e.to_string().contains("needs --inventory"), "{e}");
     }
 }

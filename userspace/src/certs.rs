@@ -106,6 +106,18 @@ pub fn workload_id(
     SpiffeId::new(trust_domain, pod.namespace.clone(), pod.service_account.clone())
 }
 
+/// The join token in `path` (surrounding whitespace removed), read afresh.
+pub fn read_join_token(path: &std::path::Path) -> Result<zeroize::Zeroizing<String>, CertsError> {
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+        CertsError::Config(format!("cannot read join token {}: {e}", path.display()))
+    })?);
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(CertsError::Config(format!("join token file {} is empty", path.display())));
+    }
+    Ok(zeroize::Zeroizing::new(token.to_owned()))
+}
+
 impl Certs {
     /// Sets up from the config; `None` when no CA is configured (no tunnel).
     pub async fn setup(
@@ -147,9 +159,6 @@ impl Certs {
             .join_token_file
             .clone()
             .ok_or_else(|| CertsError::Config("ca_addr needs join_token_file".into()))?;
-        let token = std::fs::read_to_string(&token_path).map_err(|e| {
-            CertsError::Config(format!("cannot read join token {}: {e}", token_path.display()))
-        })?;
         let server_name = cfg.ca_server_name.clone().unwrap_or_else(|| {
             addr.rsplit_once(':')
                 .map_or(addr.as_str(), |x| x.0)
@@ -165,7 +174,13 @@ impl Certs {
         })?);
         let mut delay = Duration::from_millis(200);
         loop {
-            match client.join(token.trim()).await {
+            // Read before every attempt: in a cluster this is the projected
+            // ServiceAccount token, which the kubelet rotates.
+            let joined = match read_join_token(&token_path) {
+                Ok(token) => client.join(&token).await.map_err(CertsError::from),
+                Err(e) => Err(e),
+            };
+            match joined {
                 Ok(info) => {
                     info!(ca = %addr, serial = %info.serial, "joined the CA");
                     break;
@@ -175,7 +190,7 @@ impl Certs {
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
         }
         let manager = Arc::new(CertManager::new(client));
@@ -243,5 +258,68 @@ impl Certs {
     /// Certificates for the admin API.
     pub fn snapshot(&self) -> Vec<CertStatus> {
         self.manager.snapshot()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tlsmesh_identity::{
+        authz::JoinTokens,
+        ca::{Ca, SharedCa},
+        server::{CaServer, CaServerConfig},
+    };
+
+    use super::*;
+
+    const GOOD: &str = "token-of-node-a-0123456789";
+
+    /// The projected token is rotated by the kubelet: a join that failed with
+    /// the old file content succeeds once the file holds the new token.
+    #[tokio::test]
+    #[allow(clippy::duration_suboptimal_units, reason = "MSRV 1.85 lacks Duration::from_hours")]
+    async fn join_token_is_read_again_before_each_attempt() {
+        let dir = std::env::temp_dir().join(format!("tlsmesh-certs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ca, _) = Ca::generate_root("cluster.local", Duration::from_secs(86_400)).unwrap();
+        std::fs::write(dir.join("ca.crt"), ca.roots_pem()).unwrap();
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, "  \n").unwrap();
+        assert!(read_join_token(&token_file).unwrap_err().to_string().contains("is empty"));
+        std::fs::write(&token_file, "an-old-token-0123456789\n").unwrap();
+
+        let tokens = JoinTokens::new();
+        tokens.insert("node-a", GOOD, false).unwrap();
+        let server = Arc::new(CaServer::new(
+            SharedCa::new(ca),
+            SharedPlacement::default(),
+            Arc::new(tokens),
+            CaServerConfig::default(),
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serving = tokio::spawn(server.serve(listener));
+
+        let cfg = IdentityConfig {
+            ca_addr: Some(addr.to_string()),
+            ca_server_name: Some("localhost".into()),
+            ca_bundle: Some(dir.join("ca.crt")),
+            join_token_file: Some(token_file.clone()),
+            ..IdentityConfig::default()
+        };
+        let inv = Inventory { trust_domain: "cluster.local".into(), ..Inventory::default() };
+        let setup = tokio::spawn(async move { Certs::setup(&cfg, "node-a", &inv).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!setup.is_finished(), "joined with the old token?");
+        // What the kubelet does: write aside, rename over.
+        std::fs::write(dir.join("token.new"), format!("{GOOD}\n")).unwrap();
+        std::fs::rename(dir.join("token.new"), &token_file).unwrap();
+        let certs = tokio::time::timeout(Duration::from_secs(10), setup)
+            .await
+            .expect("no join within 10 s of the token rotation")
+            .unwrap()
+            .unwrap();
+        assert!(certs.is_some());
+        serving.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

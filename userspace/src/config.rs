@@ -52,7 +52,7 @@ pub enum InventorySource {
     /// The static TOML file (`inventory`), re-read when it changes.
     #[default]
     Static,
-    /// The Kubernetes API (watchers) plus the CNI plugin.
+    /// The Kubernetes API (watchers; the node daemon adds the CNI plugin).
     Kubernetes,
 }
 

@@ -119,6 +119,24 @@ fn ip(netns: &Path, args: &[&str]) -> Result<(), DeliverError> {
     }
 }
 
+/// Removes what `setup` programmed (the nftables table and the routing rule
+/// and table); a namespace that is already gone is fine.
+pub fn teardown(netns: &Path) {
+    if !netns.exists() {
+        return;
+    }
+    let _ = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["nft", "delete", "table", "inet", "tlsmesh"])
+        .output();
+    let mark = format!("{DELIVERY_MARK:#x}/{DELIVERY_MARK:#x}");
+    let table = ROUTE_TABLE.to_string();
+    for fam in ["-4", "-6"] {
+        let _ = ip(netns, &[fam, "rule", "del", "fwmark", &mark, "lookup", &table]);
+        let _ = ip(netns, &[fam, "route", "flush", "table", &table]);
+    }
+}
+
 /// Programs a pod netns for transparent delivery (idempotent).
 pub async fn setup(worker: &NetnsWorker, netns: &Path) -> Result<(), DeliverError> {
     let name = netns.display().to_string();

@@ -53,7 +53,7 @@ pub async fn start(cfg: &NodeConfig) -> Result<KubeSource, KubeSourceError> {
         ..tlsmesh_k8s::Options::new(Some(cfg.node.clone()), cfg.trust_domain.clone())
     };
     tokio::spawn(tlsmesh_k8s::run(client, opts, tx));
-    let limit = Duration::from_mins(1);
+    let limit = Duration::from_secs(60);
     tokio::time::timeout(limit, rx.changed())
         .await
         .map_err(|_| KubeSourceError::Timeout(limit))?

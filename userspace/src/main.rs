@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     );
     match cli.command {
         Command::Ca(cmd) => {
-            tlsmesh::logging::init(tlsmesh::config::LogFormat::Text);
+            tlsmesh::logging::init(cmd.log_format());
             match tlsmesh::ca_cmd::run(cmd) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&*e),
@@ -26,7 +26,7 @@ fn main() -> ExitCode {
             };
             tlsmesh::logging::init(cfg.log_format);
             if args.uninstall {
-                return match tlsmesh::node::uninstall(&cfg.pin_dir) {
+                return match tlsmesh::node::uninstall(&cfg) {
                     Ok(n) => {
                         println!("removed {n} pinned objects from {}", cfg.pin_dir.display());
                         ExitCode::SUCCESS

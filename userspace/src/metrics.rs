@@ -68,6 +68,7 @@ fn gauge(
 }
 
 impl Collector for DaemonCollector {
+    #[expect(clippy::too_many_lines, reason = "one metric family after the other")]
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let Some(shared) = self.shared.upgrade() else { return Ok(()) };
         let s = shared.stats.snapshot();

@@ -257,7 +257,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
                 tokio::spawn(crate::metrics::serve(l, Arc::clone(&shared), metrics));
             }
             Err(e) => {
-                warn!(%addr, error = %e, "cannot serve {}", if metrics { "metrics" } else { "readiness" })
+                warn!(%addr, error = %e, "cannot serve {}", if metrics { "metrics" } else { "readiness" });
             }
         }
     }
@@ -510,7 +510,7 @@ async fn add_pod(shared: &Arc<Shared>, pod: &Pod) -> Result<Arc<PodRuntime>, Pod
             (IpAddr::V4(_), _) => shared.capture.set_inbound_listener(*ip, &in4)?,
             (IpAddr::V6(_), Some(l6)) => shared.capture.set_inbound_listener(*ip, l6)?,
             (IpAddr::V6(_), None) => {
-                warn!(pod = %pod.key(), %ip, "no IPv6 in the pod netns; IPv6 inbound not captured")
+                warn!(pod = %pod.key(), %ip, "no IPv6 in the pod netns; IPv6 inbound not captured");
             }
         }
     }
@@ -533,7 +533,7 @@ async fn add_pod(shared: &Arc<Shared>, pod: &Pod) -> Result<Arc<PodRuntime>, Pod
             match ns.udp_socket(SocketAddr::new(*ip, PORT_TUNNEL), uopts) {
                 Ok(u) => tunnel_udp.push(u),
                 Err(e) => {
-                    warn!(pod = %pod.key(), %ip, error = %e, "no QUIC server on this address")
+                    warn!(pod = %pod.key(), %ip, error = %e, "no QUIC server on this address");
                 }
             }
         }
@@ -580,6 +580,9 @@ fn remove_pod(shared: &Shared, key: &str) {
         let _ = shared.capture.remove_inbound_listener(*ip);
     }
     rt.shutdown.send_replace(true);
+    if let Some(path) = &rt.pod.netns {
+        crate::deliver::teardown(path);
+    }
 }
 
 /// Pods for the admin API.
@@ -600,7 +603,16 @@ pub fn pod_views(shared: &Shared) -> Vec<PodView> {
         .collect()
 }
 
-/// `tlsmesh node --uninstall`: removes every pinned object.
-pub fn uninstall(pin_dir: &std::path::Path) -> Result<usize, CaptureError> {
-    Capture::uninstall(pin_dir)
+/// `tlsmesh node --uninstall`: removes every pinned object, and the
+/// delivery routing the daemon programmed in the inventory's pods on this
+/// node (when the inventory can be read).
+pub fn uninstall(cfg: &NodeConfig) -> Result<usize, CaptureError> {
+    if let Ok((inv, _)) = inventory::load(&cfg.inventory) {
+        for pod in inv.pods.values().filter(|p| p.node == cfg.node) {
+            if let Some(path) = &pod.netns {
+                crate::deliver::teardown(path);
+            }
+        }
+    }
+    Capture::uninstall(&cfg.pin_dir)
 }

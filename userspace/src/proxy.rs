@@ -263,7 +263,7 @@ async fn splice(
             );
         }
         Err(e) => {
-            info!(direction = dir, duration_ms = started.elapsed().as_millis(), outcome = "error", error = %e, "connection complete")
+            info!(direction = dir, duration_ms = started.elapsed().as_millis(), outcome = "error", error = %e, "connection complete");
         }
     }
 }

@@ -51,6 +51,7 @@ fn s(v: &serde_json::Value) -> String {
 }
 
 /// The human-readable report (pure, for tests).
+#[expect(clippy::too_many_lines, reason = "one table after the other")]
 pub fn render(
     dump: &serde_json::Value,
     stats: &serde_json::Value,

@@ -14,11 +14,13 @@ use netkit::{contains, require_root, write_inventory, Daemon, LinkCapture, Role,
 
 const MARKER: &[u8] = b"TLSMESH-PLAINTEXT-MARKER-";
 
+#[expect(clippy::too_many_lines, reason = "the demo's script reads top to bottom")]
 fn main() {
     if !require_root("demo") {
         std::process::exit(1);
     }
-    let transport = std::env::args().skip_while(|a| a != "--transport").nth(1).unwrap_or_else(|| "tcp".into());
+    let transport =
+        std::env::args().skip_while(|a| a != "--transport").nth(1).unwrap_or_else(|| "tcp".into());
     println!("tlsmesh demo: two nodes, four pods, network namespaces on this machine\n");
     let topo = Topology::build(2, 2).expect("build the demo topology (needs root, iproute2)");
     let role = |name: &str| match name {
@@ -53,10 +55,18 @@ fn main() {
     let extra = ["--transport", transport.as_str()];
     let d0 = Daemon::start(&topo, 0, &inv, &extra);
     let d1 = Daemon::start(&topo, 1, &inv, &extra);
-    println!("daemons: n0 pid {}, n1 pid {} (transport {transport}), both ready\n", d0.proc.pid(), d1.proc.pid());
+    println!(
+        "daemons: n0 pid {}, n1 pid {} (transport {transport}), both ready\n",
+        d0.proc.pid(),
+        d1.proc.pid()
+    );
 
-    let (client, server, lab, legacy) =
-        (topo.pod(0, 0).clone(), topo.pod(1, 0).clone(), topo.pod(1, 1).clone(), topo.pod(0, 1).clone());
+    let (client, server, lab, legacy) = (
+        topo.pod(0, 0).clone(),
+        topo.pod(1, 0).clone(),
+        topo.pod(1, 1).clone(),
+        topo.pod(0, 1).clone(),
+    );
     for p in [&server, &lab] {
         serve(&p.netns, SocketAddr::new(p.ip4.into(), 8080));
     }
@@ -71,9 +81,14 @@ fn main() {
     match exchange(&client.netns, dst, 16 << 20) {
         Ok(r) => {
             let after = d0.stats();
-            let delta = |k: &str| after["daemon"][k].as_u64().unwrap_or(0) - before["daemon"][k].as_u64().unwrap_or(0);
+            let delta = |k: &str| {
+                after["daemon"][k].as_u64().unwrap_or(0) - before["daemon"][k].as_u64().unwrap_or(0)
+            };
             println!("1. {} -> {}:8080, 16 MiB with a plaintext marker", client.name, server.ip4);
-            println!("   captured by n0's daemon: {}", if delta("outbound_accepted") == 1 { "yes" } else { "NO" });
+            println!(
+                "   captured by n0's daemon: {}",
+                if delta("outbound_accepted") == 1 { "yes" } else { "NO" }
+            );
             println!(
                 "   route: {}",
                 if delta("outbound_tunnel") == 1 {
@@ -83,7 +98,10 @@ fn main() {
                 }
             );
             println!("   identities: spiffe://cluster.local/ns/strict/sa/{} -> spiffe://cluster.local/ns/strict/sa/{}", client.name, server.name);
-            println!("   the app saw its peer as {} (client pod {})", r.server_saw_peer, client.ip4);
+            println!(
+                "   the app saw its peer as {} (client pod {})",
+                r.server_saw_peer, client.ip4
+            );
             println!("   the client saw getpeername {} (original destination)", r.peer);
             println!("   bytes intact: {} ({} in {:.0?})", r.intact, r.bytes, t.elapsed());
             failures += usize::from(!r.intact);
@@ -166,7 +184,9 @@ fn serve(netns: &str, addr: SocketAddr) {
                         break;
                     }
                     n += k;
-                    sum = buf[..k].iter().fold(sum, |a, &b| a.wrapping_mul(31).wrapping_add(u64::from(b)));
+                    sum = buf[..k]
+                        .iter()
+                        .fold(sum, |a, &b| a.wrapping_mul(31).wrapping_add(u64::from(b)));
                 }
                 let _ = write!(s, "{n} {sum} {peer}");
             });
@@ -190,7 +210,8 @@ fn exchange(netns: &str, dst: SocketAddr, len: usize) -> std::io::Result<Exchang
             }
             let k = chunk.len().min(len - sent);
             s.write_all(&chunk[..k])?;
-            sum = chunk[..k].iter().fold(sum, |a, &b| a.wrapping_mul(31).wrapping_add(u64::from(b)));
+            sum =
+                chunk[..k].iter().fold(sum, |a, &b| a.wrapping_mul(31).wrapping_add(u64::from(b)));
             sent += k;
             i += 1;
         }
