@@ -72,6 +72,16 @@ fn setup() -> Result<()> {
     )
 }
 
+/// The release binaries the demo and the bench run: `tlsmesh`, `demo`, `bench`.
+fn build_release_bins() -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "tlsmesh", "-p", "tlsmesh-tests", "--bins"]))
+}
+
+/// Removes what killed test runs left behind.
+fn cleanup() -> Result<()> {
+    run(cargo().args(["run", "--quiet", "-p", "tlsmesh-tests", "--bin", "netkit-cleanup"]))
+}
+
 fn main() -> ExitCode {
     match real_main() {
         Ok(()) => ExitCode::SUCCESS,
@@ -92,53 +102,23 @@ fn real_main() -> Result<()> {
             run(cargo().args(["build", "--release", "-p", "tlsmesh"]))?;
         }
         Cmd::Cleanup => {
-            run(cargo().args([
-                "run",
-                "--quiet",
-                "-p",
-                "tlsmesh-tests",
-                "--bin",
-                "netkit-cleanup",
-            ]))?;
+            cleanup()?;
         }
         Cmd::Test { args } => {
             setup()?;
-            run(cargo().args([
-                "run",
-                "--quiet",
-                "-p",
-                "tlsmesh-tests",
-                "--bin",
-                "netkit-cleanup",
-            ]))?;
+            cleanup()?;
             run(cargo().args(["build", "--workspace", "--all-targets"]))?;
             run(cargo().args(["test", "--workspace"]).args(&args))?;
             eprintln!("xtask: all tests passed in {:.0?}", t0.elapsed());
         }
         Cmd::Demo { transport } => {
             setup()?;
-            run(cargo().args([
-                "build",
-                "--release",
-                "-p",
-                "tlsmesh",
-                "-p",
-                "tlsmesh-tests",
-                "--bins",
-            ]))?;
+            build_release_bins()?;
             run(Command::new(root().join("target/release/demo")).args(["--transport", &transport]))?;
         }
         Cmd::Bench { args } => {
             setup()?;
-            run(cargo().args([
-                "build",
-                "--release",
-                "-p",
-                "tlsmesh",
-                "-p",
-                "tlsmesh-tests",
-                "--bins",
-            ]))?;
+            build_release_bins()?;
             run(Command::new(root().join("target/release/bench")).args(&args))?;
         }
     }
