@@ -15,7 +15,7 @@ APT_PACKAGES=(
   rustc-web cargo-web rust-web-src
   llvm-22-dev libpolly-22-dev zlib1g-dev libzstd-dev
   nftables libnftnl-dev libmnl-dev pkg-config
-  iproute2 iperf3 stunnel4 openssl bpftool tcpdump util-linux
+  iproute2 iperf3 stunnel4 openssl bpftool tcpdump util-linux procps
   build-essential ca-certificates curl
 )
 
