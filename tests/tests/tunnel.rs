@@ -454,14 +454,28 @@ fn thousand_concurrent_streams_share_pooled_connections() {
                 }
             }
             let _ = d0_netns;
-            (ok, conns.len())
+            (ok, conns)
         }
     });
-    assert_eq!((ok, peak), (1000, 1000), "all 1,000 concurrent streams complete");
+    assert_eq!((ok, peak.len()), (1000, 1000), "all 1,000 concurrent streams complete");
+    assert_eq!(
+        d1.config_dump()["capture"]["deliveries_registered"].as_u64(),
+        Some(1000),
+        "every open delivery keeps its source registered"
+    );
+    drop(peak);
     let pool = &d0.config_dump()["pool"];
     let conns = pool["hbone_connections"].as_u64().unwrap();
     assert!((1..=12).contains(&conns), "streams are multiplexed (100 per connection): {pool}");
     assert!(d1.counter("inbound_tunnel_accepted") >= 1000);
+    // Each delivery's source stays registered with inbound capture while its
+    // connection lives (a syncookie handshake's last ACK meets sk_lookup
+    // late), and no longer: all are gone once the client closed.
+    let registered = wait_for(Duration::from_secs(20), || {
+        let n = d1.config_dump()["capture"]["deliveries_registered"].as_u64().unwrap();
+        (n == 0).then_some(n)
+    });
+    assert_eq!(registered, Some(0), "delivery registrations are released with their connections");
 }
 
 #[test]

@@ -127,6 +127,7 @@ fn handle(
                     "problems": problems,
                     "capture": {
                         "pin_dir": shared.capture.pin_dir(),
+                        "deliveries_registered": shared.capture.deliveries_registered(),
                         "programs": shared.capture.adoption().iter().map(|(k, v)| (k.to_string(), format!("{v:?}"))).collect::<std::collections::BTreeMap<_, _>>(),
                     },
                 }),

@@ -14,7 +14,9 @@
 //!
 //! so the app's replies are delivered locally to the transparent socket.
 //! Before connecting, the daemon registers the source address in the
-//! `TLSMESH_DELIVERIES` map so the pod's `sk_lookup` program lets it through.
+//! `TLSMESH_DELIVERIES` map so the pod's `sk_lookup` program lets it through;
+//! it stays registered until the connection ends (a syncookie handshake's
+//! final ACK, or a SYN retransmission, goes through `sk_lookup` too).
 
 use std::{ffi::CStr, io, net::SocketAddr, path::Path, process::Command};
 
@@ -25,7 +27,7 @@ use nftnl::{
 use tokio::net::TcpStream;
 
 use crate::{
-    capture::Capture,
+    capture::{Capture, DeliveryGuard},
     netns::{NetnsError, NetnsWorker, SocketOpts},
 };
 use tlsmesh_common::{DAEMON_MARK, DELIVERY_MARK};
@@ -156,6 +158,23 @@ pub async fn setup(worker: &NetnsWorker, netns: &Path) -> Result<(), DeliverErro
     Ok(())
 }
 
+/// A connection into a pod; `guard` (for transparent deliveries) keeps its
+/// source registered with inbound capture and must live as long as `stream`.
+#[derive(Debug)]
+pub struct Delivered {
+    /// The connection to the app.
+    pub stream: TcpStream,
+    /// Unregisters the source address when dropped.
+    pub guard: Option<DeliveryGuard>,
+}
+
+impl Delivered {
+    /// A connection that needs no registration.
+    pub fn plain(stream: TcpStream) -> Self {
+        Self { stream, guard: None }
+    }
+}
+
 /// Connects to `dst` inside the pod netns of `worker`, from `src` when given
 /// (transparent: the app sees `src` as its peer), else from the pod itself.
 pub async fn connect(
@@ -163,11 +182,10 @@ pub async fn connect(
     worker: &NetnsWorker,
     src: Option<std::net::IpAddr>,
     dst: SocketAddr,
-) -> Result<TcpStream, NetnsError> {
+) -> Result<Delivered, NetnsError> {
     let Some(src_ip) = src.filter(|s| *s != dst.ip() && s.is_ipv4() == dst.is_ipv4()) else {
-        return worker
-            .connect(dst, SocketOpts { mark: DAEMON_MARK, ..SocketOpts::default() })
-            .await;
+        let opts = SocketOpts { mark: DAEMON_MARK, ..SocketOpts::default() };
+        return worker.connect(dst, opts).await.map(Delivered::plain);
     };
     let opts = SocketOpts {
         mark: DAEMON_MARK | DELIVERY_MARK,
@@ -190,18 +208,17 @@ pub async fn connect(
             what: format!("transparent socket from {src_ip}"),
             source,
         })?;
-    let _ = capture.register_delivery(bound);
+    let guard = capture.register_delivery(bound).ok();
     sock.set_nonblocking(true).map_err(|source| NetnsError::Socket {
         path: worker.path().to_path_buf(),
         what: "O_NONBLOCK".into(),
         source,
     })?;
     let ts = tokio::net::TcpSocket::from_std_stream(sock.into());
-    let r = ts.connect(dst).await;
-    capture.unregister_delivery(bound);
-    r.map_err(|source| NetnsError::Socket {
+    let stream = ts.connect(dst).await.map_err(|source| NetnsError::Socket {
         path: worker.path().to_path_buf(),
         what: format!("connect {bound} -> {dst}"),
         source,
-    })
+    })?;
+    Ok(Delivered { stream, guard })
 }

@@ -19,6 +19,7 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::{
+    deliver::Delivered,
     inventory::{self, InboundVerdict, Route},
     netns::SocketOpts,
     node::{PodRuntime, Shared},
@@ -131,7 +132,7 @@ async fn outbound(
                     crate::deliver::connect(&shared.capture, &dst_pod.worker, src_ip, dst).await
                 } else {
                     Stats::inc(&shared.stats.outbound_passthrough);
-                    pod.worker.connect(dst, pod_socket_opts()).await
+                    pod.worker.connect(dst, pod_socket_opts()).await.map(Delivered::plain)
                 }
             }
             Route::RemotePod { pod: dst_key, .. } => {
@@ -141,11 +142,13 @@ async fn outbound(
             }
             Route::Passthrough => {
                 Stats::inc(&shared.stats.outbound_passthrough);
-                pod.worker.connect(dst, pod_socket_opts()).await
+                pod.worker.connect(dst, pod_socket_opts()).await.map(Delivered::plain)
             }
         };
-        let mut upstream = match upstream {
-            Ok(s) => s,
+        // The guard keeps a same-node delivery's source registered with
+        // inbound capture until the connection ends.
+        let (mut upstream, _guard) = match upstream {
+            Ok(Delivered { stream, guard }) => (stream, guard),
             Err(e) => {
                 Stats::inc(&shared.stats.outbound_failed);
                 warn!(error = %e, "cannot reach the original destination; resetting the client");
