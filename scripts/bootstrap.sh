@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian 12 machine (root): apt packages,
-# bpf-linker, cgroup v2 and bpffs checks. A second run does nothing and takes
-# seconds. Called by both README commands; safe to run by hand.
+# bpf-linker, the Helm venv for the chart tests, cgroup v2 and bpffs checks.
+# A second run does nothing and takes seconds. Called by both README
+# commands; safe to run by hand.
 set -euo pipefail
 
 say()  { printf '\033[1mbootstrap:\033[0m %s\n' "$*" >&2; }
@@ -17,6 +18,7 @@ APT_PACKAGES=(
   nftables libnftnl-dev libmnl-dev pkg-config
   iproute2 iperf3 stunnel4 openssl bpftool tcpdump util-linux procps
   build-essential ca-certificates curl
+  ruby python3 python3-venv
 )
 
 missing=()
@@ -46,6 +48,24 @@ if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
       cargo install bpf-linker --version "$BPF_LINKER_VERSION" \
         --no-default-features --features llvm-22 \
     || die "could not build bpf-linker; see the cargo output above"
+fi
+
+# Real Helm for the chart tests (tests/tests/deploy_tools.rs): helm-python-sdk
+# ships Helm v4 as a native library, in a venv under target/ (no helm binary).
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HELM_VENV="$REPO/target/tools/helm-venv"
+HELM_SDK=helm-python-sdk==0.2.2
+if ! "$HELM_VENV/bin/python" -c 'import helm_python' 2>/dev/null; then
+  command -v python3 >/dev/null || die "no python3 on PATH: apt-get install python3 python3-venv"
+  say "installing $HELM_SDK (Helm v4 as a library) into $HELM_VENV"
+  rm -rf "$HELM_VENV"
+  mkdir -p "$(dirname "$HELM_VENV")"
+  python3 -m venv "$HELM_VENV" \
+    || die "python3 -m venv $HELM_VENV failed (with Debian's python3: apt-get install python3-venv)"
+  "$HELM_VENV/bin/python" -m pip install -q --disable-pip-version-check "$HELM_SDK" \
+    || die "pip install $HELM_SDK into $HELM_VENV failed: check the network/proxy to pypi.org"
+  "$HELM_VENV/bin/python" -c 'import helm_python' \
+    || die "$HELM_SDK installed but 'import helm_python' fails in $HELM_VENV"
 fi
 
 # Kernel checks.

@@ -1,5 +1,5 @@
 //! Bidirectional copy between two byte streams with half-close propagation
-//! and adaptive buffers (small for chatty connections, large for bulk ones).
+//! and adaptive buffers (none for idle connections, large for bulk ones).
 
 use std::future::poll_fn;
 use std::io;
@@ -10,9 +10,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Default upper bound of each direction's copy buffer.
 pub const DEFAULT_SPLICE_BUFFER: usize = 256 * 1024;
-/// Every direction starts with this much buffer and doubles it each time a
-/// read fills it, up to the maximum. Idle connections thus cost 2 × 16 KiB.
+/// A direction that moves bulk data starts with this much heap buffer and
+/// doubles it each time a read fills it, up to the maximum.
 const INITIAL_BUFFER: usize = 16 * 1024;
+/// Reads of a direction without a heap buffer go to the stack, this much at
+/// a time, and are written straight through: an idle connection holds no
+/// copy buffer at all, and a chatty one (request/response) none between
+/// messages.
+const STACK_READ: usize = 4 * 1024;
 
 /// The result of a splice: bytes moved each way, and the error that ended it
 /// early, if any.
@@ -120,30 +125,36 @@ impl Direction {
                 self.pos = 0;
                 self.end = 0;
                 if self.buf.is_empty() {
-                    self.buf = vec![0; INITIAL_BUFFER.min(self.max)];
-                }
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match r.as_mut().poll_read(cx, &mut rb) {
-                    Poll::Pending => {
-                        if self.need_flush {
-                            ready!(w.as_mut().poll_flush(cx))?;
-                            self.need_flush = false;
-                        }
-                        return Poll::Pending;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Ready(Ok(())) => {}
-                }
-                let n = rb.filled().len();
-                if n == 0 {
-                    self.read_eof = true;
+                    ready!(self.poll_read_unbuffered(cx, r.as_mut(), w.as_mut()))?;
                 } else {
-                    self.end = n;
-                    self.amount += n as u64;
-                    if n == self.buf.len() && self.buf.len() < self.max {
-                        // A full read: the sender has more; grow for throughput.
-                        let grown = (self.buf.len() * 2).min(self.max);
-                        self.buf.resize(grown, 0);
+                    let mut rb = ReadBuf::new(&mut self.buf);
+                    match r.as_mut().poll_read(cx, &mut rb) {
+                        Poll::Pending => {
+                            if self.buf.len() <= INITIAL_BUFFER {
+                                // Not a bulk stream: an idle connection holds
+                                // no buffer.
+                                self.buf = Vec::new();
+                            }
+                            if self.need_flush {
+                                ready!(w.as_mut().poll_flush(cx))?;
+                                self.need_flush = false;
+                            }
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Ready(Ok(())) => {}
+                    }
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        self.read_eof = true;
+                    } else {
+                        self.end = n;
+                        self.amount += n as u64;
+                        if n == self.buf.len() && self.buf.len() < self.max {
+                            // A full read: the sender has more; grow for throughput.
+                            let grown = (self.buf.len() * 2).min(self.max);
+                            self.buf.resize(grown, 0);
+                        }
                     }
                 }
             }
@@ -164,6 +175,66 @@ impl Direction {
                 return Poll::Ready(Ok(()));
             }
         }
+    }
+}
+
+impl Direction {
+    /// Reads without a heap buffer (an idle or chatty connection): into the
+    /// stack, writing straight through. Only when the writer cannot take it
+    /// all, or the read filled the stack buffer (bulk data), does the
+    /// direction switch to a heap buffer, keeping what is left to write.
+    /// `Ready(Ok)` means: go on with `pos..end` and `read_eof` as set.
+    fn poll_read_unbuffered<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        let mut stack = [0u8; STACK_READ];
+        let stack = &mut stack[..STACK_READ.min(self.max)];
+        let mut rb = ReadBuf::new(stack);
+        match r.as_mut().poll_read(cx, &mut rb) {
+            Poll::Pending => {
+                if self.need_flush {
+                    ready!(w.as_mut().poll_flush(cx))?;
+                    self.need_flush = false;
+                }
+                return Poll::Pending;
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {}
+        }
+        let data = rb.filled();
+        let n = data.len();
+        if n == 0 {
+            self.read_eof = true;
+            return Poll::Ready(Ok(()));
+        }
+        self.amount += n as u64;
+        let mut written = 0;
+        while written < n {
+            match w.as_mut().poll_write(cx, &data[written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(k)) => {
+                    written += k;
+                    self.need_flush = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => break,
+            }
+        }
+        if written < n || n == STACK_READ {
+            let left = &data[written..];
+            let mut buf = vec![0; INITIAL_BUFFER.min(self.max).max(left.len())];
+            buf[..left.len()].copy_from_slice(left);
+            self.buf = buf;
+            self.end = left.len();
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -198,5 +269,43 @@ mod tests {
         assert!(out.error.is_none(), "{:?}", out.error);
         assert_eq!(out.a_to_b, 1_000_000);
         assert_eq!(out.b_to_a, 5);
+    }
+
+    #[tokio::test]
+    async fn an_idle_direction_holds_no_buffer_and_a_slow_writer_loses_nothing() {
+        // Reader with nothing to read: Pending, and no heap buffer held.
+        let (_keep, mut idle) = tokio::io::duplex(1024);
+        let (mut sink, _sink_app) = tokio::io::duplex(1024);
+        let mut d = Direction::new(DEFAULT_SPLICE_BUFFER);
+        let polled = std::future::poll_fn(|cx| {
+            Poll::Ready(d.poll_copy(cx, Pin::new(&mut idle), Pin::new(&mut sink)).is_pending())
+        })
+        .await;
+        assert!(polled);
+        assert_eq!(d.buf.capacity(), 0, "an idle direction holds no buffer");
+
+        // A writer that takes 100 bytes at a time: the stack read's remainder
+        // moves to the heap and arrives intact and in order.
+        let (mut a_app, mut a) = tokio::io::duplex(64 * 1024);
+        let (mut b, mut b_app) = tokio::io::duplex(100);
+        let task = tokio::spawn(async move { splice(&mut a, &mut b).await });
+        let msgs: Vec<Vec<u8>> = (0..200u32)
+            .map(|i| (0..(i * 37 % 3000 + 1)).map(|j| (i + j) as u8).collect())
+            .collect();
+        let expect: Vec<u8> = msgs.concat();
+        let writer = tokio::spawn(async move {
+            for m in msgs {
+                a_app.write_all(&m).await.unwrap();
+            }
+            a_app.shutdown().await.unwrap();
+            a_app
+        });
+        let mut got = Vec::new();
+        b_app.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, expect);
+        drop(b_app);
+        drop(writer.await.unwrap());
+        let out = task.await.unwrap();
+        assert_eq!(out.a_to_b, expect.len() as u64);
     }
 }

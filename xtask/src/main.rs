@@ -28,7 +28,7 @@ enum Cmd {
     /// Set up, build everything, and run the whole test suite (as root).
     Test {
         /// Extra arguments for `cargo test` (after `--` go to the test binaries).
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Set up, build, and run the local two-node demo.
@@ -40,7 +40,7 @@ enum Cmd {
     /// Set up, build (release), and run the benchmark.
     Bench {
         /// Extra arguments for the bench binary (e.g. --quick).
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Remove namespaces, cgroups and pins a killed test run left behind.
