@@ -79,6 +79,21 @@ pub struct ConnKey {
     pub client: SockAddr,
 }
 
+/// Key of the deliveries map: one connection the daemon opened into a pod
+/// from the original client's address, as `sk_lookup` sees its packets:
+/// `src` is the delivery socket's own address (the client pod's IP and the
+/// port the kernel chose), `dst` the application's address in the pod.
+/// Written by `sock_ops` at connect time for sockets with `DELIVERY_MARK`,
+/// removed when they close.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct DeliveryKey {
+    /// The delivery socket's address (the original client's IP).
+    pub src: SockAddr,
+    /// The application's address inside the pod.
+    pub dst: SockAddr,
+}
+
 /// Key of the inbound socket map: a pod address (port unused, zero).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
@@ -131,8 +146,10 @@ pub mod counter {
     pub const INBOUND_DROPPED: u32 = 6;
     /// sk_lookup let one of the daemon's own deliveries through.
     pub const INBOUND_DELIVERY: u32 = 7;
+    /// sock_ops recorded one of the daemon's deliveries into a pod.
+    pub const DELIVERY_RECORDED: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Names of the maps in the eBPF object (the daemon opens them by name).
@@ -151,8 +168,8 @@ pub mod maps {
     pub const BYPASS_CIDRS: &str = "TLSMESH_BYPASS_CIDRS";
     /// `SockHash<IpKey>`: the daemon's inbound listener for each pod address.
     pub const INBOUND: &str = "TLSMESH_INBOUND";
-    /// `LruHashMap<SockAddr, u32>`: source addresses of the daemon's in-flight
-    /// deliveries into pods (sk_lookup leaves them alone).
+    /// `LruHashMap<DeliveryKey, u32>`: the daemon's open deliveries into
+    /// pods (sk_lookup leaves them alone); maintained by sock_ops.
     pub const DELIVERIES: &str = "TLSMESH_DELIVERIES";
     /// `PerCpuArray<u64>` of `counter::COUNT`.
     pub const COUNTERS: &str = "TLSMESH_COUNTERS";
@@ -184,6 +201,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnKey {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::DeliveryKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::IpKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CidrKey {}
@@ -201,6 +220,7 @@ mod tests {
         assert_eq!(size_of::<Enrollment>(), 8);
         assert_eq!(size_of::<SockAddr>(), 24);
         assert_eq!(size_of::<ConnKey>(), 32);
+        assert_eq!(size_of::<DeliveryKey>(), 48);
         assert_eq!(align_of::<ConnKey>(), 8);
         assert_eq!(size_of::<IpKey>(), 20);
         assert_eq!(size_of::<CidrKey>(), 16);

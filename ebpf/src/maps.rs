@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
-use tlsmesh_common::{CaptureConfig, CidrKey, ConnKey, Enrollment, IpKey, SockAddr};
+use tlsmesh_common::{CaptureConfig, CidrKey, ConnKey, DeliveryKey, Enrollment, IpKey, SockAddr};
 
 #[map(name = "TLSMESH_ENROLLED")]
 pub static ENROLLED: HashMap<u64, Enrollment> = HashMap::pinned(16_384, 0);
@@ -29,9 +29,9 @@ pub static BYPASS_CIDRS: LpmTrie<CidrKey, u32> = LpmTrie::pinned(1024, 1);
 #[map(name = "TLSMESH_INBOUND")]
 pub static INBOUND: SockHash<IpKey> = SockHash::pinned(16_384, 0);
 
-/// Source addresses of the daemon's in-flight deliveries into pods.
+/// The daemon's open deliveries into pods (written by sock_ops).
 #[map(name = "TLSMESH_DELIVERIES")]
-pub static DELIVERIES: LruHashMap<SockAddr, u32> = LruHashMap::pinned(65_536, 0);
+pub static DELIVERIES: LruHashMap<DeliveryKey, u32> = LruHashMap::pinned(65_536, 0);
 
 #[map(name = "TLSMESH_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(tlsmesh_common::counter::COUNT, 0);

@@ -4,7 +4,7 @@
 //! in-pod inbound listener found under the destination address in `INBOUND`,
 //! except: traffic on loopback addresses, the pod talking to its own address
 //! (source == destination), and the daemon's own deliveries into the pod,
-//! whose source address it registers in `DELIVERIES` just before connecting
+//! whose 4-tuple `sock_ops` records in `DELIVERIES` as they connect
 //! (the ingress ifindex cannot tell them apart: for a local destination the
 //! kernel reports the device that owns the address, not `lo`). With no
 //! listener (daemon down) the SYN is dropped: an enrolled pod never takes
@@ -13,7 +13,7 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
-use tlsmesh_common::{counter, IpKey, SockAddr, FAMILY_V6, PORT_TUNNEL};
+use tlsmesh_common::{counter, DeliveryKey, IpKey, SockAddr, FAMILY_V6, PORT_TUNNEL};
 
 use crate::maps::{bump, DELIVERIES, INBOUND};
 
@@ -72,8 +72,10 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     if loopback || key.addr == remote.addr {
         return sk_action::SK_PASS;
     }
+    let local = SockAddr { family, port, addr: key.addr };
+    let delivery = DeliveryKey { src: remote, dst: local };
     // SAFETY: read-only lookup of a plain value.
-    if unsafe { DELIVERIES.get(remote) }.is_some() {
+    if unsafe { DELIVERIES.get(delivery) }.is_some() {
         bump(counter::INBOUND_DELIVERY);
         return sk_action::SK_PASS;
     }

@@ -1,10 +1,19 @@
-//! sock_ops: re-key a captured socket's original destination by the client's
-//! own address, which is what the daemon sees on accept.
+//! sock_ops: two jobs at connect time, both keyed by the socket's own
+//! address, which only exists once the kernel has chosen the source port.
 //!
-//! At TCP_CONNECT_CB the source port is bound; the destination recorded by
-//! connect4/6 under the socket cookie is copied to `ORIG_BY_ADDR` under
-//! (netns cookie, local address). The socket asks for state callbacks so the
-//! cookie entry is dropped when it closes.
+//! 1. Captured sockets: the original destination recorded by connect4/6
+//!    under the socket cookie is copied to `ORIG_BY_ADDR` under (netns
+//!    cookie, local address) — what the daemon sees on accept.
+//! 2. The daemon's deliveries into pods (sockets marked `DAEMON_MARK |
+//!    DELIVERY_MARK`, bound to the client pod's IP): the 4-tuple goes into
+//!    `DELIVERIES`, so the pod's sk_lookup lets every packet of that
+//!    connection through — also a syncookie handshake's last ACK, which
+//!    meets sk_lookup after connect() returned. The daemon binds with
+//!    `IP_BIND_ADDRESS_NO_PORT`, so the port is chosen here by the 4-tuple
+//!    rather than by a bind-time scan.
+//!
+//! Both ask for state callbacks; the entries are dropped when the socket
+//! closes.
 
 use aya_ebpf::{
     bindings::{
@@ -16,9 +25,13 @@ use aya_ebpf::{
     programs::SockOpsContext,
     EbpfContext,
 };
-use tlsmesh_common::{counter, ConnKey, SockAddr, FAMILY_V4, FAMILY_V6};
+use core::ptr::read_volatile;
 
-use crate::maps::{bump, ORIG_BY_ADDR, ORIG_BY_COOKIE};
+use tlsmesh_common::{
+    counter, ConnKey, DeliveryKey, SockAddr, DAEMON_MARK, DELIVERY_MARK, FAMILY_V4, FAMILY_V6,
+};
+
+use crate::maps::{bump, DELIVERIES, ORIG_BY_ADDR, ORIG_BY_COOKIE};
 
 #[sock_ops]
 pub fn tlsmesh_sock_ops(ctx: SockOpsContext) -> u32 {
@@ -26,10 +39,62 @@ pub fn tlsmesh_sock_ops(ctx: SockOpsContext) -> u32 {
     1
 }
 
+/// True for the daemon's transparent deliveries into pods.
+#[inline(always)]
+fn is_delivery(ctx: &SockOpsContext) -> bool {
+    // SAFETY: `ops` is the kernel's context pointer, valid for this call.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null `sk` in bpf_sock_ops is a valid bpf_sock.
+    let mark = unsafe { read_volatile(&(*sk).mark) };
+    mark & (DAEMON_MARK | DELIVERY_MARK) == DAEMON_MARK | DELIVERY_MARK
+}
+
+/// The connection's 4-tuple (local = source, remote = destination).
+#[inline(always)]
+fn delivery_key(ctx: &SockOpsContext) -> DeliveryKey {
+    let family = ctx.family();
+    let mut k = DeliveryKey {
+        src: SockAddr { family, port: ctx.local_port(), addr: [0; 4] },
+        dst: SockAddr { family, port: u32::from_be(ctx.remote_port()), addr: [0; 4] },
+    };
+    if family == FAMILY_V6 {
+        let o = ctx.ops;
+        // SAFETY: `o` is the kernel's context pointer; each word is read with
+        // its own 4-byte load at a constant offset (a copied array would be a
+        // load through a modified context pointer, which the verifier
+        // rejects).
+        unsafe {
+            k.src.addr = [
+                read_volatile(&(*o).local_ip6[0]),
+                read_volatile(&(*o).local_ip6[1]),
+                read_volatile(&(*o).local_ip6[2]),
+                read_volatile(&(*o).local_ip6[3]),
+            ];
+            k.dst.addr = [
+                read_volatile(&(*o).remote_ip6[0]),
+                read_volatile(&(*o).remote_ip6[1]),
+                read_volatile(&(*o).remote_ip6[2]),
+                read_volatile(&(*o).remote_ip6[3]),
+            ];
+        }
+    } else {
+        k.src.addr[0] = ctx.local_ip4();
+        k.dst.addr[0] = ctx.remote_ip4();
+    }
+    k
+}
+
 fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     let op = ctx.op();
     if op == BPF_SOCK_OPS_STATE_CB {
         if ctx.arg(1) == BPF_TCP_CLOSE {
+            if is_delivery(ctx) {
+                let _ = DELIVERIES.remove(&delivery_key(ctx));
+                return Ok(());
+            }
             // SAFETY: helper over the program's own context.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             let _ = ORIG_BY_COOKIE.remove(cookie);
@@ -37,6 +102,12 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
         return Ok(());
     }
     if op != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return Ok(());
+    }
+    if is_delivery(ctx) {
+        DELIVERIES.insert(&delivery_key(ctx), &1, 0).map_err(|_| ())?;
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        bump(counter::DELIVERY_RECORDED);
         return Ok(());
     }
     // SAFETY: helper over the program's own context.

@@ -459,23 +459,23 @@ fn thousand_concurrent_streams_share_pooled_connections() {
     });
     assert_eq!((ok, peak.len()), (1000, 1000), "all 1,000 concurrent streams complete");
     assert_eq!(
-        d1.config_dump()["capture"]["deliveries_registered"].as_u64(),
+        d1.config_dump()["capture"]["deliveries_open"].as_u64(),
         Some(1000),
-        "every open delivery keeps its source registered"
+        "sock_ops recorded every open delivery"
     );
     drop(peak);
     let pool = &d0.config_dump()["pool"];
     let conns = pool["hbone_connections"].as_u64().unwrap();
     assert!((1..=12).contains(&conns), "streams are multiplexed (100 per connection): {pool}");
     assert!(d1.counter("inbound_tunnel_accepted") >= 1000);
-    // Each delivery's source stays registered with inbound capture while its
-    // connection lives (a syncookie handshake's last ACK meets sk_lookup
-    // late), and no longer: all are gone once the client closed.
-    let registered = wait_for(Duration::from_secs(20), || {
-        let n = d1.config_dump()["capture"]["deliveries_registered"].as_u64().unwrap();
+    // Each delivery stays recorded for inbound capture while its connection
+    // lives (a syncookie handshake's last ACK meets sk_lookup late), and no
+    // longer: all are gone once the client closed.
+    let open = wait_for(Duration::from_secs(20), || {
+        let n = d1.config_dump()["capture"]["deliveries_open"].as_u64().unwrap();
         (n == 0).then_some(n)
     });
-    assert_eq!(registered, Some(0), "delivery registrations are released with their connections");
+    assert_eq!(open, Some(0), "delivery records are removed when their connections close");
 }
 
 #[test]

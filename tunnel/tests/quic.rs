@@ -178,3 +178,41 @@ async fn client_uses_quic_when_it_answers() {
     assert_eq!(echo_through(s, b"via quic".to_vec()).await, b"via quic");
     assert_eq!(conn.calls(), 0, "TCP connector not used");
 }
+
+// TEMP timing probe (to be removed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "timing probe"]
+async fn tmp_probe_sequential_streams() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let echo = echo_server().await;
+    let (addr, _ep) = quic_server(&pki, &test_config(), tcp_handler(Seen::default()));
+    let pool = Pool::new(test_config());
+    let dial = quic_dial(&pki);
+    let h = ConnectHeaders::default();
+    for round in 0..3 {
+        let start = Instant::now();
+        let mut worst = Duration::ZERO;
+        for _ in 0..300 {
+            let t = Instant::now();
+            let mut s = pool.connect(&key(addr), echo, &h, &dial).await.unwrap();
+            let t_open = t.elapsed();
+            s.write_all(&[0xa5; 1024]).await.unwrap();
+            let mut buf = [0u8; 1024];
+            s.read_exact(&mut buf).await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await.unwrap();
+            drop(s);
+            worst = worst.max(t_open);
+            let _ = t_open;
+        }
+        let el = start.elapsed();
+        eprintln!(
+            "round {round}: {:.0}/s, worst open {worst:?}, conns {}, stats {:?}",
+            300.0 / el.as_secs_f64(),
+            pool.connection_count(&key(addr)),
+            pool.stats()
+        );
+    }
+}

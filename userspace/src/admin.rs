@@ -52,6 +52,7 @@ pub fn kernel_counters(shared: &Shared) -> serde_json::Value {
         "inbound_steered": c[counter::INBOUND_STEERED as usize],
         "inbound_dropped": c[counter::INBOUND_DROPPED as usize],
         "inbound_delivery": c[counter::INBOUND_DELIVERY as usize],
+        "delivery_recorded": c[counter::DELIVERY_RECORDED as usize],
         "enrolled_netns": shared.capture.enrolled().len(),
     })
 }
@@ -127,7 +128,7 @@ fn handle(
                     "problems": problems,
                     "capture": {
                         "pin_dir": shared.capture.pin_dir(),
-                        "deliveries_registered": shared.capture.deliveries_registered(),
+                        "deliveries_open": shared.capture.deliveries_open(),
                         "programs": shared.capture.adoption().iter().map(|(k, v)| (k.to_string(), format!("{v:?}"))).collect::<std::collections::BTreeMap<_, _>>(),
                     },
                 }),

@@ -15,7 +15,7 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Mutex,
 };
 
 use aya::{
@@ -27,8 +27,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use tlsmesh_common::{
-    counter, maps, programs, CaptureConfig, CidrKey, ConnKey, Enrollment, IpKey, SockAddr,
-    FAMILY_V4, FAMILY_V6,
+    counter, maps, programs, CaptureConfig, CidrKey, ConnKey, DeliveryKey, Enrollment, IpKey,
+    SockAddr, FAMILY_V4, FAMILY_V6,
 };
 
 use crate::netns::Netns;
@@ -108,7 +108,7 @@ pub struct Capture {
     enrolled: Mutex<HashMap<MapData, u64, Enrollment>>,
     orig_by_addr: Mutex<HashMap<MapData, ConnKey, SockAddr>>,
     inbound: Mutex<SockHash<MapData, IpKey>>,
-    deliveries: Arc<Deliveries>,
+    deliveries: Mutex<HashMap<MapData, DeliveryKey, u32>>,
     counters: PerCpuArray<MapData, u64>,
     adoption: BTreeMap<&'static str, Adoption>,
 }
@@ -237,9 +237,7 @@ impl Capture {
             enrolled: Mutex::new(enrolled),
             orig_by_addr: Mutex::new(orig_by_addr),
             inbound: Mutex::new(inbound),
-            deliveries: Arc::new(Deliveries {
-                map: Mutex::new((deliveries, std::collections::HashMap::new())),
-            }),
+            deliveries: Mutex::new(deliveries),
             counters,
             adoption,
         })
@@ -334,20 +332,10 @@ impl Capture {
         }
     }
 
-    /// Marks `src` as the source of one of the daemon's own deliveries into a
-    /// pod, so inbound capture lets its packets through. Call before
-    /// connecting and keep the guard for the life of the connection: a
-    /// listener under SYN flood answers with syncookies, and then the
-    /// handshake's final ACK goes through `sk_lookup` again, long after the
-    /// connect returned.
-    pub fn register_delivery(&self, src: SocketAddr) -> Result<DeliveryGuard, CaptureError> {
-        self.deliveries.add(src)?;
-        Ok(DeliveryGuard { deliveries: Arc::clone(&self.deliveries), src })
-    }
-
-    /// Delivery sources registered now (for tests and `/config_dump`).
-    pub fn deliveries_registered(&self) -> usize {
-        self.deliveries.map.lock().expect("deliveries lock").1.len()
+    /// The daemon's deliveries into pods open now, as recorded by sock_ops
+    /// (for `/config_dump` and tests).
+    pub fn deliveries_open(&self) -> usize {
+        self.deliveries.lock().expect("deliveries lock").keys().filter(Result::is_ok).count()
     }
 
     /// Takes (looks up and deletes) the original destination of a captured
@@ -502,56 +490,5 @@ mod tests {
         let p = bypass_ports(&s);
         assert!(p.contains(&22) && p.contains(&15008) && p.contains(&15021));
         assert_eq!(p.iter().filter(|&&x| x == 15008).count(), 1);
-    }
-}
-
-/// The `TLSMESH_DELIVERIES` map with a reference count per source address
-/// (two deliveries into different pod netns can share one).
-struct Deliveries {
-    map: Mutex<(HashMap<MapData, SockAddr, u32>, std::collections::HashMap<SocketAddr, u32>)>,
-}
-
-impl Deliveries {
-    fn add(&self, src: SocketAddr) -> Result<(), CaptureError> {
-        let mut g = self.map.lock().expect("deliveries lock");
-        let (map, counts) = &mut *g;
-        let n = counts.entry(src).or_insert(0);
-        if *n == 0 {
-            map.insert(sock_addr(src), 1, 0)
-                .map_err(|source| CaptureError::Map { name: maps::DELIVERIES, source })?;
-        }
-        *n += 1;
-        Ok(())
-    }
-
-    fn remove(&self, src: SocketAddr) {
-        let mut g = self.map.lock().expect("deliveries lock");
-        let (map, counts) = &mut *g;
-        if let Some(n) = counts.get_mut(&src) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&src);
-                let _ = map.remove(&sock_addr(src));
-            }
-        }
-    }
-}
-
-/// Keeps one delivery source registered; unregisters it when dropped (the
-/// delivered connection ended).
-pub struct DeliveryGuard {
-    deliveries: Arc<Deliveries>,
-    src: SocketAddr,
-}
-
-impl std::fmt::Debug for DeliveryGuard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeliveryGuard").field("src", &self.src).finish()
-    }
-}
-
-impl Drop for DeliveryGuard {
-    fn drop(&mut self) {
-        self.deliveries.remove(self.src);
     }
 }

@@ -13,10 +13,11 @@
 //! - `ip route add local default dev lo table 100` (IPv4 and IPv6),
 //!
 //! so the app's replies are delivered locally to the transparent socket.
-//! Before connecting, the daemon registers the source address in the
-//! `TLSMESH_DELIVERIES` map so the pod's `sk_lookup` program lets it through;
-//! it stays registered until the connection ends (a syncookie handshake's
-//! final ACK, or a SYN retransmission, goes through `sk_lookup` too).
+//! The delivery socket carries `DELIVERY_MARK`; the `sock_ops` program
+//! records its 4-tuple in `TLSMESH_DELIVERIES` when it connects and removes
+//! it when it closes, so the pod's `sk_lookup` program lets every packet of
+//! it through (also a syncookie handshake's final ACK, which meets
+//! `sk_lookup` after connect() returned).
 
 use std::{ffi::CStr, io, net::SocketAddr, path::Path, process::Command};
 
@@ -26,10 +27,7 @@ use nftnl::{
 };
 use tokio::net::TcpStream;
 
-use crate::{
-    capture::{Capture, DeliveryGuard},
-    netns::{NetnsError, NetnsWorker, SocketOpts},
-};
+use crate::netns::{NetnsError, NetnsWorker, SocketOpts};
 use tlsmesh_common::{DAEMON_MARK, DELIVERY_MARK};
 
 const TABLE: &CStr = c"tlsmesh";
@@ -158,49 +156,31 @@ pub async fn setup(worker: &NetnsWorker, netns: &Path) -> Result<(), DeliverErro
     Ok(())
 }
 
-/// A connection into a pod; `guard` (for transparent deliveries) keeps its
-/// source registered with inbound capture and must live as long as `stream`.
-#[derive(Debug)]
-pub struct Delivered {
-    /// The connection to the app.
-    pub stream: TcpStream,
-    /// Unregisters the source address when dropped.
-    pub guard: Option<DeliveryGuard>,
-}
-
-impl Delivered {
-    /// A connection that needs no registration.
-    pub fn plain(stream: TcpStream) -> Self {
-        Self { stream, guard: None }
-    }
-}
-
 /// Connects to `dst` inside the pod netns of `worker`, from `src` when given
 /// (transparent: the app sees `src` as its peer), else from the pod itself.
 pub async fn connect(
-    capture: &Capture,
     worker: &NetnsWorker,
     src: Option<std::net::IpAddr>,
     dst: SocketAddr,
-) -> Result<Delivered, NetnsError> {
+) -> Result<TcpStream, NetnsError> {
     let Some(src_ip) = src.filter(|s| *s != dst.ip() && s.is_ipv4() == dst.is_ipv4()) else {
         let opts = SocketOpts { mark: DAEMON_MARK, ..SocketOpts::default() };
-        return worker.connect(dst, opts).await.map(Delivered::plain);
+        return worker.connect(dst, opts).await;
     };
     let opts = SocketOpts {
         mark: DAEMON_MARK | DELIVERY_MARK,
         transparent: true,
         ..SocketOpts::default()
     };
-    let (sock, bound) = worker
-        .run(move || -> io::Result<(socket2::Socket, SocketAddr)> {
+    let sock = worker
+        .run(move || -> io::Result<socket2::Socket> {
             let s = crate::netns::new_socket(dst, socket2::Type::STREAM, opts)?;
+            // The port is chosen at connect() by the whole 4-tuple (cheap,
+            // and TIME_WAIT entries of other destinations do not block it),
+            // not by a bind-time scan of the ports in use for `src_ip`.
+            bind_address_no_port(&s)?;
             s.bind(&SocketAddr::new(src_ip, 0).into())?;
-            let bound = s
-                .local_addr()?
-                .as_socket()
-                .ok_or_else(|| io::Error::other("bound address is not IP"))?;
-            Ok((s, bound))
+            Ok(s)
         })
         .await?
         .map_err(|source| NetnsError::Socket {
@@ -208,17 +188,39 @@ pub async fn connect(
             what: format!("transparent socket from {src_ip}"),
             source,
         })?;
-    let guard = capture.register_delivery(bound).ok();
     sock.set_nonblocking(true).map_err(|source| NetnsError::Socket {
         path: worker.path().to_path_buf(),
         what: "O_NONBLOCK".into(),
         source,
     })?;
+    // sock_ops records the 4-tuple in TLSMESH_DELIVERIES as the SYN leaves
+    // (DELIVERY_MARK), so the pod's sk_lookup lets this connection through.
     let ts = tokio::net::TcpSocket::from_std_stream(sock.into());
-    let stream = ts.connect(dst).await.map_err(|source| NetnsError::Socket {
+    ts.connect(dst).await.map_err(|source| NetnsError::Socket {
         path: worker.path().to_path_buf(),
-        what: format!("connect {bound} -> {dst}"),
+        what: format!("connect {src_ip} -> {dst}"),
         source,
-    })?;
-    Ok(Delivered { stream, guard })
+    })
+}
+
+/// `IP_BIND_ADDRESS_NO_PORT`: bind the address now, the port at connect.
+fn bind_address_no_port(s: &socket2::Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own, with a c_int option value of
+    // the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            std::ptr::from_ref(&one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

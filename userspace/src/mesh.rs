@@ -473,8 +473,8 @@ async fn handle(
     if req.forwarded_for.is_some() && src_ip.is_none() {
         warn!(peer = %peer_id, claimed = ?req.forwarded_for, "forwarded address does not belong to the peer's identity; not used");
     }
-    match deliver::connect(&shared.capture, &rt.worker, src_ip, req.authority).await {
-        Ok(deliver::Delivered { stream: up, guard }) => {
+    match deliver::connect(&rt.worker, src_ip, req.authority).await {
+        Ok(up) => {
             let _ = up.set_nodelay(true);
             Stats::inc(&shared.stats.inbound_tunnel_accepted);
             Stats::inc(&shared.stats.active_connections);
@@ -482,7 +482,6 @@ async fn handle(
             let (stats, pod, peer, dst) =
                 (Arc::clone(&shared.stats), rt.pod.key(), peer_uri.clone(), req.authority);
             Ok(Accepted::new(up).on_close(move |o| {
-                drop(guard);
                 Stats::dec(&stats.active_connections);
                 Stats::add(&stats.bytes_to_pods, o.a_to_b);
                 Stats::add(&stats.bytes_from_pods, o.b_to_a);

@@ -158,6 +158,7 @@ impl Collector for DaemonCollector {
                 (&[("event", "inbound_steered")], k[counter::INBOUND_STEERED as usize]),
                 (&[("event", "inbound_dropped")], k[counter::INBOUND_DROPPED as usize]),
                 (&[("event", "inbound_delivery")], k[counter::INBOUND_DELIVERY as usize]),
+                (&[("event", "delivery_recorded")], k[counter::DELIVERY_RECORDED as usize]),
             ],
         )?;
         let enrolled = i64::try_from(shared.capture.enrolled().len()).unwrap_or(0);

@@ -19,7 +19,6 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::{
-    deliver::Delivered,
     inventory::{self, InboundVerdict, Route},
     netns::SocketOpts,
     node::{PodRuntime, Shared},
@@ -129,10 +128,10 @@ async fn outbound(
             Route::LocalPod(key) => {
                 if let Some(dst_pod) = shared.pod(key) {
                     Stats::inc(&shared.stats.outbound_local);
-                    crate::deliver::connect(&shared.capture, &dst_pod.worker, src_ip, dst).await
+                    crate::deliver::connect(&dst_pod.worker, src_ip, dst).await
                 } else {
                     Stats::inc(&shared.stats.outbound_passthrough);
-                    pod.worker.connect(dst, pod_socket_opts()).await.map(Delivered::plain)
+                    pod.worker.connect(dst, pod_socket_opts()).await
                 }
             }
             Route::RemotePod { pod: dst_key, .. } => {
@@ -142,13 +141,11 @@ async fn outbound(
             }
             Route::Passthrough => {
                 Stats::inc(&shared.stats.outbound_passthrough);
-                pod.worker.connect(dst, pod_socket_opts()).await.map(Delivered::plain)
+                pod.worker.connect(dst, pod_socket_opts()).await
             }
         };
-        // The guard keeps a same-node delivery's source registered with
-        // inbound capture until the connection ends.
-        let (mut upstream, _guard) = match upstream {
-            Ok(Delivered { stream, guard }) => (stream, guard),
+        let mut upstream = match upstream {
+            Ok(s) => s,
             Err(e) => {
                 Stats::inc(&shared.stats.outbound_failed);
                 warn!(error = %e, "cannot reach the original destination; resetting the client");
