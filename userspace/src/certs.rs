@@ -12,7 +12,7 @@
 
 use std::{collections::HashSet, path::PathBuf, sync::Arc, time::Duration};
 
-use rustls::{ClientConfig, ServerConfig};
+use rustls::{sign::CertifiedKey, ClientConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
 use tlsmesh_identity::{
     authz::{Placement, SharedPlacement},
@@ -88,7 +88,16 @@ pub struct Certs {
     /// Local-CA mode: who runs where (kept in sync with the inventory).
     placement: Option<SharedPlacement>,
     deny_path: Option<PathBuf>,
+    /// Client configs by (source, destination) with the source certificate
+    /// they present: building one per connection showed in profiles, and a
+    /// config is reusable as long as the certificate is current (the
+    /// verifier reads the shared bundle and deny list at each handshake).
+    client_configs: ClientConfigCache,
 }
+
+type ClientConfigCache = std::sync::Mutex<
+    std::collections::HashMap<(SpiffeId, SpiffeId), (Arc<CertifiedKey>, Arc<ClientConfig>)>,
+>;
 
 /// Placement (SPIFFE id → nodes) from an inventory.
 pub fn placement_of(inv: &Inventory) -> Placement {
@@ -148,6 +157,7 @@ impl Certs {
                 manager,
                 placement: Some(placement),
                 deny_path: cfg.deny_list.clone(),
+                client_configs: ClientConfigCache::default(),
             }));
         }
         let Some(addr) = &cfg.ca_addr else { return Ok(None) };
@@ -202,6 +212,7 @@ impl Certs {
             manager,
             placement: None,
             deny_path: cfg.deny_list.clone(),
+            client_configs: ClientConfigCache::default(),
         }))
     }
 
@@ -252,7 +263,19 @@ impl Certs {
         dst: &SpiffeId,
     ) -> Result<Arc<ClientConfig>, CertsError> {
         let key = self.manager.ensure(src).await?;
-        Ok(Arc::new(tls::client_config(key, dst.clone(), &self.bundle, &self.deny)?))
+        let ids = (src.clone(), dst.clone());
+        if let Some((k, c)) = self.client_configs.lock().expect("client config cache").get(&ids) {
+            if Arc::ptr_eq(k, &key) {
+                return Ok(Arc::clone(c));
+            }
+        }
+        let config =
+            Arc::new(tls::client_config(Arc::clone(&key), dst.clone(), &self.bundle, &self.deny)?);
+        let mut cache = self.client_configs.lock().expect("client config cache");
+        // Entries of certificates no longer current would keep old keys alive.
+        cache.retain(|(s, _), (k, _)| s != src || Arc::ptr_eq(k, &key));
+        cache.insert(ids, (key, Arc::clone(&config)));
+        Ok(config)
     }
 
     /// Certificates for the admin API.

@@ -32,8 +32,9 @@ pub enum NetnsError {
     /// A socket operation inside the namespace failed.
     #[error("in network namespace {path}: {what}: {source}")]
     Socket { path: PathBuf, what: String, source: io::Error },
-    /// The worker thread died.
-    #[error("worker thread for network namespace {path} panicked")]
+    /// A thread used to enter the namespace died, or the daemon's own
+    /// namespace was never recorded (`init_home`).
+    #[error("cannot run in network namespace {path}: the helper thread panicked or the daemon's own namespace is unknown (a bug: please report it)")]
     Thread { path: PathBuf },
 }
 
@@ -245,45 +246,58 @@ mod tests {
     }
 }
 
-type Job = Box<dyn FnOnce() + Send + 'static>;
-
-/// A thread that lives inside a namespace and runs jobs there: the cheap way
-/// to create many sockets in a pod's netns (one `setns` for the pod's life,
-/// not one per connection). The thread ends when the last handle is dropped.
+/// Runs jobs inside a pod's namespace: the cheap way to create many sockets
+/// there. A job runs on the calling thread between two `setns` calls (into
+/// the pod's netns and back to the daemon's), as ztunnel's in-pod socket
+/// factory does: a few microseconds, where handing each job to a thread
+/// parked in the namespace cost two cross-thread wake-ups per connection.
+/// A socket stays in the namespace it was created in.
 #[derive(Debug, Clone)]
 pub struct NetnsWorker {
-    tx: std::sync::mpsc::Sender<Job>,
+    fd: Arc<OwnedFd>,
     path: PathBuf,
 }
 
+/// The daemon's own network namespace, where every thread returns after a
+/// job. Opened from the first caller (a daemon thread, in the node netns).
+static HOME: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+
+/// Sets the namespace the daemon's threads return to after a job: call once
+/// at start-up from a thread in the daemon's own namespace.
+pub fn init_home() -> Result<(), NetnsError> {
+    if HOME.get().is_none() {
+        let ns = Netns::current()?;
+        let fd = ns.fd.try_clone().map_err(|source| NetnsError::Socket {
+            path: ns.path.clone(),
+            what: "dup".into(),
+            source,
+        })?;
+        let _ = HOME.set(fd);
+    }
+    Ok(())
+}
+
+/// Returns the thread to the daemon's namespace when dropped, also when the
+/// job panics. A thread that cannot return would open later sockets in a
+/// pod's namespace: the process aborts instead.
+struct ReturnHome(&'static OwnedFd);
+
+impl Drop for ReturnHome {
+    fn drop(&mut self) {
+        if let Err(e) = setns(self.0.as_fd(), CloneFlags::CLONE_NEWNET) {
+            eprintln!("tlsmesh: cannot return a thread to the daemon's network namespace ({e}); aborting rather than opening sockets in a pod");
+            std::process::abort();
+        }
+    }
+}
+
 impl NetnsWorker {
-    /// Starts a worker inside `ns`.
+    /// A worker for `ns` (checks that the namespace can be entered).
     pub fn start(ns: &Netns) -> Result<Self, NetnsError> {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let fd = Arc::clone(&ns.fd);
-        let path = ns.path.clone();
-        let p2 = path.clone();
-        std::thread::Builder::new()
-            .name("tlsmesh-nsworker".into())
-            .spawn(move || {
-                let r = setns(fd.as_fd(), CloneFlags::CLONE_NEWNET)
-                    .map_err(|source| NetnsError::Enter { path: p2, source });
-                let ok = r.is_ok();
-                let _ = ready_tx.send(r);
-                if ok {
-                    while let Ok(job) = rx.recv() {
-                        job();
-                    }
-                }
-            })
-            .map_err(|source| NetnsError::Socket {
-                path: path.clone(),
-                what: "spawn worker".into(),
-                source,
-            })?;
-        ready_rx.recv().map_err(|_| NetnsError::Thread { path: path.clone() })??;
-        Ok(Self { tx, path })
+        init_home()?;
+        let w = Self { fd: Arc::clone(&ns.fd), path: ns.path.clone() };
+        w.run_here(|| ())?;
+        Ok(w)
     }
 
     /// The namespace path.
@@ -291,18 +305,24 @@ impl NetnsWorker {
         &self.path
     }
 
-    /// Runs `f` inside the namespace and awaits its result.
+    /// Runs `f` inside the namespace on this thread. `f` must not block long
+    /// or await: it holds the thread in the pod's namespace.
+    pub fn run_here<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
+        let home = HOME.get().ok_or_else(|| NetnsError::Thread { path: self.path.clone() })?;
+        setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET)
+            .map_err(|source| NetnsError::Enter { path: self.path.clone(), source })?;
+        let _back = ReturnHome(home);
+        Ok(f())
+    }
+
+    /// Runs `f` inside the namespace and returns its result (async for the
+    /// callers' convenience; it runs at once on the calling thread).
+    #[allow(clippy::unused_async, reason = "callers await it like other socket set-up")]
     pub async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, NetnsError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(Box::new(move || {
-                let _ = tx.send(f());
-            }))
-            .map_err(|_| NetnsError::Thread { path: self.path.clone() })?;
-        rx.await.map_err(|_| NetnsError::Thread { path: self.path.clone() })
+        self.run_here(f)
     }
 
     /// Connects a TCP socket created inside the namespace to `dst`.
