@@ -290,7 +290,7 @@ mod tests {
         let (mut b, mut b_app) = tokio::io::duplex(100);
         let task = tokio::spawn(async move { splice(&mut a, &mut b).await });
         let msgs: Vec<Vec<u8>> = (0..200u32)
-            .map(|i| (0..(i * 37 % 3000 + 1)).map(|j| (i + j) as u8).collect())
+            .map(|i| (0..=(i * 37 % 3000)).map(|j| (i + j).to_le_bytes()[0]).collect())
             .collect();
         let expect: Vec<u8> = msgs.concat();
         let writer = tokio::spawn(async move {

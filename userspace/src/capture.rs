@@ -332,10 +332,10 @@ impl Capture {
         }
     }
 
-    /// The daemon's deliveries into pods open now, as recorded by sock_ops
+    /// The daemon's deliveries into pods open now, as recorded by `sock_ops`
     /// (for `/config_dump` and tests).
     pub fn deliveries_open(&self) -> usize {
-        self.deliveries.lock().expect("deliveries lock").keys().filter(Result::is_ok).count()
+        self.deliveries.lock().expect("deliveries lock").keys().flatten().count()
     }
 
     /// Takes (looks up and deletes) the original destination of a captured

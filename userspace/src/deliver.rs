@@ -17,7 +17,7 @@
 //! records its 4-tuple in `TLSMESH_DELIVERIES` when it connects and removes
 //! it when it closes, so the pod's `sk_lookup` program lets every packet of
 //! it through (also a syncookie handshake's final ACK, which meets
-//! `sk_lookup` after connect() returned).
+//! `sk_lookup` after `connect()` returned).
 
 use std::{ffi::CStr, io, net::SocketAddr, path::Path, process::Command};
 
@@ -215,7 +215,7 @@ fn bind_address_no_port(s: &socket2::Socket) -> io::Result<()> {
             libc::IPPROTO_IP,
             libc::IP_BIND_ADDRESS_NO_PORT,
             std::ptr::from_ref(&one).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
         )
     };
     if rc == 0 {
