@@ -359,6 +359,9 @@ async fn tcp_accept_loop(
         };
         let (shared, rt, acceptor, handler) =
             (Arc::clone(&shared), Arc::clone(&rt), acceptor.clone(), Arc::clone(&handler));
+        // The task registers itself for revocation once the handshake named
+        // the peer; it needs its own abort handle for that.
+        let (abort_tx, abort_rx) = tokio::sync::oneshot::channel::<AbortHandle>();
         let task = tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
             let local = tcp.local_addr().unwrap_or_else(|_| {
@@ -379,22 +382,34 @@ async fn tcp_accept_loop(
                     return;
                 }
             };
+            let registered = match (
+                shared.mesh.as_ref(),
+                tls::peer_cert_info(tls.get_ref().1.peer_certificates().unwrap_or_default()),
+                abort_rx.await,
+            ) {
+                (Some(mesh), Ok(info), Ok(abort)) => {
+                    let view = TunnelView {
+                        direction: "inbound",
+                        peer: info.identity.to_string(),
+                        serial: info.serial.clone(),
+                        transport: "tcp".into(),
+                        pod: rt.pod.key(),
+                        remote: peer.to_string(),
+                        age_s: 0,
+                    };
+                    Some(mesh.registry.add(view, abort))
+                }
+                _ => None,
+            };
             let ctx = hbone::ServerCtx::new(local, peer);
             if let Err(e) = hbone::serve(tls, ctx, handler).await {
                 tracing::debug!(%peer, error = %e, "tunnel connection ended");
             }
+            untrack(&shared, registered);
         });
-        // Register the connection with its peer for revocation: we learn the
-        // peer only after the handshake, so read it from the task's requests
-        // (handle() records it); here we keep the abort handle by peer address.
-        PENDING.lock().expect("pending lock").insert(peer, task.abort_handle());
+        let _ = abort_tx.send(task.abort_handle());
     }
 }
-
-/// Abort handles of server-side tunnel connections by peer address, until the
-/// first request registers them with their identity.
-static PENDING: std::sync::LazyLock<Mutex<HashMap<SocketAddr, AbortHandle>>> =
-    std::sync::LazyLock::new(|| Mutex::new(HashMap::new()));
 
 fn tls_reason(e: &std::io::Error) -> String {
     e.get_ref()
@@ -429,19 +444,6 @@ async fn handle(
             req.authority.ip(),
             rt.pod.key()
         )));
-    }
-    // Register the connection (first request on it) for revocation.
-    if let Some(abort) = PENDING.lock().expect("pending lock").remove(&req.peer_addr) {
-        let view = TunnelView {
-            direction: "inbound",
-            peer: peer_id.to_string(),
-            serial: info.serial.clone(),
-            transport: "tcp".into(),
-            pod: rt.pod.key(),
-            remote: req.peer_addr.to_string(),
-            age_s: 0,
-        };
-        mesh.registry.add(view, abort);
     }
     let policy = Arc::clone(&mesh.policy.read().expect("policy lock"));
     let peer_uri = peer_id.to_string();
