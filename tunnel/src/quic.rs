@@ -53,6 +53,14 @@ pub struct QuicConfig {
     pub response_timeout: Duration,
     /// Close a pooled connection after this long without streams.
     pub pool_idle_timeout: Duration,
+    /// The `max_ack_delay` each side asks its peer to use (QUIC ACK
+    /// frequency extension, which quinn negotiates; ignored by peers without
+    /// it). QUIC's default of 25 ms holds the last packet of a short stream
+    /// (and the stream's credit) unacknowledged for that long and adds it
+    /// to every tail-loss probe timeout, which dominates the cost of a
+    /// short-lived tunnel once a connection's congestion window is small.
+    /// `None` keeps the peer's own delay.
+    pub peer_max_ack_delay: Option<Duration>,
 }
 
 impl Default for QuicConfig {
@@ -66,6 +74,7 @@ impl Default for QuicConfig {
             handshake_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(15),
             pool_idle_timeout: Duration::from_secs(300),
+            peer_max_ack_delay: Some(Duration::from_millis(1)),
         }
     }
 }
@@ -83,8 +92,32 @@ impl QuicConfig {
             .max_concurrent_uni_streams(0u32.into())
             // Only clients open streams.
             .max_concurrent_bidi_streams(if server { self.max_streams } else { 0 }.into());
+        if let Some(delay) = self.peer_max_ack_delay {
+            let mut ack = quinn::AckFrequencyConfig::default();
+            ack.max_ack_delay(Some(delay));
+            t.ack_frequency_config(Some(ack));
+        }
         Ok(t)
     }
+}
+
+/// Socket buffer size [`tune_udp_socket`] asks for (the kernel caps it at
+/// `net.core.rmem_max` / `wmem_max`).
+pub const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Raises a tunnel UDP socket's receive and send buffers to
+/// [`UDP_SOCKET_BUFFER`] before it is handed to `quinn::Endpoint::new`.
+/// The kernel default (about 208 KiB) overflows at a few Gbit/s whenever the
+/// daemon is descheduled briefly; every drop is a loss that halves the
+/// congestion window. Best effort: returns the sizes obtained (receive,
+/// send).
+pub fn tune_udp_socket(socket: &std::net::UdpSocket) -> io::Result<(usize, usize)> {
+    let state = quinn::udp::UdpSocketState::new(socket.into())?;
+    // Errors (e.g. a capped size) are not fatal: whatever the kernel grants
+    // is reported below.
+    let _ = state.set_recv_buffer_size(socket.into(), UDP_SOCKET_BUFFER);
+    let _ = state.set_send_buffer_size(socket.into(), UDP_SOCKET_BUFFER);
+    Ok((state.recv_buffer_size(socket.into())?, state.send_buffer_size(socket.into())?))
 }
 
 /// Builds the quinn server configuration from the node's rustls server

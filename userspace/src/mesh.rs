@@ -160,6 +160,9 @@ impl Mesh {
             Transport::Quic => {
                 let sock = std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))
                     .or_else(|_| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?;
+                if let Err(e) = quic::tune_udp_socket(&sock) {
+                    warn!(error = %e, "cannot raise the QUIC socket buffers");
+                }
                 Some(quinn::Endpoint::new(
                     quinn::EndpointConfig::default(),
                     None,
@@ -308,6 +311,9 @@ pub fn start_servers(
     }
     for sock in udp {
         let qcfg = quic::server_config(&server_tls, &mesh.client.quic().config().clone())?;
+        if let Err(e) = quic::tune_udp_socket(&sock) {
+            warn!(pod = %rt.pod.key(), error = %e, "cannot raise the QUIC socket buffers");
+        }
         let endpoint = match quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(qcfg),
