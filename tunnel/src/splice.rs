@@ -135,11 +135,7 @@ impl Direction {
                                 // no buffer.
                                 self.buf = Vec::new();
                             }
-                            if self.need_flush {
-                                ready!(w.as_mut().poll_flush(cx))?;
-                                self.need_flush = false;
-                            }
-                            return Poll::Pending;
+                            return self.flush_then_pending(cx, w);
                         }
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                         Poll::Ready(Ok(())) => {}
@@ -179,6 +175,19 @@ impl Direction {
 }
 
 impl Direction {
+    /// The reader has nothing now: flush what was written, then wait.
+    fn flush_then_pending<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<io::Result<()>> {
+        if self.need_flush {
+            ready!(w.as_mut().poll_flush(cx))?;
+            self.need_flush = false;
+        }
+        Poll::Pending
+    }
+
     /// Reads without a heap buffer (an idle or chatty connection): into the
     /// stack, writing straight through. Only when the writer cannot take it
     /// all, or the read filled the stack buffer (bulk data), does the
@@ -198,13 +207,7 @@ impl Direction {
         let stack = &mut stack[..STACK_READ.min(self.max)];
         let mut rb = ReadBuf::new(stack);
         match r.as_mut().poll_read(cx, &mut rb) {
-            Poll::Pending => {
-                if self.need_flush {
-                    ready!(w.as_mut().poll_flush(cx))?;
-                    self.need_flush = false;
-                }
-                return Poll::Pending;
-            }
+            Poll::Pending => return self.flush_then_pending(cx, w),
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Ready(Ok(())) => {}
         }

@@ -89,6 +89,9 @@ pub struct NodeArgs {
     /// On SIGTERM, how long open connections may take to finish (seconds).
     #[arg(long)]
     pub drain_timeout: Option<u64>,
+    /// Threads of the proxy's async runtime (default 1).
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
     /// Remove every pinned program, link and map, then exit.
     #[arg(long)]
     pub uninstall: bool,
@@ -150,6 +153,9 @@ impl NodeArgs {
         }
         if let Some(v) = self.drain_timeout {
             c.drain_timeout_secs = v;
+        }
+        if let Some(v) = self.worker_threads {
+            c.worker_threads = v;
         }
         if self.policy.is_some() {
             c.policy.clone_from(&self.policy);

@@ -103,6 +103,11 @@ pub struct NodeConfig {
     pub identity: crate::certs::IdentityConfig,
     /// L4 authorization rules file (see `policy`), re-read when it changes.
     pub policy: Option<PathBuf>,
+    /// Threads of the async runtime that runs the proxy. Default 1: on the
+    /// 2-vCPU benchmark machine one worker beat two on every figure (fewer
+    /// cross-thread wake-ups; 1 KiB RR p999 0.36 ms vs 4.1 ms). Raise it on
+    /// nodes with many cores and many concurrent bulk streams.
+    pub worker_threads: usize,
 }
 
 impl Default for NodeConfig {
@@ -129,6 +134,7 @@ impl Default for NodeConfig {
             log_format: LogFormat::Text,
             identity: crate::certs::IdentityConfig::default(),
             policy: None,
+            worker_threads: 1,
         }
     }
 }
@@ -153,6 +159,12 @@ impl NodeConfig {
         }
         for c in &self.bypass_cidrs {
             parse_cidr(c).map_err(ConfigError::Invalid)?;
+        }
+        if !(1..=256).contains(&self.worker_threads) {
+            return Err(ConfigError::Invalid(format!(
+                "worker_threads = {}: use 1 to 256 (1 suits small nodes; about one per core on large ones)",
+                self.worker_threads
+            )));
         }
         if self.cgroup_root.as_os_str().is_empty() {
             self.cgroup_root = find_cgroup2().ok_or_else(|| {
@@ -214,6 +226,8 @@ mod tests {
         let e = toml::from_str::<NodeConfig>("nod = \"x\"").unwrap_err().to_string();
         assert!(e.contains("nod"), "{e}");
         assert!(parse_cidr("10.0.0.0/40").unwrap_err().contains("above 32"));
+        let c: NodeConfig = toml::from_str("node = \"n0\"\nworker_threads = 0").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("worker_threads = 0"));
         assert!(parse_cidr("10.0.0.0").unwrap_err().contains("prefix"));
     }
 }

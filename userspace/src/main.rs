@@ -39,6 +39,7 @@ fn main() -> ExitCode {
                 Err(e) => return fail(&e),
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(cfg.worker_threads)
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
