@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::error::Error;
@@ -177,10 +178,39 @@ impl Client {
         Fut: Future<Output = io::Result<T>>,
         T: Io,
     {
+        self.connect_with_early_data(key, authority, headers, Bytes::new(), quic, tcp_connector)
+            .await
+    }
+
+    /// [`Client::connect`] carrying `early` (bytes the client already sent):
+    /// over HBONE right behind the request (see
+    /// [`hbone::Pool::connect_with_early_data`]), over QUIC written once the
+    /// stream is accepted.
+    pub async fn connect_with_early_data<C, Fut, T>(
+        &self,
+        key: &PoolKey,
+        authority: SocketAddr,
+        headers: &ConnectHeaders,
+        early: Bytes,
+        quic: Option<&quic::Dial>,
+        tcp_connector: C,
+    ) -> Result<Stream, Error>
+    where
+        C: FnOnce() -> Fut,
+        Fut: Future<Output = io::Result<T>>,
+        T: Io,
+    {
         if let Some(dial) = quic {
             if !self.quic_skipped(key.dst) {
                 match self.quic.connect(key, authority, headers, dial).await {
-                    Ok(s) => return Ok(Stream::Quic(s)),
+                    Ok(mut s) => {
+                        if !early.is_empty() {
+                            tokio::io::AsyncWriteExt::write_all(&mut s, &early)
+                                .await
+                                .map_err(|source| Error::Connect { dst: key.dst, source })?;
+                        }
+                        return Ok(Stream::Quic(s));
+                    }
                     Err(e) if e.is_quic_unreachable() => {
                         tracing::warn!(dst = %key.dst, error = %e, retry_after = ?self.cfg.quic_retry_after, "QUIC unreachable; using TCP (HBONE)");
                         lock(&self.quic_down).insert(key.dst, Instant::now());
@@ -189,6 +219,9 @@ impl Client {
                 }
             }
         }
-        self.hbone.connect(key, authority, headers, tcp_connector).await.map(Stream::Hbone)
+        self.hbone
+            .connect_with_early_data(key, authority, headers, early, tcp_connector)
+            .await
+            .map(Stream::Hbone)
     }
 }

@@ -517,3 +517,34 @@ async fn drain_sends_goaway_and_lets_open_streams_finish() {
         .unwrap()
         .unwrap();
 }
+
+/// Early data rides behind the request: it arrives first and in order when
+/// the request is accepted, and a refusal still surfaces as the status
+/// (the bytes are discarded with the stream) on a connection that stays
+/// usable.
+#[tokio::test]
+async fn early_data_arrives_first_and_a_refusal_discards_it() {
+    let pki = Pki::new();
+    let echo = echo_server().await;
+    let seen = Seen::default();
+    let (addr, _server) = hbone_server(any(), &pki, tcp_handler(seen), |_| {}).await;
+    let pool = Pool::new(PoolConfig::default());
+    let conn = Connector::new(addr, &pki);
+    let h = ConnectHeaders::default();
+    let early = bytes::Bytes::from_static(b"hello before the 200; ");
+    let mut s = pool
+        .connect_with_early_data(&key(addr), echo, &h, early.clone(), conn.make())
+        .await
+        .unwrap();
+    s.write_all(b"and after").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"hello before the 200; and after");
+
+    let denied: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let e =
+        pool.connect_with_early_data(&key(addr), denied, &h, early, conn.make()).await.unwrap_err();
+    assert!(matches!(e, Error::Refused { status: 401, .. }), "{e}");
+    assert_eq!(conn.calls(), 1, "one pooled connection served both");
+}

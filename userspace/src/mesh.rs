@@ -198,13 +198,15 @@ fn same_family(ips: &[IpAddr], like: IpAddr) -> Option<IpAddr> {
 }
 
 /// Opens a tunnel stream from `src` (a pod on this node) to `dst` (the
-/// original destination, an enrolled pod `dst_pod` on another node).
+/// original destination, an enrolled pod `dst_pod` on another node),
+/// carrying `early` (what the client already sent) with the request.
 pub async fn open(
     shared: &Shared,
     src: &Pod,
     dst_pod: &Pod,
     dst: SocketAddr,
     client_port: u16,
+    early: bytes::Bytes,
 ) -> Result<Stream, MeshError> {
     let mesh = shared.mesh.as_ref().ok_or_else(|| MeshError::NoIdentity(dst_pod.key()))?;
     let td = &mesh.certs.trust_domain;
@@ -246,7 +248,10 @@ pub async fn open(
         crate::metrics::HANDSHAKE_SECONDS.observe(started.elapsed().as_secs_f64());
         tls
     };
-    Ok(mesh.client.connect(&key, dst, &headers, dial.as_ref(), connector).await?)
+    Ok(mesh
+        .client
+        .connect_with_early_data(&key, dst, &headers, early, dial.as_ref(), connector)
+        .await?)
 }
 
 /// Registers an outbound tunnel stream (for the admin API and revocation).

@@ -169,7 +169,13 @@ async fn tunnel(
     dst: SocketAddr,
     started: Instant,
 ) {
-    let mut stream = match crate::mesh::open(shared, &pod.pod, dst_pod, dst, peer.port()).await {
+    // What the client already sent travels with the CONNECT request
+    // (saves a round trip for client-speaks-first protocols). An EOF here
+    // is seen again by the splice.
+    let early = early_data(&client);
+    let early_len = early.len() as u64;
+    let opened = crate::mesh::open(shared, &pod.pod, dst_pod, dst, peer.port(), early).await;
+    let mut stream = match opened {
         Ok(s) => s,
         Err(e) => {
             Stats::inc(&shared.stats.tunnel_failed);
@@ -189,6 +195,7 @@ async fn tunnel(
     Stats::dec(&shared.stats.active_connections);
     match r {
         Ok((from_pod, to_pod)) => {
+            let from_pod = from_pod + early_len;
             Stats::add(&shared.stats.bytes_from_pods, from_pod);
             Stats::add(&shared.stats.bytes_to_pods, to_pod);
             info!(direction = "outbound", %transport, dst_pod = %dst_pod.key(), bytes_sent = from_pod, bytes_received = to_pod, duration_ms = started.elapsed().as_millis(), outcome = "ok", "connection complete");
@@ -199,6 +206,19 @@ async fn tunnel(
         }
     }
 }
+
+/// Bytes a captured client sent before the tunnel was open, read without
+/// waiting (none for server-speaks-first protocols).
+fn early_data(client: &TcpStream) -> bytes::Bytes {
+    let mut buf = [0u8; EARLY_DATA_MAX];
+    match client.try_read(&mut buf) {
+        Ok(n) if n > 0 => bytes::Bytes::copy_from_slice(&buf[..n]),
+        _ => bytes::Bytes::new(),
+    }
+}
+
+/// Most bytes read from a client before its tunnel stream is open.
+const EARLY_DATA_MAX: usize = 16 * 1024;
 
 async fn inbound(
     shared: Arc<Shared>,

@@ -118,13 +118,35 @@ impl Pool {
         Fut: Future<Output = std::io::Result<T>>,
         T: Io,
     {
+        self.connect_with_early_data(key, authority, headers, Bytes::new(), connector).await
+    }
+
+    /// [`Pool::connect`] that also sends `early` (bytes the client already
+    /// sent) in DATA frames right behind the request, without waiting for
+    /// the response: saves a round trip for client-speaks-first protocols.
+    /// The server reads them only after it accepted the request (the
+    /// application never sees them on a refusal); on a refusal they are
+    /// discarded with the stream.
+    pub async fn connect_with_early_data<C, Fut, T>(
+        &self,
+        key: &PoolKey,
+        authority: SocketAddr,
+        headers: &ConnectHeaders,
+        early: Bytes,
+        connector: C,
+    ) -> Result<TunnelStream, Error>
+    where
+        C: FnOnce() -> Fut,
+        Fut: Future<Output = std::io::Result<T>>,
+        T: Io,
+    {
         let mut connector = Some(connector);
         let mut attempts = 0;
         loop {
             attempts += 1;
             let (slot, send, fresh) = self.checkout(key, &mut connector).await?;
             let conn_id = slot.conn_id();
-            match self.open_stream(slot, send, key.dst, authority, headers).await {
+            match self.open_stream(slot, send, key.dst, authority, headers, &early).await {
                 Ok(s) => return Ok(s),
                 Err(OpenError::Final(e)) => return Err(e),
                 Err(OpenError::ConnectionDead(e)) => {
@@ -273,11 +295,17 @@ impl Pool {
         dst: SocketAddr,
         authority: SocketAddr,
         headers: &ConnectHeaders,
+        early: &Bytes,
     ) -> Result<TunnelStream, OpenError> {
         let req = build_request(authority, headers).map_err(OpenError::Final)?;
         let dead = |source| OpenError::ConnectionDead(Error::H2 { dst, source });
         let mut send = send.ready().await.map_err(dead)?;
-        let (response, stream) = send.send_request(req, false).map_err(dead)?;
+        let (response, mut stream) = send.send_request(req, false).map_err(dead)?;
+        if !early.is_empty() {
+            // Queued behind the HEADERS frame and written as the peer's
+            // stream window allows (early data is small: one read).
+            stream.send_data(early.clone(), false).map_err(dead)?;
+        }
         let response = match tokio::time::timeout(self.inner.cfg.response_timeout, response).await {
             Err(_) => {
                 return Err(OpenError::Final(Error::Timeout {
