@@ -82,6 +82,10 @@ if [[ -z $cg2 ]]; then
     || die "could not mount cgroup v2; mount one by hand: mount -t cgroup2 none /sys/fs/cgroup/unified"
 fi
 if ! awk '$3=="bpf"{f=1} END{exit !f}' /proc/mounts; then
+  # Kernels with CONFIG_BPF_PRELOAD add two read-only iterators,
+  # maps.debug and progs.debug, to every bpffs mount: they are the kernel's,
+  # not tlsmesh's (tlsmesh pins under /sys/fs/bpf/tlsmesh, tests under
+  # /sys/fs/bpf/tmk-*), and they go away only with the mount.
   say "mounting bpffs at /sys/fs/bpf"
   mkdir -p /sys/fs/bpf
   mount -t bpf bpf /sys/fs/bpf || die "could not mount bpffs; the kernel needs CONFIG_BPF_SYSCALL"

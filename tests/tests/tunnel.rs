@@ -434,7 +434,7 @@ fn thousand_concurrent_streams_share_pooled_connections() {
     let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
     let dst = SocketAddr::new(server.ip4.into(), 7000);
     echo_server(&server.netns, dst);
-    let (ok, peak) = Topology::in_netns(&client.netns, {
+    let (ok, streams) = Topology::in_netns(&client.netns, {
         let d0_netns = d0.netns.clone();
         move || {
             let mut conns = Vec::new();
@@ -457,13 +457,13 @@ fn thousand_concurrent_streams_share_pooled_connections() {
             (ok, conns)
         }
     });
-    assert_eq!((ok, peak.len()), (1000, 1000), "all 1,000 concurrent streams complete");
+    assert_eq!((ok, streams.len()), (1000, 1000), "all 1,000 concurrent streams complete");
     assert_eq!(
         d1.config_dump()["capture"]["deliveries_open"].as_u64(),
         Some(1000),
         "sock_ops recorded every open delivery"
     );
-    drop(peak);
+    drop(streams);
     let pool = &d0.config_dump()["pool"];
     let conns = pool["hbone_connections"].as_u64().unwrap();
     assert!((1..=12).contains(&conns), "streams are multiplexed (100 per connection): {pool}");

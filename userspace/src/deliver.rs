@@ -138,11 +138,10 @@ pub fn teardown(netns: &Path) {
 }
 
 /// Programs a pod netns for transparent delivery (idempotent).
-pub async fn setup(worker: &NetnsWorker, netns: &Path) -> Result<(), DeliverError> {
+pub fn setup(worker: &NetnsWorker, netns: &Path) -> Result<(), DeliverError> {
     let name = netns.display().to_string();
     worker
-        .run(move || send(&batch()))
-        .await?
+        .run(move || send(&batch()))?
         .map_err(|source| DeliverError::Nft { netns: name, source })?;
     let mark = format!("{DELIVERY_MARK:#x}/{DELIVERY_MARK:#x}");
     let table = ROUTE_TABLE.to_string();
@@ -181,8 +180,7 @@ pub async fn connect(
             bind_address_no_port(&s)?;
             s.bind(&SocketAddr::new(src_ip, 0).into())?;
             Ok(s)
-        })
-        .await?
+        })?
         .map_err(|source| NetnsError::Socket {
             path: worker.path().to_path_buf(),
             what: format!("transparent socket from {src_ip}"),

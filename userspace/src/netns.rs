@@ -1,10 +1,14 @@
 //! Network namespaces: open one by path, read its cookie, and create sockets
 //! inside it.
 //!
-//! `setns(2)` changes only the calling thread, so every operation that needs
-//! another namespace runs on a short-lived dedicated thread which enters it,
-//! does the work (a socket keeps the namespace it was created in) and exits.
-//! The daemon's tokio worker threads never change namespace.
+//! `setns(2)` changes only the calling thread; a socket keeps the namespace
+//! it was created in. Two ways to work in another namespace:
+//! - [`Netns::run`]: on a short-lived dedicated thread (pod set-up: cookie,
+//!   listeners);
+//! - [`NetnsWorker::run`]: on the calling thread, between `setns` into the
+//!   pod and back to the daemon's namespace (per-connection sockets; a
+//!   guard returns the thread even when the job panics, or aborts the
+//!   process if it cannot).
 
 use std::{
     fs::File,
@@ -296,7 +300,7 @@ impl NetnsWorker {
     pub fn start(ns: &Netns) -> Result<Self, NetnsError> {
         init_home()?;
         let w = Self { fd: Arc::clone(&ns.fd), path: ns.path.clone() };
-        w.run_here(|| ())?;
+        w.run(|| ())?;
         Ok(w)
     }
 
@@ -307,22 +311,12 @@ impl NetnsWorker {
 
     /// Runs `f` inside the namespace on this thread. `f` must not block long
     /// or await: it holds the thread in the pod's namespace.
-    pub fn run_here<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
         let home = HOME.get().ok_or_else(|| NetnsError::Thread { path: self.path.clone() })?;
         setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET)
             .map_err(|source| NetnsError::Enter { path: self.path.clone(), source })?;
         let _back = ReturnHome(home);
         Ok(f())
-    }
-
-    /// Runs `f` inside the namespace and returns its result (async for the
-    /// callers' convenience; it runs at once on the calling thread).
-    #[allow(clippy::unused_async, reason = "callers await it like other socket set-up")]
-    pub async fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, NetnsError> {
-        self.run_here(f)
     }
 
     /// Connects a TCP socket created inside the namespace to `dst`.
@@ -362,8 +356,7 @@ impl NetnsWorker {
                 }
                 s.set_nonblocking(true)?;
                 Ok(s)
-            })
-            .await?
+            })?
             .map_err(err(format!("socket for {dst}")))?;
         let ts = tokio::net::TcpSocket::from_std_stream(sock.into());
         ts.connect(dst).await.map_err(err(format!("connect {src:?} -> {dst}")))

@@ -498,7 +498,7 @@ async fn add_pod(shared: &Arc<Shared>, pod: &Pod) -> Result<Arc<PodRuntime>, Pod
     let worker = NetnsWorker::start(&ns)?;
     // A listener closing (daemon replaced) hands its queued connections to
     // the other listener of its SO_REUSEPORT group instead of resetting them.
-    let _ = worker.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")).await;
+    let _ = worker.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"));
     let opts =
         SocketOpts { mark: DAEMON_MARK, reuse_port: true, v6_only: true, ..SocketOpts::default() };
     let out4 = ns.tcp_listener(SocketAddr::from((Ipv4Addr::LOCALHOST, PORT_OUTBOUND)), opts)?;
@@ -514,7 +514,7 @@ async fn add_pod(shared: &Arc<Shared>, pod: &Pod) -> Result<Arc<PodRuntime>, Pod
             }
         }
     }
-    crate::deliver::setup(&worker, &path).await?;
+    crate::deliver::setup(&worker, &path)?;
     let (mut tunnel_tcp, mut tunnel_udp) = (Vec::new(), Vec::new());
     if let Some(mesh) = &shared.mesh {
         let topts = SocketOpts {
