@@ -264,14 +264,32 @@ fn fail_closed_restart_readopts_uninstall_leaves_nothing() {
     assert_eq!(link_ids(&d2.pin_dir), links, "the same links, not a second attachment");
 
     let pin_dir = d2.pin_dir.clone();
+    let has_table = |ns: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", ns, "nft", "list", "table", "inet", "tlsmesh"])
+            .output()
+            .expect("nft")
+            .status
+            .success()
+    };
+    let has_rule = |ns: &str| {
+        let out = Command::new("ip").args(["-n", ns, "rule", "list"]).output().expect("ip rule");
+        String::from_utf8_lossy(&out.stdout).contains("lookup 100")
+    };
+    assert!(has_table(&client.netns), "the daemon programs delivery in its strict pod");
+    assert!(has_rule(&client.netns), "the daemon adds the delivery routing rule");
     drop(d2);
     let out = Command::new(netkit::tlsmesh_bin())
-        .args(["node", "--uninstall", "--pin-dir"])
+        .args(["node", "--uninstall", "--node", &node.name, "--inventory"])
+        .arg(&inv)
+        .arg("--pin-dir")
         .arg(&pin_dir)
         .output()
         .expect("uninstall");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!pin_dir.exists());
+    assert!(!has_table(&client.netns), "uninstall removes the nftables table from the pod");
+    assert!(!has_rule(&client.netns), "uninstall removes the delivery routing rule");
     let all = Command::new("bpftool").args(["-j", "link", "list"]).output().expect("bpftool");
     let all: serde_json::Value = serde_json::from_slice(&all.stdout).expect("json");
     let live: Vec<u64> =

@@ -155,13 +155,26 @@ fn revoking_a_serial_closes_open_tunnels_and_refuses_new_ones() {
     if !require_root("revoking_a_serial_closes_open_tunnels_and_refuses_new_ones") {
         return;
     }
+    revocation_closes_open_tunnels("tcp");
+}
+
+#[test]
+fn revoking_a_serial_closes_open_quic_tunnels_and_refuses_new_ones() {
+    if !require_root("revoking_a_serial_closes_open_quic_tunnels_and_refuses_new_ones") {
+        return;
+    }
+    revocation_closes_open_tunnels("quic");
+}
+
+fn revocation_closes_open_tunnels(transport: &str) {
     let topo = Topology::build(2, 1).expect("topology");
     let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
     let deny = topo.scratch_dir().join("deny.txt");
     std::fs::write(&deny, "# revoked serials\n").unwrap();
     let deny_arg = deny.display().to_string();
-    let d0 = Daemon::start(&topo, 0, &inv, &["--deny-list", &deny_arg]);
-    let d1 = Daemon::start(&topo, 1, &inv, &["--deny-list", &deny_arg]);
+    let args = ["--deny-list", deny_arg.as_str(), "--transport", transport];
+    let d0 = Daemon::start(&topo, 0, &inv, &args);
+    let d1 = Daemon::start(&topo, 1, &inv, &args);
     let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
     let dst = SocketAddr::new(server.ip4.into(), 7000);
     echo_server(&server.netns, dst);
@@ -181,6 +194,14 @@ fn revoking_a_serial_closes_open_tunnels_and_refuses_new_ones() {
     );
     let serial = cert_serial(&d0, "spiffe://cluster.local/ns/strict/sa/n0p0")
         .expect("client serial in the admin API");
+    let dump = d1.config_dump();
+    assert!(
+        dump["tunnels"].as_array().into_iter().flatten().any(|t| t["direction"] == "inbound"
+            && t["transport"] == transport
+            && t["serial"] == serial.as_str()),
+        "the server daemon lists the inbound {transport} tunnel with the client's serial: {}",
+        dump["tunnels"]
+    );
 
     std::fs::write(&deny, format!("# revoked serials\n{serial}\n")).unwrap();
     let revoked_at = Instant::now();

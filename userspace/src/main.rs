@@ -38,11 +38,17 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(&e),
             };
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(cfg.worker_threads)
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
+            // One worker: a current-thread runtime (no work-stealing
+            // machinery; +15 % new connections/s measured, docs/BENCHMARKS.md).
+            let rt = if cfg.worker_threads == 1 {
+                tokio::runtime::Builder::new_current_thread().enable_all().build()
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(cfg.worker_threads)
+                    .enable_all()
+                    .build()
+            }
+            .expect("tokio runtime");
             match rt.block_on(tlsmesh::node::run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),

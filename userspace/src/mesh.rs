@@ -78,8 +78,14 @@ pub struct TunnelView {
 struct Entry {
     view: TunnelView,
     since: Instant,
-    abort: AbortHandle,
+    /// Closes the tunnel (inbound: aborts the TCP connection's task or
+    /// closes the QUIC connection). Outbound streams have none: the peer's
+    /// daemon closes the connection they ride on.
+    close: Option<Closer>,
 }
+
+/// How the registry closes one tunnel.
+pub type Closer = Box<dyn FnOnce() + Send>;
 
 /// Open tunnels, for the admin API and for revocation.
 #[derive(Default)]
@@ -95,12 +101,12 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    fn add(&self, view: TunnelView, abort: AbortHandle) -> u64 {
+    fn add(&self, view: TunnelView, close: Option<Closer>) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.open
             .lock()
             .expect("registry lock")
-            .insert(id, Entry { view, since: Instant::now(), abort });
+            .insert(id, Entry { view, since: Instant::now(), close });
         id
     }
 
@@ -121,12 +127,19 @@ impl Registry {
     /// Closes every tunnel whose peer fails `still_allowed`. Returns how many.
     pub fn close_where(&self, still_allowed: impl Fn(&TunnelView) -> bool) -> usize {
         let mut open = self.open.lock().expect("registry lock");
-        let doomed: Vec<u64> =
-            open.iter().filter(|(_, e)| !still_allowed(&e.view)).map(|(k, _)| *k).collect();
+        // Entries without a closer (outbound streams) stay listed: closing
+        // them is up to the peer's daemon.
+        let doomed: Vec<u64> = open
+            .iter()
+            .filter(|(_, e)| e.close.is_some() && !still_allowed(&e.view))
+            .map(|(k, _)| *k)
+            .collect();
         for id in &doomed {
             if let Some(e) = open.remove(id) {
                 warn!(peer = %e.view.peer, serial = %e.view.serial, direction = e.view.direction, "closing tunnel: peer revoked");
-                e.abort.abort();
+                if let Some(close) = e.close {
+                    close();
+                }
             }
         }
         doomed.len()
@@ -261,7 +274,6 @@ pub fn track_outbound(
     peer: &Pod,
     transport: &str,
     remote: SocketAddr,
-    abort: AbortHandle,
 ) -> Option<u64> {
     let mesh = shared.mesh.as_ref()?;
     let td = &mesh.certs.trust_domain;
@@ -275,8 +287,48 @@ pub fn track_outbound(
             remote: remote.to_string(),
             age_s: 0,
         },
-        abort,
+        None,
     ))
+}
+
+/// Registers each inbound QUIC connection of pod `rt` for the admin API
+/// and for revocation (closing it closes all its streams); the registration
+/// ends with the connection.
+fn track_quic_inbound(shared: &Arc<Shared>, rt: &Arc<PodRuntime>) -> quic::OnConnection {
+    let (shared, pod) = (Arc::clone(shared), rt.pod.key());
+    quic::OnConnection(Arc::new(move |conn: &quinn::Connection, certs| {
+        let id = match (shared.mesh.as_ref(), tls::peer_cert_info(certs)) {
+            (Some(mesh), Ok(info)) => {
+                let view = TunnelView {
+                    direction: "inbound",
+                    peer: info.identity.to_string(),
+                    serial: info.serial.clone(),
+                    transport: "quic".into(),
+                    pod: pod.clone(),
+                    remote: conn.remote_address().to_string(),
+                    age_s: 0,
+                };
+                let conn = conn.clone();
+                let close: Closer =
+                    Box::new(move || conn.close(0u32.into(), b"peer certificate revoked"));
+                Some(mesh.registry.add(view, Some(close)))
+            }
+            _ => None,
+        };
+        Box::new(Untrack { shared: Arc::clone(&shared), id })
+    }))
+}
+
+/// Forgets a tracked tunnel when dropped.
+struct Untrack {
+    shared: Arc<Shared>,
+    id: Option<u64>,
+}
+
+impl Drop for Untrack {
+    fn drop(&mut self) {
+        untrack(&self.shared, self.id);
+    }
 }
 
 /// Forgets a tracked tunnel.
@@ -333,10 +385,14 @@ pub fn start_servers(
         };
         let mut stop = rt.shutdown.subscribe();
         let h = Arc::clone(&handler);
+        let ctx = quic::ServerCtx {
+            on_connection: Some(track_quic_inbound(shared, rt)),
+            ..quic::ServerCtx::default()
+        };
         tokio::spawn(async move {
             let ep = endpoint.clone();
             tokio::select! {
-                () = quic::serve(endpoint, quic::ServerCtx::default(), h) => {}
+                () = quic::serve(endpoint, ctx, h) => {}
                 _ = stop.wait_for(|v| *v) => ep.close(0u32.into(), b"pod removed"),
             }
         });
@@ -408,7 +464,7 @@ async fn tcp_accept_loop(
                         remote: peer.to_string(),
                         age_s: 0,
                     };
-                    Some(mesh.registry.add(view, abort))
+                    Some(mesh.registry.add(view, Some(Box::new(move || abort.abort()))))
                 }
                 _ => None,
             };

@@ -7,7 +7,7 @@ use std::{
     collections::{BTreeMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::fs::MetadataExt as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock},
     time::{Duration, SystemTime},
 };
@@ -70,6 +70,9 @@ pub enum PodError {
     /// Tunnel servers.
     #[error(transparent)]
     Mesh(#[from] crate::mesh::MeshError),
+    /// The set-up task itself failed (panicked or was cancelled).
+    #[error("pod set-up did not finish: {0}")]
+    SetUp(String),
 }
 
 /// Everything the connection handlers need, shared.
@@ -487,13 +490,25 @@ async fn reconcile(shared: &Arc<Shared>) -> Vec<Problem> {
     problems
 }
 
-/// Sets up one pod: listeners first, then inbound steering, then enrollment
-/// (so no connect is captured before something listens for it).
-async fn add_pod(shared: &Arc<Shared>, pod: &Pod) -> Result<Arc<PodRuntime>, PodError> {
-    let mode = pod.mode.expect("only enrolled pods are added");
-    let path: PathBuf = pod.netns.clone().ok_or_else(|| PodError::NoNetns(pod.key()))?;
-    let ns = Netns::open(&path)?;
-    let netns_ino = std::fs::metadata(&path).map(|m| m.ino()).unwrap_or_default();
+/// What [`prepare_pod`] made in a pod's netns (blocking work: namespace
+/// switches, socket set-up, `ip` and nftables), before anything is started.
+struct Prepared {
+    ns: Netns,
+    netns_ino: u64,
+    cookie: u64,
+    worker: NetnsWorker,
+    outbound: Vec<std::net::TcpListener>,
+    inbound: Vec<std::net::TcpListener>,
+    tunnel_tcp: Vec<std::net::TcpListener>,
+    tunnel_udp: Vec<std::net::UdpSocket>,
+}
+
+/// The blocking part of [`add_pod`]; runs on tokio's blocking pool so that
+/// a pod's set-up (which runs `ip` and programs nftables) never stalls the
+/// connections the daemon carries on its runtime thread.
+fn prepare_pod(shared: &Shared, pod: &Pod, path: &Path) -> Result<Prepared, PodError> {
+    let ns = Netns::open(path)?;
+    let netns_ino = std::fs::metadata(path).map(|m| m.ino()).unwrap_or_default();
     let cookie = ns.cookie()?;
     let worker = NetnsWorker::start(&ns)?;
     // A listener closing (daemon replaced) hands its queued connections to
@@ -514,9 +529,9 @@ async fn add_pod(shared: &Arc<Shared>, pod: &Pod) -> Result<Arc<PodRuntime>, Pod
             }
         }
     }
-    crate::deliver::setup(&worker, &path)?;
+    crate::deliver::setup(&worker, path)?;
     let (mut tunnel_tcp, mut tunnel_udp) = (Vec::new(), Vec::new());
-    if let Some(mesh) = &shared.mesh {
+    if shared.mesh.is_some() {
         let topts = SocketOpts {
             mark: DAEMON_MARK,
             reuse_port: true,
@@ -537,33 +552,64 @@ async fn add_pod(shared: &Arc<Shared>, pod: &Pod) -> Result<Arc<PodRuntime>, Pod
                 }
             }
         }
+    }
+    Ok(Prepared {
+        ns,
+        netns_ino,
+        cookie,
+        worker,
+        outbound: [Some(out4), out6].into_iter().flatten().collect(),
+        inbound: [Some(in4), in6].into_iter().flatten().collect(),
+        tunnel_tcp,
+        tunnel_udp,
+    })
+}
+
+/// Sets up one pod: listeners first, then inbound steering, then enrollment
+/// (so no connect is captured before something listens for it).
+async fn add_pod(shared: &Arc<Shared>, pod: &Pod) -> Result<Arc<PodRuntime>, PodError> {
+    let mode = pod.mode.expect("only enrolled pods are added");
+    let path: PathBuf = pod.netns.clone().ok_or_else(|| PodError::NoNetns(pod.key()))?;
+    let p = {
+        let (shared, pod, path) = (Arc::clone(shared), pod.clone(), path.clone());
+        tokio::task::spawn_blocking(move || prepare_pod(&shared, &pod, &path))
+            .await
+            .map_err(|e| PodError::SetUp(e.to_string()))??
+    };
+    if let Some(mesh) = &shared.mesh {
         if let Ok(id) = crate::certs::workload_id(&mesh.certs.trust_domain, pod) {
             if let Err(e) = mesh.certs.manager.ensure(&id).await {
                 warn!(pod = %pod.key(), identity = %id, error = %e, "cannot get the pod's certificate yet; retried on first use");
             }
         }
     }
-    shared.capture.attach_inbound(&ns, cookie)?;
+    shared.capture.attach_inbound(&p.ns, p.cookie)?;
     let (shutdown, _) = watch::channel(false);
-    let rt = Arc::new(PodRuntime { pod: pod.clone(), mode, cookie, netns_ino, worker, shutdown });
-    crate::mesh::start_servers(shared, &rt, tunnel_tcp, tunnel_udp)?;
-    for l in [Some(out4), out6].into_iter().flatten() {
-        let l = tokio::net::TcpListener::from_std(l).map_err(|source| NetnsError::Socket {
+    let rt = Arc::new(PodRuntime {
+        pod: pod.clone(),
+        mode,
+        cookie: p.cookie,
+        netns_ino: p.netns_ino,
+        worker: p.worker,
+        shutdown,
+    });
+    crate::mesh::start_servers(shared, &rt, p.tunnel_tcp, p.tunnel_udp)?;
+    let register = |l: std::net::TcpListener, what: &str| {
+        tokio::net::TcpListener::from_std(l).map_err(|source| NetnsError::Socket {
             path: path.clone(),
-            what: "register outbound listener".into(),
+            what: format!("register {what} listener"),
             source,
-        })?;
+        })
+    };
+    for l in p.outbound {
+        let l = register(l, "outbound")?;
         tokio::spawn(proxy::outbound_loop(Arc::clone(shared), Arc::clone(&rt), l));
     }
-    for l in [Some(in4), in6].into_iter().flatten() {
-        let l = tokio::net::TcpListener::from_std(l).map_err(|source| NetnsError::Socket {
-            path: path.clone(),
-            what: "register inbound listener".into(),
-            source,
-        })?;
+    for l in p.inbound {
+        let l = register(l, "inbound")?;
         tokio::spawn(proxy::inbound_loop(Arc::clone(shared), Arc::clone(&rt), l));
     }
-    shared.capture.enroll(cookie, mode.as_map_value())?;
+    shared.capture.enroll(p.cookie, mode.as_map_value())?;
     Ok(rt)
 }
 
@@ -580,8 +626,9 @@ fn remove_pod(shared: &Shared, key: &str) {
         let _ = shared.capture.remove_inbound_listener(*ip);
     }
     rt.shutdown.send_replace(true);
-    if let Some(path) = &rt.pod.netns {
-        crate::deliver::teardown(path);
+    if let Some(path) = rt.pod.netns.clone() {
+        // `ip` and `nft` processes: off the runtime thread.
+        tokio::task::spawn_blocking(move || crate::deliver::teardown(&path));
     }
 }
 
@@ -607,12 +654,18 @@ pub fn pod_views(shared: &Shared) -> Vec<PodView> {
 /// delivery routing the daemon programmed in the inventory's pods on this
 /// node (when the inventory can be read).
 pub fn uninstall(cfg: &NodeConfig) -> Result<usize, CaptureError> {
-    if let Ok((inv, _)) = inventory::load(&cfg.inventory) {
-        for pod in inv.pods.values().filter(|p| p.node == cfg.node) {
-            if let Some(path) = &pod.netns {
-                crate::deliver::teardown(path);
+    match inventory::load(&cfg.inventory) {
+        Ok((inv, _)) => {
+            for pod in inv.pods.values().filter(|p| p.node == cfg.node) {
+                if let Some(path) = &pod.netns {
+                    crate::deliver::teardown(path);
+                }
             }
         }
+        Err(e) => warn!(
+            error = %e,
+            "not removing the delivery routing from pod namespaces (pass the daemon's --node and --inventory to remove it too)"
+        ),
     }
     Capture::uninstall(&cfg.pin_dir)
 }

@@ -188,8 +188,7 @@ async fn tunnel(
     Stats::inc(&shared.stats.active_connections);
     let transport = stream.transport().to_string();
     let _ = client.set_nodelay(true);
-    let me = tokio::task::spawn(async {}).abort_handle();
-    let tracked = crate::mesh::track_outbound(shared, &pod.pod, dst_pod, &transport, dst, me);
+    let tracked = crate::mesh::track_outbound(shared, &pod.pod, dst_pod, &transport, dst);
     let r = crate::mesh::splice(&mut client, &mut stream).await;
     crate::mesh::untrack(shared, tracked);
     Stats::dec(&shared.stats.active_connections);

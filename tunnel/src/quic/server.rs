@@ -26,6 +26,26 @@ pub struct ServerCtx {
     pub header_timeout: Duration,
     /// Largest copy buffer per direction when splicing.
     pub splice_buffer: usize,
+    /// Called once per connection after the handshake; what it returns is
+    /// kept until the connection ends (e.g. a registration that lets the
+    /// caller close the connection when the peer's certificate is revoked).
+    pub on_connection: Option<OnConnection>,
+}
+
+/// A hook for every accepted QUIC connection: gets the connection (which it
+/// may keep a clone of, to close it later) and the peer's certificate chain;
+/// returns a guard that is dropped when the connection ends.
+#[derive(Clone)]
+pub struct OnConnection(pub Arc<ConnectionHook>);
+
+/// The function behind [`OnConnection`].
+pub type ConnectionHook =
+    dyn Fn(&quinn::Connection, &[CertificateDer<'static>]) -> Box<dyn Send> + Send + Sync;
+
+impl std::fmt::Debug for OnConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnConnection")
+    }
 }
 
 impl Default for ServerCtx {
@@ -35,6 +55,7 @@ impl Default for ServerCtx {
             handshake_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
             splice_buffer: DEFAULT_SPLICE_BUFFER,
+            on_connection: None,
         }
     }
 }
@@ -99,6 +120,7 @@ async fn serve_conn(
         .peer_identity()
         .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
         .map_or_else(|| Arc::from(Vec::new()), |c| (*c).into());
+    let _guard = ctx.on_connection.as_ref().map(|hook| (hook.0)(&conn, &peer_certs));
     // The address the packets arrived at (needs IP_PKTINFO, which quinn
     // enables on Linux); fall back to the endpoint's bound address.
     let local_addr =

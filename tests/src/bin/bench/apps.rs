@@ -37,9 +37,12 @@ pub fn start_echo(netns: &str, port: u16) -> std::io::Result<()> {
     let l = Arc::new(l);
     for _ in 0..ECHO_THREADS {
         let l = Arc::clone(&l);
-        thread::Builder::new().name("echo".into()).spawn(move || loop {
-            if let Ok((s, _)) = l.accept() {
-                let _ = echo(s);
+        thread::Builder::new().name("echo".into()).spawn(move || {
+            crate::placement::pin_thread(1);
+            loop {
+                if let Ok((s, _)) = l.accept() {
+                    let _ = echo(s);
+                }
             }
         })?;
     }
@@ -80,6 +83,7 @@ impl Holder {
         )
         .map_err(|e| format!("holder command: {e}"))?;
         cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+        crate::placement::pin_command(&mut cmd, 1);
         let proc = topo.spawn("idle-connection holder", cmd).map_err(|e| e.to_string())?;
         crate::procfs::wait_listening(proc.pid(), &[port], Duration::from_secs(5))?;
         Ok(Self { _proc: proc })
@@ -141,6 +145,7 @@ pub fn rr(
     max: usize,
 ) -> Result<Rr, String> {
     Topology::in_netns(netns, move || {
+        crate::placement::pin_thread(0);
         let mut s = connect(dst)?;
         let mut buf = [0x5au8; MSG];
         let round_trip = |s: &mut TcpStream, buf: &mut [u8; MSG]| -> Result<(), String> {
@@ -183,6 +188,7 @@ pub fn cps(
     duration: Duration,
 ) -> Result<f64, String> {
     Topology::in_netns(netns, move || {
+        crate::placement::pin_thread(0);
         let done = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
         let abort = Arc::new(AtomicBool::new(false));
@@ -283,6 +289,7 @@ pub fn open_idle(
     thread_ceiling: u64,
 ) -> Opened {
     Topology::in_netns(netns, move || {
+        crate::placement::pin_thread(0);
         let left = Arc::new(AtomicUsize::new(want));
         let errors = Arc::new(AtomicUsize::new(0));
         let why: Arc<Mutex<Option<String>>> = Arc::default();
@@ -354,9 +361,10 @@ impl Spinners {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
         let mut handles = Vec::new();
-        for _ in 0..n {
+        for i in 0..n {
             let (stop, tx) = (Arc::clone(&stop), tx.clone());
             handles.push(thread::spawn(move || {
+                crate::placement::pin_thread(i);
                 let param = libc::sched_param { sched_priority: 0 };
                 // SAFETY: pid 0 is the calling thread; param is valid.
                 let ok =

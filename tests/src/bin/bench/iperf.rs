@@ -42,6 +42,7 @@ pub fn run(
     )
     .map_err(|e| format!("iperf3 server command: {e}"))?;
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    crate::placement::pin_command(&mut cmd, 1);
     let mut srv =
         topo.spawn("iperf3 server", cmd).map_err(|e| format!("start iperf3 server: {e}"))?;
     crate::procfs::wait_listening(srv.pid(), &[PORT], Duration::from_secs(5))?;
@@ -64,6 +65,7 @@ pub fn run(
     let mut cmd = Topology::command_in(&client.netns, Some(&client.cgroup), "iperf3", &arg_refs)
         .map_err(|e| format!("iperf3 client command: {e}"))?;
     cmd.stdin(Stdio::null()).stdout(file).stderr(Stdio::null());
+    crate::placement::pin_command(&mut cmd, 0);
     around();
     let mut cli = topo.spawn("iperf3 client", cmd).map_err(|e| e.to_string())?;
     let limit = Duration::from_secs(u64::from(secs) + 20);

@@ -14,6 +14,7 @@
 
 mod apps;
 mod iperf;
+mod placement;
 mod procfs;
 mod report;
 mod stats;
@@ -47,21 +48,24 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 const USAGE: &str = "usage: bench [--quick] [--rounds N] [--only plaintext,stunnel,tcp,quic] [--no-spinners] \
-                     [--server-permissive] [--out DIR]\n\
+                     [--pin] [--server-permissive] [--out DIR]\n\
   --quick              1 round, shorter durations (about 2-3 minutes)\n\
   --rounds N           rounds per candidate (default 3, quick 1); figures are medians over rounds\n\
   --only LIST          candidates to run (plaintext always runs: it is the baseline)\n\
   --no-spinners        do not run the two SCHED_IDLE busy loops that keep the vCPUs awake\n\
+  --pin                give each simulated node its own CPUs (default: both share every vCPU)\n\
   --server-permissive  enroll the server pod as permissive (harness smoke test only; not a valid result)\n\
   --out DIR            results directory (default: <repo>/results)";
 
 /// Command line.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::struct_excessive_bools)] // one per command-line flag
 struct Opts {
     quick: bool,
     rounds: Option<u32>,
     kinds: Vec<Kind>,
     spinners: bool,
+    pin: bool,
     server_permissive: bool,
     out: Option<PathBuf>,
 }
@@ -72,6 +76,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
         rounds: None,
         kinds: Kind::ALL.to_vec(),
         spinners: true,
+        pin: false,
         server_permissive: false,
         out: None,
     };
@@ -82,6 +87,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
         match a.as_str() {
             "--quick" => o.quick = true,
             "--no-spinners" => o.spinners = false,
+            "--pin" => o.pin = true,
             "--server-permissive" => o.server_permissive = true,
             "--rounds" => {
                 let v = value("--rounds")?;
@@ -333,6 +339,8 @@ fn run(opts: &Opts) -> Result<(), String> {
     let out_dir = out_root.join(&stamp);
     fs::create_dir_all(&out_dir).map_err(|e| format!("create {}: {e}", out_dir.display()))?;
 
+    let placement = placement::init(opts.pin);
+    eprintln!("bench: {placement}");
     eprintln!("bench: building the two-node topology");
     let topo = Topology::build(2, 1).map_err(|e| format!("build the topology: {e}"))?;
     let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
@@ -371,11 +379,14 @@ fn run(opts: &Opts) -> Result<(), String> {
     }
     let ctx = Ctx { topo: &topo, client, server, plan: &plan, inventory, server_role, pki, ca_dir };
 
-    let condition = if opts.spinners {
-        "Two SCHED_IDLE busy loops kept both vCPUs awake during all measurements"
-    } else {
-        "No busy loops: idle vCPUs (wake-up latency included)"
-    };
+    let condition = format!(
+        "{}; {placement}",
+        if opts.spinners {
+            "Two SCHED_IDLE busy loops kept both vCPUs awake during all measurements"
+        } else {
+            "No busy loops: idle vCPUs (wake-up latency included)"
+        }
+    );
     let spinners = if opts.spinners {
         Some(apps::Spinners::start(2, Duration::from_secs(3600))?)
     } else {
@@ -405,7 +416,7 @@ fn run(opts: &Opts) -> Result<(), String> {
 
     let targets = report::evaluate(&cands);
     let r = Report {
-        setup: setup_info(opts, &plan, started_utc, condition, t0, load_start),
+        setup: setup_info(opts, &plan, started_utc, &condition, t0, load_start),
         candidates: cands,
         targets,
     };
@@ -797,7 +808,8 @@ mod tests {
     #[test]
     fn arguments() {
         let o = parse_args(&args("--quick")).unwrap();
-        assert!(o.quick && o.spinners && !o.server_permissive);
+        assert!(o.quick && o.spinners && !o.pin && !o.server_permissive);
+        assert!(parse_args(&args("--pin")).unwrap().pin);
         assert_eq!(o.kinds, Kind::ALL);
         assert_eq!(Plan::new(&o).rounds, 1);
         let o =

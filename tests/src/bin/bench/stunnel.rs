@@ -207,6 +207,7 @@ pub fn start(topo: &Topology, pki: &Pki, client: &Pod, server: &Pod) -> Result<S
         )
         .map_err(|e| e.to_string())?;
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        crate::placement::pin_command(&mut cmd, usize::from(!client_side));
         let proc = topo.spawn(&format!("stunnel {name}"), cmd).map_err(|e| e.to_string())?;
         let ports: Vec<u16> = SERVICES
             .iter()

@@ -30,10 +30,15 @@ pub fn start(
     let ca = ca_dir.display().to_string();
     let extra = ["--transport", transport, "--ca-dir", ca.as_str()];
     let start_one = |n: usize| {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let d = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             Daemon::start(topo, n, inventory, &extra)
         }))
-        .map_err(|p| format!("daemon n{n} did not start: {}", panic_message(p.as_ref())))
+        .map_err(|p| format!("daemon n{n} did not start: {}", panic_message(p.as_ref())))?;
+        if let Err(e) = crate::placement::pin_process(d.proc.pid(), n) {
+            stop_one(d);
+            return Err(e);
+        }
+        Ok(d)
     };
     let client = start_one(0)?;
     let server = match start_one(1) {
@@ -58,9 +63,9 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 pub fn stop(pair: Pair) -> Result<(), String> {
     let mut problems = Vec::new();
     for d in [pair.client, pair.server] {
-        let pin = d.pin_dir.clone();
+        let (pin, node, inventory) = (d.pin_dir.clone(), d.node.clone(), d.inventory.clone());
         stop_one(d);
-        if let Err(e) = uninstall(&pin) {
+        if let Err(e) = uninstall(&pin, &node, &inventory) {
             problems.push(e);
         }
     }
@@ -109,10 +114,12 @@ fn stop_one(mut d: Daemon) {
     }
 }
 
-fn uninstall(pin: &Path) -> Result<(), String> {
+fn uninstall(pin: &Path, node: &str, inventory: &Path) -> Result<(), String> {
     let bin = tlsmesh_bin();
     let out = std::process::Command::new(&bin)
-        .args(["node", "--uninstall", "--pin-dir"])
+        .args(["node", "--uninstall", "--node", node, "--inventory"])
+        .arg(inventory)
+        .arg("--pin-dir")
         .arg(pin)
         .stdin(std::process::Stdio::null())
         .output()
