@@ -166,6 +166,63 @@ fn revoking_a_serial_closes_open_quic_tunnels_and_refuses_new_ones() {
     revocation_closes_open_tunnels("quic");
 }
 
+#[test]
+fn denying_the_destination_closes_pooled_outbound_connections() {
+    if !require_root("denying_the_destination_closes_pooled_outbound_connections") {
+        return;
+    }
+    for transport in ["tcp", "quic"] {
+        let topo = Topology::build(2, 1).expect("topology");
+        let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
+        // Only the client's daemon gets the deny list: the close must come
+        // from its outbound side, not from the server's inbound side.
+        let deny = topo.scratch_dir().join("deny-client-side.txt");
+        std::fs::write(&deny, "# revoked\n").unwrap();
+        let deny_arg = deny.display().to_string();
+        let d0 = Daemon::start(
+            &topo,
+            0,
+            &inv,
+            &["--deny-list", deny_arg.as_str(), "--transport", transport],
+        );
+        let _d1 = Daemon::start(&topo, 1, &inv, &["--transport", transport]);
+        let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
+        let dst = SocketAddr::new(server.ip4.into(), 7000);
+        echo_server(&server.netns, dst);
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let long = conversation(
+            &client.netns,
+            dst,
+            Duration::from_millis(50),
+            Arc::clone(&stop),
+            Arc::clone(&count),
+        );
+        assert!(
+            wait_for(Duration::from_secs(10), || (count.load(Ordering::Relaxed) > 10)
+                .then_some(()))
+            .is_some(),
+            "{transport}: stream flowing"
+        );
+        std::fs::write(&deny, "spiffe://cluster.local/ns/strict/sa/n1p0\n").unwrap();
+        let end = wait_for(Duration::from_secs(10), || long.is_finished().then_some(()));
+        assert!(
+            end.is_some(),
+            "{transport}: the pooled connection to the denied destination is closed"
+        );
+        assert!(long.join().unwrap().is_err(), "{transport}: the stream ended with an error");
+        assert!(
+            ask(&client.netns, dst).is_err(),
+            "{transport}: a new connection to the denied destination is refused"
+        );
+        assert!(
+            d0.log_text().contains("revoked destination"),
+            "{transport}: the client's daemon says why it closed the connection"
+        );
+        stop.store(true, Ordering::Relaxed);
+    }
+}
+
 fn revocation_closes_open_tunnels(transport: &str) {
     let topo = Topology::build(2, 1).expect("topology");
     let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);

@@ -147,6 +147,12 @@ impl Client {
         &self.quic
     }
 
+    /// Closes the pooled connections (both transports) whose key `doomed`
+    /// selects, with their open streams. Returns how many were closed.
+    pub fn close_where(&self, doomed: impl Fn(&PoolKey) -> bool) -> usize {
+        self.hbone.close_where(&doomed) + self.quic.close_where(&doomed, "peer certificate revoked")
+    }
+
     /// Whether QUIC is currently skipped for `dst` after a failure.
     pub fn quic_skipped(&self, dst: SocketAddr) -> bool {
         let mut down = lock(&self.quic_down);

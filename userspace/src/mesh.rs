@@ -194,15 +194,30 @@ impl Mesh {
         })
     }
 
-    /// Closes tunnels whose peer the deny list now refuses.
+    /// Closes tunnels whose peer the deny list now refuses: inbound tunnel
+    /// connections by the client's identity or certificate serial, and
+    /// pooled outbound connections by the destination's identity (their
+    /// streams end with them).
     pub fn enforce_deny_list(&self) -> usize {
         let deny = self.certs.deny.current();
-        self.registry.close_where(|v| {
+        let inbound = self.registry.close_where(|v| {
             let Ok(id) = v.peer.parse::<SpiffeId>() else { return true };
             let serials: Vec<&str> =
                 if v.serial.is_empty() { vec![] } else { vec![v.serial.as_str()] };
             deny.check(&Identity::Workload(id), &serials).is_ok()
-        })
+        });
+        let outbound = self.client.close_where(|key| {
+            key.dst_identity
+                .parse::<SpiffeId>()
+                .is_ok_and(|id| deny.check(&Identity::Workload(id), &[]).is_err())
+        });
+        if outbound > 0 {
+            warn!(
+                connections = outbound,
+                "closed pooled tunnel connections to a revoked destination"
+            );
+        }
+        inbound + outbound
     }
 }
 

@@ -83,6 +83,9 @@ struct KeyState {
 struct Entry {
     usage: Arc<Usage>,
     send: SendRequest<Bytes>,
+    /// The connection task: aborting it drops the connection and resets
+    /// its streams.
+    driver: tokio::task::AbortHandle,
 }
 
 impl Pool {
@@ -100,6 +103,23 @@ impl Pool {
     /// The pool's settings.
     pub fn config(&self) -> &PoolConfig {
         &self.inner.cfg
+    }
+
+    /// Closes every pooled connection whose key `doomed` selects, with all
+    /// its open streams (e.g. the peer's certificate was revoked). Returns
+    /// how many connections were closed.
+    pub fn close_where(&self, doomed: impl Fn(&PoolKey) -> bool) -> usize {
+        let gone: Vec<KeyState> = {
+            let mut keys = lock(&self.inner.keys);
+            let doomed_keys: Vec<PoolKey> = keys.keys().filter(|k| doomed(k)).cloned().collect();
+            doomed_keys.iter().filter_map(|k| keys.remove(k)).collect()
+        };
+        let mut n = 0;
+        for e in gone.iter().flat_map(|s| &s.conns) {
+            e.driver.abort();
+            n += 1;
+        }
+        n
     }
 
     /// Opens a tunnel stream to `authority` on a pooled connection for
@@ -277,14 +297,14 @@ impl Pool {
         let ping = conn.ping_pong();
         let driver = drive(conn, ping, usage.clone(), Arc::downgrade(&self.inner), key.clone());
         let span = tracing::debug_span!("hbone_conn", %dst, src = %key.src_identity, peer_identity = %key.dst_identity, id = usage.id);
-        tokio::spawn(driver.instrument(span));
+        let driver = tokio::spawn(driver.instrument(span)).abort_handle();
         tracing::debug!(%dst, id = usage.id, "opened pooled tunnel connection");
 
-        lock(&self.inner.keys)
-            .entry(key.clone())
-            .or_default()
-            .conns
-            .push(Entry { usage: usage.clone(), send: send.clone() });
+        lock(&self.inner.keys).entry(key.clone()).or_default().conns.push(Entry {
+            usage: usage.clone(),
+            send: send.clone(),
+            driver,
+        });
         Ok((usage.first_slot(), send))
     }
 

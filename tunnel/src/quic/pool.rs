@@ -86,6 +86,23 @@ impl Pool {
         lock(&self.inner.keys).remove(key);
     }
 
+    /// Closes every pooled connection whose key `doomed` selects, with all
+    /// its open streams (e.g. the peer's certificate was revoked). Returns
+    /// how many connections were closed.
+    pub fn close_where(&self, doomed: impl Fn(&PoolKey) -> bool, reason: &str) -> usize {
+        let gone: Vec<KeyState> = {
+            let mut keys = lock(&self.inner.keys);
+            let doomed_keys: Vec<PoolKey> = keys.keys().filter(|k| doomed(k)).cloned().collect();
+            doomed_keys.iter().filter_map(|k| keys.remove(k)).collect()
+        };
+        let mut n = 0;
+        for (_, conn) in gone.iter().flat_map(|s| &s.conns) {
+            conn.close(quinn::VarInt::from_u32(0), reason.as_bytes());
+            n += 1;
+        }
+        n
+    }
+
     /// Opens a tunnel stream to `authority` over the pooled QUIC connection
     /// for `key` (to `key.dst` over UDP), handshaking first if needed.
     /// Fails with [`Error::QuicUnreachable`] when the handshake does not
