@@ -174,6 +174,38 @@ fn quic_round_trip_ciphertext_only_and_client_ip_preserved() {
 }
 
 #[test]
+fn ipv6_tunnel_delivers_with_the_client_pods_v6_address() {
+    if !require_root("ipv6_tunnel_delivers_with_the_client_pods_v6_address") {
+        return;
+    }
+    let (topo, d0, d1) = two_strict_nodes(&[]);
+    let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
+    let echo = SocketAddr::new(server.ip6.into(), 7000);
+    let whoami = SocketAddr::new(server.ip6.into(), 7001);
+    echo_server(&server.netns, echo);
+    whoami_server(&server.netns, whoami);
+    let recorded = d1.kernel_counter("delivery_recorded");
+
+    // Transparent IPv6 delivery: the app sees the client pod's v6 address,
+    // so the sock_ops IPv6 branch recorded the delivery's 4-tuple and the
+    // pod's sk_lookup let its packets through.
+    let seen = ask(&client.netns, whoami).expect("v6 whoami through the tunnel");
+    assert_eq!(seen, client.ip6.to_string(), "the app sees the client pod's IPv6 address");
+    let (sent, received) = round_trip(&client.netns, echo, 16 << 20).expect("v6 round trip");
+    assert_eq!(sent, received, "16 MiB over IPv6 intact");
+    assert!(d0.counter("outbound_tunnel") >= 2, "{}", d0.config_dump());
+    assert!(
+        d1.kernel_counter("delivery_recorded") >= recorded + 2,
+        "sock_ops recorded the IPv6 deliveries"
+    );
+    let open = wait_for(Duration::from_secs(20), || {
+        let n = d1.config_dump()["capture"]["deliveries_open"].as_u64().unwrap();
+        (n == 0).then_some(n)
+    });
+    assert_eq!(open, Some(0), "IPv6 delivery records are removed when the connections close");
+}
+
+#[test]
 fn plaintext_exists_only_inside_the_destination_pod() {
     if !require_root("plaintext_exists_only_inside_the_destination_pod") {
         return;

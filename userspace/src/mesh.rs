@@ -79,8 +79,8 @@ struct Entry {
     view: TunnelView,
     since: Instant,
     /// Closes the tunnel (inbound: aborts the TCP connection's task or
-    /// closes the QUIC connection). Outbound streams have none: the peer's
-    /// daemon closes the connection they ride on.
+    /// closes the QUIC connection). Outbound streams have none: the pool
+    /// closes the connection they ride on ([`Mesh::enforce_deny_list`]).
     close: Option<Closer>,
 }
 
@@ -127,8 +127,8 @@ impl Registry {
     /// Closes every tunnel whose peer fails `still_allowed`. Returns how many.
     pub fn close_where(&self, still_allowed: impl Fn(&TunnelView) -> bool) -> usize {
         let mut open = self.open.lock().expect("registry lock");
-        // Entries without a closer (outbound streams) stay listed: closing
-        // them is up to the peer's daemon.
+        // Entries without a closer (outbound streams) stay listed: their
+        // pooled connection is closed through the pool.
         let doomed: Vec<u64> = open
             .iter()
             .filter(|(_, e)| e.close.is_some() && !still_allowed(&e.view))
