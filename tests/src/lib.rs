@@ -14,10 +14,14 @@
 //! Pods route via their node (default route to 10.77.(n+1).1); nodes forward
 //! and route other nodes' pod subnets via the shared LAN bridge. Each pod gets
 //! its own cgroup-v2 cgroup. Namespace names carry a per-topology id, so
-//! tests run in parallel. `Drop` tears everything down — processes started
-//! through the kit, namespaces (their veths go with them), cgroups and pin
-//! directories registered with it — on success, failure and panic alike.
-//! `cleanup_leaked` removes what a killed test left behind.
+//! tests run in parallel. Pins go to a bpffs the topology mounts for itself
+//! (`/tmp/tmk-<id>-bpf`), never to the host's `/sys/fs/bpf`: every bpffs
+//! mount gets the kernel's `maps.debug`/`progs.debug` iterators
+//! (CONFIG_BPF_PRELOAD), which cannot be unlinked and go only with the
+//! mount. `Drop` tears everything down — processes started through the kit,
+//! namespaces (their veths go with them), cgroups, pin directories and the
+//! bpffs mount — on success, failure and panic alike. `cleanup_leaked`
+//! removes what a killed test left behind.
 
 use std::{
     fs,
@@ -46,8 +50,8 @@ pub fn require_root(test: &str) -> bool {
         Some("not running as root".to_string())
     } else if cgroup2_root().is_none() {
         Some("no cgroup v2 mount".to_string())
-    } else if !Path::new("/sys/fs/bpf").exists() {
-        Some("no /sys/fs/bpf".to_string())
+    } else if !bpffs_supported() {
+        Some("the kernel has no bpffs (needs CONFIG_BPF_SYSCALL)".to_string())
     } else {
         None
     };
@@ -62,6 +66,12 @@ pub fn require_root(test: &str) -> bool {
             false
         }
     }
+}
+
+/// Whether the kernel can mount bpffs.
+pub fn bpffs_supported() -> bool {
+    fs::read_to_string("/proc/filesystems")
+        .is_ok_and(|f| f.lines().any(|l| l.split_whitespace().last() == Some("bpf")))
 }
 
 /// The cgroup-v2 mount point, if any.
@@ -213,6 +223,8 @@ struct Inner {
     extra_dirs: Mutex<Vec<PathBuf>>,
     procs: Mutex<Vec<u32>>,
     ca_dir: Mutex<Option<PathBuf>>,
+    /// The topology's own bpffs mount, once a pin directory was asked for.
+    bpffs: Mutex<Option<PathBuf>>,
 }
 
 /// A built topology. Everything is torn down on drop.
@@ -248,6 +260,7 @@ impl Topology {
             extra_dirs: Mutex::new(Vec::new()),
             procs: Mutex::new(Vec::new()),
             ca_dir: Mutex::new(None),
+            bpffs: Mutex::new(None),
         };
         sh(&["ip", "netns", "add", &lan])?;
         ip(&lan, "link set lo up")?;
@@ -385,11 +398,28 @@ impl Topology {
         &self.inner.nodes[n].pods[p]
     }
 
-    /// A fresh directory under bpffs for pins, removed on drop.
+    /// A fresh directory for pins on the topology's own bpffs (mounted on
+    /// first use at `/tmp/tmk-<id>-bpf`, unmounted on drop).
     pub fn pin_dir(&self, label: &str) -> PathBuf {
-        let d = PathBuf::from(format!("/sys/fs/bpf/{PREFIX}{}-{label}", self.inner.id));
-        self.inner.extra_dirs.lock().expect("lock").push(d.clone());
-        d
+        let mut mount = self.inner.bpffs.lock().expect("lock");
+        let root = match mount.as_ref() {
+            Some(r) => r.clone(),
+            None => {
+                let r = std::env::temp_dir().join(format!("{PREFIX}{}-bpf", self.inner.id));
+                fs::create_dir_all(&r).expect("create the bpffs mount point");
+                nix::mount::mount(
+                    Some("bpf"),
+                    &r,
+                    Some("bpf"),
+                    nix::mount::MsFlags::empty(),
+                    None::<&str>,
+                )
+                .unwrap_or_else(|e| panic!("mount bpffs at {}: {e}", r.display()));
+                *mount = Some(r.clone());
+                r
+            }
+        };
+        root.join(label)
     }
 
     /// The topology's CA directory (created with `tlsmesh ca init` on first use).
@@ -509,13 +539,30 @@ impl Drop for Inner {
         }
         let keep_logs = std::env::var_os("NETKIT_KEEP_LOGS").is_some();
         for d in self.extra_dirs.lock().map(|d| d.clone()).unwrap_or_default() {
-            if keep_logs && !d.starts_with("/sys/fs/bpf") {
+            if keep_logs {
                 eprintln!("netkit: kept {}", d.display());
                 continue;
             }
             let _ = fs::remove_dir_all(&d);
         }
+        // The daemons are dead: unmounting drops their pins (links detach).
+        if let Some(root) = self.bpffs.lock().ok().and_then(|mut m| m.take()) {
+            unmount_bpffs(&root);
+        }
     }
+}
+
+/// Unmounts a kit bpffs (lazily, so a straggling reader cannot keep it) and
+/// removes its mount point.
+fn unmount_bpffs(root: &Path) {
+    let _ = nix::mount::umount2(root, nix::mount::MntFlags::MNT_DETACH);
+    let _ = fs::remove_dir(root);
+}
+
+/// Whether `p` is a bpffs mount point.
+fn is_bpffs(p: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    nix::sys::statfs::statfs(p).is_ok_and(|s| i64::from(s.filesystem_type().0) == BPF_FS_MAGIC)
 }
 
 /// Kills the processes that live in a kit namespace (only kit namespaces are
@@ -579,12 +626,20 @@ pub fn cleanup_leaked() -> Vec<String> {
             }
         }
     }
+    // /sys/fs/bpf: pin directories of runs from before the kit had its own
+    // bpffs.
     for dir in ["/sys/fs/bpf", &std::env::temp_dir().to_string_lossy()] {
         if let Ok(entries) = fs::read_dir(dir) {
             for e in entries.flatten() {
                 if e.file_name().to_string_lossy().starts_with(PREFIX) {
-                    let _ = fs::remove_dir_all(e.path());
-                    removed.push(format!("dir {}", e.path().display()));
+                    let path = e.path();
+                    if is_bpffs(&path) && dir != "/sys/fs/bpf" {
+                        unmount_bpffs(&path);
+                        removed.push(format!("bpffs {}", path.display()));
+                    } else {
+                        let _ = fs::remove_dir_all(&path);
+                        removed.push(format!("dir {}", path.display()));
+                    }
                 }
             }
         }

@@ -101,4 +101,18 @@ fn connect4_rewrites_only_enrolled_pods() {
     let removed = Capture::uninstall(&pin_dir).unwrap();
     assert!(removed >= 5, "links and maps were pinned ({removed} removed)");
     assert!(!pin_dir.exists());
+
+    // The pins lived on the topology's own bpffs, which goes with it (and
+    // with it the kernel's maps.debug/progs.debug iterators of that mount).
+    let bpffs = pin_dir.parent().expect("bpffs root").to_path_buf();
+    let mounted = |p: &std::path::Path| {
+        std::fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(&*p.to_string_lossy()))
+    };
+    assert!(mounted(&bpffs), "{} is a mount while the topology lives", bpffs.display());
+    drop(topo);
+    assert!(!mounted(&bpffs), "the topology's bpffs is unmounted when it drops");
+    assert!(!bpffs.exists(), "and its mount point removed");
 }

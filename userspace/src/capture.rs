@@ -50,7 +50,7 @@ const CGROUP_PROGRAMS: [&str; 5] = [
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     /// bpffs is missing.
-    #[error("{0} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf` (scripts/bootstrap.sh does this)")]
+    #[error("{0} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf` or choose a pin dir on one with --pin-dir")]
     NoBpffs(PathBuf),
     /// The cgroup-v2 root could not be opened.
     #[error("cannot open the cgroup-v2 root {path}: {source}; mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`")]
