@@ -17,7 +17,7 @@
 //! tests run in parallel. Pins go to a bpffs the topology mounts for itself
 //! (`/tmp/tmk-<id>-bpf`), never to the host's `/sys/fs/bpf`: every bpffs
 //! mount gets the kernel's `maps.debug`/`progs.debug` iterators
-//! (CONFIG_BPF_PRELOAD), which cannot be unlinked and go only with the
+//! (`CONFIG_BPF_PRELOAD`), which cannot be unlinked and go only with the
 //! mount. `Drop` tears everything down — processes started through the kit,
 //! namespaces (their veths go with them), cgroups, pin directories and the
 //! bpffs mount — on success, failure and panic alike. `cleanup_leaked`
@@ -402,23 +402,20 @@ impl Topology {
     /// first use at `/tmp/tmk-<id>-bpf`, unmounted on drop).
     pub fn pin_dir(&self, label: &str) -> PathBuf {
         let mut mount = self.inner.bpffs.lock().expect("lock");
-        let root = match mount.as_ref() {
-            Some(r) => r.clone(),
-            None => {
-                let r = std::env::temp_dir().join(format!("{PREFIX}{}-bpf", self.inner.id));
-                fs::create_dir_all(&r).expect("create the bpffs mount point");
-                nix::mount::mount(
-                    Some("bpf"),
-                    &r,
-                    Some("bpf"),
-                    nix::mount::MsFlags::empty(),
-                    None::<&str>,
-                )
-                .unwrap_or_else(|e| panic!("mount bpffs at {}: {e}", r.display()));
-                *mount = Some(r.clone());
-                r
-            }
-        };
+        if mount.is_none() {
+            let r = std::env::temp_dir().join(format!("{PREFIX}{}-bpf", self.inner.id));
+            fs::create_dir_all(&r).expect("create the bpffs mount point");
+            nix::mount::mount(
+                Some("bpf"),
+                &r,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .unwrap_or_else(|e| panic!("mount bpffs at {}: {e}", r.display()));
+            *mount = Some(r);
+        }
+        let root = mount.as_ref().expect("mounted above");
         root.join(label)
     }
 
@@ -562,7 +559,7 @@ fn unmount_bpffs(root: &Path) {
 /// Whether `p` is a bpffs mount point.
 fn is_bpffs(p: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    nix::sys::statfs::statfs(p).is_ok_and(|s| i64::from(s.filesystem_type().0) == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// Kills the processes that live in a kit namespace (only kit namespaces are
