@@ -12,18 +12,6 @@
 //! `bash scripts/bootstrap.sh` installs the tools. When one is missing the
 //! test says so and skips; with `CI=true` a missing tool fails the test.
 
-#![allow(
-    clippy::similar_names,
-    clippy::many_single_char_names,
-    clippy::cast_possible_truncation,
-    clippy::format_push_string,
-    clippy::items_after_statements,
-    clippy::large_stack_arrays,
-    clippy::too_many_lines,
-    clippy::format_collect,
-    reason = "test scenarios: long, explicit, with throwaway names"
-)]
-
 #[path = "support/helm_mini.rs"]
 mod helm_mini;
 
@@ -212,6 +200,7 @@ fn helm_lint_passes_with_real_helm() {
 }
 
 #[test]
+#[allow(clippy::too_many_lines, reason = "one scenario: render, compare, check every object")]
 fn real_helm_renders_what_the_test_renderer_renders() {
     let Some(helm) = Helm::find() else { return };
     let node_sa = format!("system:serviceaccount:{NAMESPACE}:tlsmesh-node");

@@ -172,20 +172,64 @@ fn denying_the_destination_closes_pooled_outbound_connections() {
         return;
     }
     for transport in ["tcp", "quic"] {
-        let topo = Topology::build(2, 1).expect("topology");
-        let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
         // Only the client's daemon gets the deny list: the close must come
         // from its outbound side, not from the server's inbound side.
-        let deny = topo.scratch_dir().join("deny-client-side.txt");
+        let mut r = Revocation::start(transport, [true, false]);
+        r.deny_and_expect_closed("spiffe://cluster.local/ns/strict/sa/n1p0\n");
+        assert!(
+            r.d0.log_text().contains("revoked destination"),
+            "{transport}: the client's daemon says why it closed the connection"
+        );
+    }
+}
+
+fn revocation_closes_open_tunnels(transport: &str) {
+    let mut r = Revocation::start(transport, [true, true]);
+    let serial = cert_serial(&r.d0, "spiffe://cluster.local/ns/strict/sa/n0p0")
+        .expect("client serial in the admin API");
+    let dump = r.d1.config_dump();
+    assert!(
+        dump["tunnels"].as_array().into_iter().flatten().any(|t| t["direction"] == "inbound"
+            && t["transport"] == transport
+            && t["serial"] == serial.as_str()),
+        "the server daemon lists the inbound {transport} tunnel with the client's serial: {}",
+        dump["tunnels"]
+    );
+    r.deny_and_expect_closed(&format!("# revoked serials\n{serial}\n"));
+    assert!(r.d1.log_text().contains("revoked"), "the refusal names the revocation");
+}
+
+/// A revocation scenario: two strict nodes on `transport`, an (empty) deny
+/// list given to the daemons `deny_on` selects, an echo server in n1p0 and
+/// a conversation from n0p0 that is flowing through the tunnel.
+struct Revocation {
+    transport: String,
+    deny: std::path::PathBuf,
+    d0: Daemon,
+    d1: Daemon,
+    client_netns: String,
+    dst: SocketAddr,
+    stop: Arc<AtomicBool>,
+    long: Option<std::thread::JoinHandle<Result<(), String>>>,
+    /// Declared last: dropped after the daemons.
+    _topo: Topology,
+}
+
+impl Revocation {
+    fn start(transport: &str, deny_on: [bool; 2]) -> Self {
+        let topo = Topology::build(2, 1).expect("topology");
+        let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
+        let deny = topo.scratch_dir().join("deny.txt");
         std::fs::write(&deny, "# revoked\n").unwrap();
         let deny_arg = deny.display().to_string();
-        let d0 = Daemon::start(
-            &topo,
-            0,
-            &inv,
-            &["--deny-list", deny_arg.as_str(), "--transport", transport],
-        );
-        let _d1 = Daemon::start(&topo, 1, &inv, &["--transport", transport]);
+        let start = |n: usize| {
+            let mut args = vec!["--transport", transport];
+            if deny_on[n] {
+                args.extend(["--deny-list", deny_arg.as_str()]);
+            }
+            Daemon::start(&topo, n, &inv, &args)
+        };
+        let (d0, d1) = (start(0), start(1));
         let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
         let dst = SocketAddr::new(server.ip4.into(), 7000);
         echo_server(&server.netns, dst);
@@ -204,75 +248,43 @@ fn denying_the_destination_closes_pooled_outbound_connections() {
             .is_some(),
             "{transport}: stream flowing"
         );
-        std::fs::write(&deny, "spiffe://cluster.local/ns/strict/sa/n1p0\n").unwrap();
+        Self {
+            transport: transport.to_string(),
+            deny,
+            d0,
+            d1,
+            client_netns: client.netns,
+            dst,
+            stop,
+            long: Some(long),
+            _topo: topo,
+        }
+    }
+
+    /// Writes `entries` to the deny list; the open conversation must end
+    /// with an error within seconds and a new connection must be refused.
+    fn deny_and_expect_closed(&mut self, entries: &str) {
+        let t = self.transport.clone();
+        std::fs::write(&self.deny, entries).unwrap();
+        let denied_at = Instant::now();
+        let long = self.long.take().expect("one denial per scenario");
         let end = wait_for(Duration::from_secs(10), || long.is_finished().then_some(()));
+        assert!(end.is_some(), "{t}: the open tunnel is closed within seconds of the denial");
+        eprintln!("{t}: tunnel closed {:?} after the denial", denied_at.elapsed());
+        let r = long.join().unwrap();
+        assert!(r.is_err(), "{t}: the stream ended with an error: {r:?}");
         assert!(
-            end.is_some(),
-            "{transport}: the pooled connection to the denied destination is closed"
+            ask(&self.client_netns, self.dst).is_err(),
+            "{t}: a new connection to or from the denied peer is refused"
         );
-        assert!(long.join().unwrap().is_err(), "{transport}: the stream ended with an error");
-        assert!(
-            ask(&client.netns, dst).is_err(),
-            "{transport}: a new connection to the denied destination is refused"
-        );
-        assert!(
-            d0.log_text().contains("revoked destination"),
-            "{transport}: the client's daemon says why it closed the connection"
-        );
-        stop.store(true, Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
-fn revocation_closes_open_tunnels(transport: &str) {
-    let topo = Topology::build(2, 1).expect("topology");
-    let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
-    let deny = topo.scratch_dir().join("deny.txt");
-    std::fs::write(&deny, "# revoked serials\n").unwrap();
-    let deny_arg = deny.display().to_string();
-    let args = ["--deny-list", deny_arg.as_str(), "--transport", transport];
-    let d0 = Daemon::start(&topo, 0, &inv, &args);
-    let d1 = Daemon::start(&topo, 1, &inv, &args);
-    let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
-    let dst = SocketAddr::new(server.ip4.into(), 7000);
-    echo_server(&server.netns, dst);
-    let stop = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicU64::new(0));
-    let long = conversation(
-        &client.netns,
-        dst,
-        Duration::from_millis(50),
-        Arc::clone(&stop),
-        Arc::clone(&count),
-    );
-    assert!(
-        wait_for(Duration::from_secs(10), || (count.load(Ordering::Relaxed) > 10).then_some(()))
-            .is_some(),
-        "stream flowing"
-    );
-    let serial = cert_serial(&d0, "spiffe://cluster.local/ns/strict/sa/n0p0")
-        .expect("client serial in the admin API");
-    let dump = d1.config_dump();
-    assert!(
-        dump["tunnels"].as_array().into_iter().flatten().any(|t| t["direction"] == "inbound"
-            && t["transport"] == transport
-            && t["serial"] == serial.as_str()),
-        "the server daemon lists the inbound {transport} tunnel with the client's serial: {}",
-        dump["tunnels"]
-    );
-
-    std::fs::write(&deny, format!("# revoked serials\n{serial}\n")).unwrap();
-    let revoked_at = Instant::now();
-    let end = wait_for(Duration::from_secs(10), || long.is_finished().then_some(()));
-    assert!(end.is_some(), "the open tunnel is closed within seconds of the revocation");
-    let r = long.join().unwrap();
-    assert!(r.is_err(), "the stream ended with an error: {r:?}");
-    eprintln!("tunnel closed {:?} after the revocation", revoked_at.elapsed());
-    assert!(
-        ask(&client.netns, dst).is_err(),
-        "a new connection with the revoked certificate is refused"
-    );
-    assert!(d1.log_text().contains("revoked"), "the refusal names the revocation");
-    stop.store(true, Ordering::Relaxed);
+impl Drop for Revocation {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 #[test]

@@ -166,33 +166,15 @@ impl Client {
         }
     }
 
-    /// Opens a tunnel stream for `key` to `authority`. With `quic` given (the
+    /// Opens a tunnel stream for `key` to `authority`, carrying `early`
+    /// (bytes the client already sent; may be empty): over HBONE right
+    /// behind the request (see [`hbone::Pool::connect_with_early_data`]),
+    /// over QUIC written once the stream is accepted. With `quic` given (the
     /// destination node allows QUIC) QUIC is tried first; when it is
     /// unreachable the stream goes over TCP via `tcp_connector`, and QUIC is
     /// not retried at `key.dst` for [`ClientConfig::quic_retry_after`].
     /// Refusals (401/503/400) are returned as they are, never retried.
     pub async fn connect<C, Fut, T>(
-        &self,
-        key: &PoolKey,
-        authority: SocketAddr,
-        headers: &ConnectHeaders,
-        quic: Option<&quic::Dial>,
-        tcp_connector: C,
-    ) -> Result<Stream, Error>
-    where
-        C: FnOnce() -> Fut,
-        Fut: Future<Output = io::Result<T>>,
-        T: Io,
-    {
-        self.connect_with_early_data(key, authority, headers, Bytes::new(), quic, tcp_connector)
-            .await
-    }
-
-    /// [`Client::connect`] carrying `early` (bytes the client already sent):
-    /// over HBONE right behind the request (see
-    /// [`hbone::Pool::connect_with_early_data`]), over QUIC written once the
-    /// stream is accepted.
-    pub async fn connect_with_early_data<C, Fut, T>(
         &self,
         key: &PoolKey,
         authority: SocketAddr,

@@ -276,10 +276,7 @@ pub async fn open(
         crate::metrics::HANDSHAKE_SECONDS.observe(started.elapsed().as_secs_f64());
         tls
     };
-    Ok(mesh
-        .client
-        .connect_with_early_data(&key, dst, &headers, early, dial.as_ref(), connector)
-        .await?)
+    Ok(mesh.client.connect(&key, dst, &headers, early, dial.as_ref(), connector).await?)
 }
 
 /// Registers an outbound tunnel stream (for the admin API and revocation).
