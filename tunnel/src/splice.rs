@@ -172,9 +172,7 @@ impl Direction {
             }
         }
     }
-}
 
-impl Direction {
     /// The reader has nothing now: flush what was written, then wait.
     fn flush_then_pending<W: AsyncWrite + ?Sized>(
         &mut self,

@@ -5,6 +5,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::{
     echo_server, echo_through, hbone_server, key, memory_echo_handler, quic_dial, quic_server,
     random_bytes, sha256, tcp_handler, Connector, Pki, Seen,
@@ -152,14 +153,16 @@ async fn client_falls_back_to_tcp() {
     let dial = quic_dial(&pki);
     let h = ConnectHeaders::default();
 
-    let s = client.connect(&key(addr), echo, &h, Some(&dial), conn.make()).await.unwrap();
+    let s =
+        client.connect(&key(addr), echo, &h, Bytes::new(), Some(&dial), conn.make()).await.unwrap();
     assert_eq!(s.transport(), Transport::Tcp);
     assert_eq!(echo_through(s, b"via tcp".to_vec()).await, b"via tcp");
     assert!(client.quic_skipped(addr));
 
     // Next time QUIC is not retried: no handshake delay.
     let start = Instant::now();
-    let s = client.connect(&key(addr), echo, &h, Some(&dial), conn.make()).await.unwrap();
+    let s =
+        client.connect(&key(addr), echo, &h, Bytes::new(), Some(&dial), conn.make()).await.unwrap();
     assert_eq!(s.transport(), Transport::Tcp);
     assert!(start.elapsed() < Duration::from_millis(250), "QUIC was retried");
 }
@@ -171,7 +174,14 @@ async fn client_uses_quic_when_it_answers() {
     let client = Client::new(ClientConfig { quic: test_config(), ..ClientConfig::default() });
     let conn = Connector::new(addr, &pki);
     let s = client
-        .connect(&key(addr), addr, &ConnectHeaders::default(), Some(&quic_dial(&pki)), conn.make())
+        .connect(
+            &key(addr),
+            addr,
+            &ConnectHeaders::default(),
+            Bytes::new(),
+            Some(&quic_dial(&pki)),
+            conn.make(),
+        )
         .await
         .unwrap();
     assert_eq!(s.transport(), Transport::Quic);

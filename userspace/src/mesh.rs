@@ -279,18 +279,33 @@ pub async fn open(
     Ok(mesh.client.connect(&key, dst, &headers, early, dial.as_ref(), connector).await?)
 }
 
-/// Registers an outbound tunnel stream (for the admin API and revocation).
+/// A registry entry that is removed when dropped (its tunnel ended, also
+/// when its task was aborted).
+pub struct Tracked {
+    shared: Arc<Shared>,
+    id: Option<u64>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let (Some(mesh), Some(id)) = (self.shared.mesh.as_ref(), self.id) {
+            mesh.registry.remove(id);
+        }
+    }
+}
+
+/// Registers an outbound tunnel stream (for the admin API; its pooled
+/// connection is closed through the pool on revocation).
 pub fn track_outbound(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     pod: &Pod,
     peer: &Pod,
     transport: &str,
     remote: SocketAddr,
-) -> Option<u64> {
-    let mesh = shared.mesh.as_ref()?;
-    let td = &mesh.certs.trust_domain;
-    Some(mesh.registry.add(
-        TunnelView {
+) -> Tracked {
+    let id = shared.mesh.as_ref().map(|mesh| {
+        let td = &mesh.certs.trust_domain;
+        let view = TunnelView {
             direction: "outbound",
             peer: peer.spiffe_id(td),
             serial: String::new(),
@@ -298,56 +313,51 @@ pub fn track_outbound(
             pod: pod.key(),
             remote: remote.to_string(),
             age_s: 0,
-        },
-        None,
-    ))
+        };
+        mesh.registry.add(view, None)
+    });
+    Tracked { shared: Arc::clone(shared), id }
 }
 
-/// Registers each inbound QUIC connection of pod `rt` for the admin API
-/// and for revocation (closing it closes all its streams); the registration
-/// ends with the connection.
+/// Registers an inbound tunnel connection of `pod` from the peer its
+/// certificate chain `certs` names, for the admin API and for revocation
+/// (`close` ends the connection with all its streams).
+fn track_inbound(
+    shared: &Arc<Shared>,
+    certs: &[rustls_pki_types::CertificateDer<'static>],
+    transport: &str,
+    pod: String,
+    remote: SocketAddr,
+    close: Closer,
+) -> Tracked {
+    let id = match (shared.mesh.as_ref(), tls::peer_cert_info(certs)) {
+        (Some(mesh), Ok(info)) => {
+            let view = TunnelView {
+                direction: "inbound",
+                peer: info.identity.to_string(),
+                serial: info.serial.clone(),
+                transport: transport.into(),
+                pod,
+                remote: remote.to_string(),
+                age_s: 0,
+            };
+            Some(mesh.registry.add(view, Some(close)))
+        }
+        _ => None,
+    };
+    Tracked { shared: Arc::clone(shared), id }
+}
+
+/// Registers each inbound QUIC connection of pod `rt` (closing it closes all
+/// its streams); the registration ends with the connection.
 fn track_quic_inbound(shared: &Arc<Shared>, rt: &Arc<PodRuntime>) -> quic::OnConnection {
     let (shared, pod) = (Arc::clone(shared), rt.pod.key());
     quic::OnConnection(Arc::new(move |conn: &quinn::Connection, certs| {
-        let id = match (shared.mesh.as_ref(), tls::peer_cert_info(certs)) {
-            (Some(mesh), Ok(info)) => {
-                let view = TunnelView {
-                    direction: "inbound",
-                    peer: info.identity.to_string(),
-                    serial: info.serial.clone(),
-                    transport: "quic".into(),
-                    pod: pod.clone(),
-                    remote: conn.remote_address().to_string(),
-                    age_s: 0,
-                };
-                let conn = conn.clone();
-                let close: Closer =
-                    Box::new(move || conn.close(0u32.into(), b"peer certificate revoked"));
-                Some(mesh.registry.add(view, Some(close)))
-            }
-            _ => None,
-        };
-        Box::new(Untrack { shared: Arc::clone(&shared), id })
+        let closing = conn.clone();
+        let close: Closer =
+            Box::new(move || closing.close(0u32.into(), b"peer certificate revoked"));
+        Box::new(track_inbound(&shared, certs, "quic", pod.clone(), conn.remote_address(), close))
     }))
-}
-
-/// Forgets a tracked tunnel when dropped.
-struct Untrack {
-    shared: Arc<Shared>,
-    id: Option<u64>,
-}
-
-impl Drop for Untrack {
-    fn drop(&mut self) {
-        untrack(&self.shared, self.id);
-    }
-}
-
-/// Forgets a tracked tunnel.
-pub fn untrack(shared: &Shared, id: Option<u64>) {
-    if let (Some(mesh), Some(id)) = (shared.mesh.as_ref(), id) {
-        mesh.registry.remove(id);
-    }
 }
 
 /// Starts the pod's tunnel servers (TCP 15008 on all its addresses, and
@@ -461,30 +471,19 @@ async fn tcp_accept_loop(
                     return;
                 }
             };
-            let registered = match (
-                shared.mesh.as_ref(),
-                tls::peer_cert_info(tls.get_ref().1.peer_certificates().unwrap_or_default()),
-                abort_rx.await,
-            ) {
-                (Some(mesh), Ok(info), Ok(abort)) => {
-                    let view = TunnelView {
-                        direction: "inbound",
-                        peer: info.identity.to_string(),
-                        serial: info.serial.clone(),
-                        transport: "tcp".into(),
-                        pod: rt.pod.key(),
-                        remote: peer.to_string(),
-                        age_s: 0,
-                    };
-                    Some(mesh.registry.add(view, Some(Box::new(move || abort.abort()))))
-                }
-                _ => None,
-            };
+            let Ok(abort) = abort_rx.await else { return };
+            let _tracked = track_inbound(
+                &shared,
+                tls.get_ref().1.peer_certificates().unwrap_or_default(),
+                "tcp",
+                rt.pod.key(),
+                peer,
+                Box::new(move || abort.abort()),
+            );
             let ctx = hbone::ServerCtx::new(local, peer);
             if let Err(e) = hbone::serve(tls, ctx, handler).await {
                 tracing::debug!(%peer, error = %e, "tunnel connection ended");
             }
-            untrack(&shared, registered);
         });
         let _ = abort_tx.send(task.abort_handle());
     }

@@ -2,13 +2,11 @@
 //! inside it.
 //!
 //! `setns(2)` changes only the calling thread; a socket keeps the namespace
-//! it was created in. Two ways to work in another namespace:
-//! - [`Netns::run`]: on a short-lived dedicated thread (pod set-up: cookie,
-//!   listeners);
-//! - [`NetnsWorker::run`]: on the calling thread, between `setns` into the
-//!   pod and back to the daemon's namespace (per-connection sockets; a
-//!   guard returns the thread even when the job panics, or aborts the
-//!   process if it cannot).
+//! it was created in. All work in another namespace ([`Netns::run`] for pod
+//! set-up, [`NetnsWorker::run`] for per-connection sockets) runs on the
+//! calling thread between `setns` into the pod and back to the daemon's
+//! namespace; a guard returns the thread even when the job panics, or aborts
+//! the process if it cannot.
 
 use std::{
     fs::File,
@@ -36,9 +34,8 @@ pub enum NetnsError {
     /// A socket operation inside the namespace failed.
     #[error("in network namespace {path}: {what}: {source}")]
     Socket { path: PathBuf, what: String, source: io::Error },
-    /// A thread used to enter the namespace died, or the daemon's own
-    /// namespace was never recorded (`init_home`).
-    #[error("cannot run in network namespace {path}: the helper thread panicked or the daemon's own namespace is unknown (a bug: please report it)")]
+    /// The daemon's own namespace was never recorded (`init_home`).
+    #[error("cannot run in network namespace {path}: the daemon's own namespace is unknown (a bug: please report it)")]
     Thread { path: PathBuf },
 }
 
@@ -73,26 +70,11 @@ impl Netns {
         self.fd.as_fd()
     }
 
-    /// Runs `f` on a fresh thread inside this namespace and returns its result.
-    pub fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, NetnsError> {
-        let fd = Arc::clone(&self.fd);
-        let path = self.path.clone();
-        let handle = std::thread::Builder::new()
-            .name("tlsmesh-netns".into())
-            .spawn(move || -> Result<T, NetnsError> {
-                setns(fd.as_fd(), CloneFlags::CLONE_NEWNET)
-                    .map_err(|source| NetnsError::Enter { path: path.clone(), source })?;
-                Ok(f())
-            })
-            .map_err(|source| NetnsError::Socket {
-                path: self.path.clone(),
-                what: "spawn thread".into(),
-                source,
-            })?;
-        handle.join().map_err(|_| NetnsError::Thread { path: self.path.clone() })?
+    /// Runs `f` inside this namespace on the calling thread (see
+    /// [`NetnsWorker::run`]) and returns its result.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
+        init_home()?;
+        run_in(&self.fd, &self.path, f)
     }
 
     /// The kernel's cookie for this namespace (what `bpf_get_netns_cookie` returns).
@@ -295,6 +277,16 @@ impl Drop for ReturnHome {
     }
 }
 
+/// Runs `f` on the calling thread inside the namespace `fd`, then returns
+/// the thread to the daemon's namespace (also when `f` panics).
+fn run_in<T>(fd: &OwnedFd, path: &Path, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
+    let home = HOME.get().ok_or_else(|| NetnsError::Thread { path: path.to_path_buf() })?;
+    setns(fd.as_fd(), CloneFlags::CLONE_NEWNET)
+        .map_err(|source| NetnsError::Enter { path: path.to_path_buf(), source })?;
+    let _back = ReturnHome(home);
+    Ok(f())
+}
+
 impl NetnsWorker {
     /// A worker for `ns` (checks that the namespace can be entered).
     pub fn start(ns: &Netns) -> Result<Self, NetnsError> {
@@ -312,11 +304,7 @@ impl NetnsWorker {
     /// Runs `f` inside the namespace on this thread. `f` must not block long
     /// or await: it holds the thread in the pod's namespace.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
-        let home = HOME.get().ok_or_else(|| NetnsError::Thread { path: self.path.clone() })?;
-        setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET)
-            .map_err(|source| NetnsError::Enter { path: self.path.clone(), source })?;
-        let _back = ReturnHome(home);
-        Ok(f())
+        run_in(&self.fd, &self.path, f)
     }
 
     /// Connects a TCP socket created inside the namespace to `dst`.

@@ -190,7 +190,7 @@ async fn tunnel(
     let _ = client.set_nodelay(true);
     let tracked = crate::mesh::track_outbound(shared, &pod.pod, dst_pod, &transport, dst);
     let r = crate::mesh::splice(&mut client, &mut stream).await;
-    crate::mesh::untrack(shared, tracked);
+    drop(tracked);
     Stats::dec(&shared.stats.active_connections);
     match r {
         Ok((from_pod, to_pod)) => {
