@@ -402,7 +402,13 @@ pub enum Route {
 
 /// Decides the route of a connection to `dst` from a pod on `my_node`.
 pub fn route(inv: &Inventory, my_node: &str, dst: IpAddr) -> Route {
-    match inv.pod_by_ip(dst) {
+    route_to(my_node, inv.pod_by_ip(dst))
+}
+
+/// [`route`] given the pod that owns the destination address (found by the
+/// caller, e.g. through an address index), if any.
+pub fn route_to(my_node: &str, owner: Option<&Pod>) -> Route {
+    match owner {
         Some(p) if p.mode.is_some() && p.node == my_node => Route::LocalPod(p.key()),
         Some(p) if p.mode.is_some() => Route::RemotePod { pod: p.key(), node: p.node.clone() },
         _ => Route::Passthrough,

@@ -894,8 +894,13 @@ impl Daemon {
         d
     }
 
-    /// Waits for `/healthz/ready`; panics with the daemon's log when it dies.
+    /// Waits until this daemon is ready: it logged that it serves its pods,
+    /// and the admin API answers ready — this daemon's, or, while an older
+    /// daemon still holds the admin port, that one's (the port has one
+    /// owner; the new daemon binds it when the old one drains). Panics with
+    /// the daemon's log when it dies.
     pub fn wait_ready(&mut self) {
+        let pid = self.proc.pid();
         let ok = wait_for(Duration::from_secs(20), || {
             assert!(
                 self.proc.running(),
@@ -903,7 +908,12 @@ impl Daemon {
                 self.node,
                 fs::read_to_string(&self.log).unwrap_or_default()
             );
-            self.get("/healthz/ready").ok().filter(|(code, _)| *code == 200)
+            if !self.log_text().contains("daemon ready") {
+                return None;
+            }
+            let (code, _) = self.get("/healthz/ready").ok()?;
+            let owner = self.get("/config_dump").ok()?.1["pid"].as_u64();
+            (code == 200 || owner != Some(u64::from(pid))).then_some(())
         });
         assert!(ok.is_some(), "daemon for {} not ready within 20 s", self.node);
     }

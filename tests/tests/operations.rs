@@ -31,11 +31,19 @@ use netkit::{
 };
 
 fn http_get(netns: &str, addr: &str, path: &str) -> Option<(u16, String)> {
-    let (addr, path) = (addr.to_string(), path.to_string());
+    http_req(netns, "GET", addr, path)
+}
+
+fn http_req(netns: &str, method: &str, addr: &str, path: &str) -> Option<(u16, String)> {
+    let (addr, path, method) = (addr.to_string(), path.to_string(), method.to_string());
     Topology::in_netns(netns, move || {
         let mut s = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
         let mut buf = String::new();
         s.read_to_string(&mut buf).ok()?;
         let code = buf.get(9..12)?.parse().ok()?;
@@ -78,7 +86,7 @@ fn metrics_count_known_traffic_and_status_shows_it() {
     }
     let topo = Topology::build(2, 1).expect("topology");
     let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
-    let d0 = Daemon::start(&topo, 0, &inv, &[]);
+    let mut d0 = Daemon::start(&topo, 0, &inv, &[]);
     let _d1 = Daemon::start(&topo, 1, &inv, &[]);
     let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
     let dst = SocketAddr::new(server.ip4.into(), 7000);
@@ -139,10 +147,16 @@ fn metrics_count_known_traffic_and_status_shows_it() {
     assert_eq!(json["config_dump"]["pods"][0]["key"], "strict/n0p0");
     assert_eq!(json["stats"]["daemon"]["outbound_tunnel"], 3);
 
-    // The log level changes at run time.
-    let (code, _) = http_get(&d0.netns, "127.0.0.1:15000", "/logging?level=debug").unwrap();
+    // The log level changes at run time, by POST only (a GET changes nothing).
+    let (code, body) = http_get(&d0.netns, "127.0.0.1:15000", "/logging?level=debug").unwrap();
+    assert_eq!(code, 405, "{body}");
+    let (code, _) = http_get(&d0.netns, "127.0.0.1:15000", "/quitquitquit").unwrap();
+    assert_eq!(code, 405, "a GET of /quitquitquit does not stop the daemon");
+    assert!(d0.proc.running());
+    let (code, _) = http_req(&d0.netns, "POST", "127.0.0.1:15000", "/logging?level=debug").unwrap();
     assert_eq!(code, 200);
-    let (code, body) = http_get(&d0.netns, "127.0.0.1:15000", "/logging?level=%%%").unwrap();
+    let (code, body) =
+        http_req(&d0.netns, "POST", "127.0.0.1:15000", "/logging?level=%%%").unwrap();
     assert_eq!(code, 400, "{body}");
 }
 
@@ -269,17 +283,123 @@ fn rolling_restart_refuses_no_connection_and_drains_long_transfers() {
     // The new daemon starts beside the old one, then the old one gets SIGTERM.
     let node = topo.node(0).clone();
     let new = Daemon::start_with_pin(&topo, &node, &old.pin_dir, &inv, &[]);
+    // The admin port has one owner: still the old daemon.
+    let owner = |d: &Daemon| d.config_dump()["pid"].as_u64();
+    assert_eq!(owner(&new), Some(u64::from(old.proc.pid())), "the old daemon keeps the admin API");
     std::thread::sleep(Duration::from_millis(500));
     let mut old = old;
     old.proc.signal(nix::sys::signal::Signal::SIGTERM);
-    let exited = old.proc.wait_timeout(Duration::from_secs(60));
-    assert!(exited.is_some(), "the old daemon exits within the drain deadline");
+    // Once the old daemon drains, the new one takes the admin API over.
+    let took = wait_for(Duration::from_secs(10), || {
+        (new.get("/config_dump").ok()?.1["pid"].as_u64() == Some(u64::from(new.proc.pid())))
+            .then_some(())
+    });
+    assert!(took.is_some(), "the new daemon owns the admin API once the old one drains");
     let moved = long.join().unwrap().expect("the long transfer completed across the SIGTERM");
     assert_eq!(moved, 80 * 64 * 1024, "every byte of the long transfer came back");
+    // The old daemon exits as soon as its last connection ended, well
+    // before its 60 s deadline (its open-connection count no longer leaks).
+    let exited = old.proc.wait_timeout(Duration::from_secs(30));
+    assert!(exited.is_some(), "the old daemon exits once drained, not at the 60 s deadline");
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::Relaxed);
     looper.join().unwrap();
     assert!(ok.load(Ordering::Relaxed) > 50, "the loop ran ({} ok)", ok.load(Ordering::Relaxed));
     assert_eq!(failed.load(Ordering::Relaxed), 0, "no connection failed across the replacement");
     assert!(new.counter("outbound_accepted") > 0, "the new daemon took connections");
+}
+
+/// Defects 3 and 5 of the daemon-core issue: on drain the HBONE server now
+/// sends GOAWAY, and a daemon started beside another gets each pod's QUIC
+/// server once the old daemon lets the UDP port go (it used to warn once
+/// and never retry, so existing pods never had QUIC again).
+#[test]
+fn a_replaced_daemon_sends_goaway_and_its_successor_gets_quic_back() {
+    if !require_root("a_replaced_daemon_sends_goaway_and_its_successor_gets_quic_back") {
+        return;
+    }
+    let topo = Topology::build(2, 1).expect("topology");
+    let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
+    let quic = ["--transport", "quic"];
+    let d0 = Daemon::start(&topo, 0, &inv, &quic);
+    let node1 = topo.node(1).clone();
+    let pin1 = topo.pin_dir("n1");
+    let old = Daemon::start_with_env(
+        &topo,
+        &node1,
+        &pin1,
+        &inv,
+        &quic,
+        &[("RUST_LOG", "info,tlsmesh_tunnel=debug")],
+    );
+    let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
+    let dst = SocketAddr::new(server.ip4.into(), 7200);
+    echo_server(&server.netns, dst);
+    exchange(&client.netns, dst, 1000).expect("through QUIC");
+    let new = Daemon::start_with_pin(&topo, &node1, &pin1, &inv, &quic);
+    let busy = wait_for(Duration::from_secs(10), || {
+        new.log_text().contains("QUIC server address busy").then_some(())
+    });
+    assert!(busy.is_some(), "the old daemon holds the QUIC port while it runs");
+    let mut old = old;
+    old.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(old.proc.wait_timeout(Duration::from_secs(30)).is_some(), "the old daemon exits");
+    let bound = wait_for(Duration::from_secs(15), || {
+        new.log_text().contains("QUIC server bound after all").then_some(())
+    });
+    assert!(bound.is_some(), "the new daemon binds the pod's QUIC port:\n{}", new.log_text());
+    // New connections reach the new daemon over QUIC again.
+    let quic_in = wait_for(Duration::from_secs(20), || {
+        exchange(&client.netns, dst, 1000).ok()?;
+        let t = new.config_dump()["tunnels"].clone();
+        t.as_array()?.iter().any(|x| x["transport"] == "quic").then_some(())
+    });
+    assert!(quic_in.is_some(), "a QUIC tunnel into the new daemon: {}", new.config_dump());
+    let _ = d0;
+}
+
+/// Defect 3: the HBONE server sends GOAWAY when the daemon drains.
+#[test]
+fn draining_sends_goaway_on_open_tunnel_connections() {
+    if !require_root("draining_sends_goaway_on_open_tunnel_connections") {
+        return;
+    }
+    let topo = Topology::build(2, 1).expect("topology");
+    let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
+    let _d0 = Daemon::start(&topo, 0, &inv, &[]);
+    let node1 = topo.node(1).clone();
+    let mut d1 = Daemon::start_with_env(
+        &topo,
+        &node1,
+        &topo.pin_dir("n1"),
+        &inv,
+        &["--drain-timeout", "30"],
+        &[("RUST_LOG", "info,tlsmesh_tunnel=debug")],
+    );
+    let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
+    let dst = SocketAddr::new(server.ip4.into(), 7300);
+    echo_server(&server.netns, dst);
+    // A stream that stays open across the SIGTERM.
+    let mut s = Topology::in_netns(&client.netns, move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"one").unwrap();
+        let mut b = [0u8; 3];
+        s.read_exact(&mut b).unwrap();
+        s
+    });
+    d1.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let goaway = wait_for(Duration::from_secs(10), || {
+        d1.log_text().contains("draining tunnel connection (GOAWAY)").then_some(())
+    });
+    assert!(goaway.is_some(), "GOAWAY sent:\n{}", d1.log_text());
+    // The open stream still works during the drain, then ends cleanly.
+    s.write_all(b"two").unwrap();
+    let mut b = [0u8; 3];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"two");
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(d1.proc.wait_timeout(Duration::from_secs(20)).is_some(), "drained and exited");
 }

@@ -559,3 +559,65 @@ fn quic_falls_back_to_tcp_when_udp_is_blocked() {
     assert!(log.contains("QUIC unreachable"), "fallback logged:\n{log}");
     assert!(log.contains("transport=tcp"), "the connection went over TCP:\n{log}");
 }
+
+/// Opens a connection from `netns` to `dst` through the tunnel and checks
+/// one echo; the caller holds it open.
+fn open_echo(netns: &str, dst: SocketAddr) -> TcpStream {
+    Topology::in_netns(netns, move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        s.write_all(b"ping").expect("write");
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).expect("echo");
+        assert_eq!(&b, b"ping");
+        s
+    })
+}
+
+/// Defect 2 of the daemon-core issue: a peer's pooled HBONE connection kept
+/// serving streams into a pod that had been removed (its connection task
+/// ignored the pod's shutdown). Removing the pod now ends its tunnel
+/// connections and every stream on them.
+#[test]
+fn removing_a_pod_ends_its_inbound_tunnel_streams() {
+    if !require_root("removing_a_pod_ends_its_inbound_tunnel_streams") {
+        return;
+    }
+    let (topo, d0, d1) = two_strict_nodes(&[]);
+    let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
+    let dst = SocketAddr::new(server.ip4.into(), 7100);
+    echo_server(&server.netns, dst);
+    let mut open = open_echo(&client.netns, dst);
+    let both = wait_for(Duration::from_secs(10), || {
+        let c = d1.config_dump();
+        let conns = c["connections"].as_array().map_or(0, Vec::len);
+        let tunnels = c["tunnels"].as_array().map_or(0, Vec::len);
+        (conns == 1 && tunnels == 1).then_some(())
+    });
+    assert!(both.is_some(), "the stream is in the server node's tables: {}", d1.config_dump());
+
+    // The server pod leaves the inventory (both daemons read this file).
+    write_inventory(&topo, "inv.toml", &|p| {
+        if p.name == client.name {
+            Role::Strict
+        } else {
+            Role::Plain
+        }
+    });
+    let released = wait_for(Duration::from_secs(15), || {
+        let c = d1.config_dump();
+        let pods = c["pods"].as_array().map_or(1, Vec::len);
+        let conns = c["connections"].as_array().map_or(1, Vec::len);
+        let tunnels = c["tunnels"].as_array().map_or(1, Vec::len);
+        (pods == 0 && conns == 0 && tunnels == 0).then_some(())
+    });
+    assert!(released.is_some(), "pod, stream and tunnel connection are gone: {}", d1.config_dump());
+    // The client's connection has ended too (EOF or reset), not lingering.
+    let mut b = [0u8; 16];
+    let ended = match open.read(&mut b) {
+        Ok(0) | Err(_) => true,
+        Ok(_) => false,
+    };
+    assert!(ended, "the client's connection into the removed pod ended");
+    let _ = d0;
+}

@@ -16,7 +16,6 @@ mod pool;
 mod server;
 mod stream;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use pool::{Pool, PoolConfig};
@@ -59,19 +58,7 @@ impl Default for H2Config {
     }
 }
 
-/// Returns `config` with ALPN set to exactly `h2` (a clone if it differs).
-/// Use it on the configurations given to the HBONE TLS connector/acceptor.
-pub fn with_alpn<T: AlpnConfig + Clone>(config: Arc<T>) -> Arc<T> {
-    if config.alpn() == [ALPN.to_vec()] {
-        return config;
-    }
-    let mut c = (*config).clone();
-    c.set_alpn(vec![ALPN.to_vec()]);
-    Arc::new(c)
-}
-
-/// rustls client and server configurations, for [`with_alpn`] and
-/// [`crate::quic`]'s equivalent.
+/// rustls client and server configurations whose ALPN [`crate::quic`] sets.
 pub trait AlpnConfig {
     fn alpn(&self) -> &[Vec<u8>];
     fn set_alpn(&mut self, alpn: Vec<Vec<u8>>);

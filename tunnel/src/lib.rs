@@ -29,6 +29,3 @@ pub use handler::{
     Refusal, Status,
 };
 pub use splice::{splice, splice_with_buffer, SpliceOutcome, DEFAULT_SPLICE_BUFFER};
-
-/// The tunnel port (TCP for HBONE, UDP for QUIC), as in Istio ambient.
-pub const TUNNEL_PORT: u16 = 15008;

@@ -1,34 +1,89 @@
-//! The admin API on localhost (default 127.0.0.1:15000): `/healthz/ready`,
-//! `/stats` (daemon and kernel counters), `/config_dump` (effective config,
-//! enrolled pods, inventory problems), `/quitquitquit`. JSON out.
+//! The admin API on localhost (default 127.0.0.1:15000), JSON out:
+//! `GET /healthz/ready`, `GET /stats` (daemon and kernel counters),
+//! `GET /config_dump` (effective config, enrolled pods, open connections,
+//! tunnels, certificates, problems), `POST /logging?level=…`,
+//! `POST /quitquitquit`. State changes only on POST (a GET there is 405).
+//!
+//! One daemon owns the port at a time (no `SO_REUSEPORT`): while an old and
+//! a new daemon overlap, `tlsmesh status` reaches the old one until it starts
+//! draining and lets go of the port; the new one binds it as soon as it is
+//! free (retried every 250 ms).
 
-use std::{convert::Infallible, sync::Arc};
+use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{body::Incoming, service::service_fn, Request, Response, StatusCode};
+use hyper::{body::Incoming, service::service_fn, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
-use tokio::sync::watch;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
-use crate::node::{pod_views, Shared};
-use tlsmesh_common::counter;
+use crate::{
+    config::NodeConfig, conns::ConnTable, kernel::KernelCounters, mesh::Mesh, metrics,
+    scope::Drain, state::NodeState, stats::Stats,
+};
 
-/// Serves the admin API until the process exits.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
-    quit: watch::Sender<bool>,
-) {
-    let quit = Arc::new(quit);
+/// What the admin API reads.
+#[derive(Clone)]
+pub struct Admin {
+    /// The effective configuration.
+    pub cfg: Arc<NodeConfig>,
+    /// Node state.
+    pub state: Arc<NodeState>,
+    /// Open connections.
+    pub conns: ConnTable,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Kernel counters.
+    pub kernel: Arc<dyn KernelCounters>,
+    /// The tunnel side.
+    pub mesh: Option<Arc<Mesh>>,
+    /// Pin directory and how each program came to be attached.
+    pub capture: serde_json::Value,
+    /// Started by `/quitquitquit`.
+    pub drain: Drain,
+}
+
+/// Serves the admin API on `addr` until the daemon drains. When the port is
+/// held by another daemon, binding is retried until it is free.
+pub async fn serve(addr: SocketAddr, admin: Admin) {
+    let mut warned = false;
+    let listener = loop {
+        match std::net::TcpListener::bind(addr).and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(l)
+        }) {
+            Ok(l) => break l,
+            Err(e) => {
+                if !warned {
+                    warn!(%addr, error = %e, "admin API port busy (a draining daemon still has it?); retrying until it is free");
+                    warned = true;
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            () = admin.drain.signalled() => return,
+        }
+    };
+    if warned {
+        info!(%addr, "admin API bound");
+    }
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        let (shared, quit) = (Arc::clone(&shared), Arc::clone(&quit));
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            // Let go of the port for the daemon that replaces this one.
+            () = admin.drain.signalled() => return,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let admin = admin.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let (shared, quit) = (Arc::clone(&shared), Arc::clone(&quit));
-                async move { Ok::<_, Infallible>(handle(&req, &shared, &quit)) }
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(handle(&req, &admin)) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -41,20 +96,11 @@ pub async fn serve(
 }
 
 /// Kernel counters by name.
-pub fn kernel_counters(shared: &Shared) -> serde_json::Value {
-    let c = shared.capture.counters();
-    json!({
-        "captured": c[counter::CAPTURED as usize],
-        "bypassed": c[counter::BYPASSED as usize],
-        "daemon_skipped": c[counter::DAEMON_SKIPPED as usize],
-        "orig_dst_recorded": c[counter::ORIG_DST_RECORDED as usize],
-        "peer_rewritten": c[counter::PEER_REWRITTEN as usize],
-        "inbound_steered": c[counter::INBOUND_STEERED as usize],
-        "inbound_dropped": c[counter::INBOUND_DROPPED as usize],
-        "inbound_delivery": c[counter::INBOUND_DELIVERY as usize],
-        "delivery_recorded": c[counter::DELIVERY_RECORDED as usize],
-        "enrolled_netns": shared.capture.enrolled().len(),
-    })
+pub fn kernel_counters(k: &dyn KernelCounters) -> serde_json::Value {
+    let mut m: serde_json::Map<String, serde_json::Value> =
+        k.counters().into_iter().map(|(n, v)| (n.to_string(), json!(v))).collect();
+    m.insert("enrolled_netns".into(), json!(k.enrolled_netns()));
+    serde_json::Value::Object(m)
 }
 
 /// Short SHA-256 fingerprints (hex, 16 chars) of DER certificates.
@@ -72,13 +118,23 @@ pub fn root_fingerprints(roots: &[rustls_pki_types::CertificateDer<'_>]) -> Vec<
         .collect()
 }
 
-fn handle(
-    req: &Request<Incoming>,
-    shared: &Shared,
-    quit: &watch::Sender<bool>,
-) -> Response<Full<Bytes>> {
+/// The paths, with the method each takes.
+const PATHS: [&str; 5] = [
+    "GET /healthz/ready",
+    "GET /stats",
+    "GET /config_dump",
+    "POST /logging?level=",
+    "POST /quitquitquit",
+];
+
+fn handle(req: &Request<Incoming>, a: &Admin) -> Response<Full<Bytes>> {
+    let post = req.method() == Method::POST;
     let (status, body) = match req.uri().path() {
-        "/healthz/ready" => match crate::metrics::readiness(shared) {
+        "/logging" | "/quitquitquit" if !post => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            json!({ "error": format!("{} changes the daemon's state: use POST", req.uri().path()) }),
+        ),
+        "/healthz/ready" => match metrics::readiness(&a.state, a.mesh.as_deref()) {
             Ok(()) => (StatusCode::OK, json!("ready")),
             Err(why) => (StatusCode::SERVICE_UNAVAILABLE, json!({ "not_ready": why })),
         },
@@ -94,54 +150,25 @@ fn handle(
                 Some(Err(e)) => (StatusCode::BAD_REQUEST, json!({ "error": e })),
                 None => (
                     StatusCode::BAD_REQUEST,
-                    json!({ "error": "use /logging?level=debug (any RUST_LOG filter)" }),
+                    json!({ "error": "use POST /logging?level=debug (any RUST_LOG filter)" }),
                 ),
             }
         }
-        "/stats" => (
-            StatusCode::OK,
-            json!({ "daemon": shared.stats.snapshot(), "kernel": kernel_counters(shared) }),
-        ),
-        "/config_dump" => {
-            let problems: Vec<String> = shared
-                .problems
-                .lock()
-                .expect("problems lock")
-                .iter()
-                .map(ToString::to_string)
-                .collect();
+        "/stats" => {
+            let mut daemon = serde_json::to_value(a.stats.snapshot()).unwrap_or_default();
+            daemon["active_connections"] = json!(a.conns.len());
             (
                 StatusCode::OK,
-                json!({
-                    "config": shared.cfg,
-                    "pods": pod_views(shared),
-                    "certificates": shared.mesh.as_ref().map(|m| m.certs.snapshot()).unwrap_or_default(),
-                    "denies": shared.denies.lock().expect("denies lock").iter().cloned().collect::<Vec<_>>(),
-                    "transport": shared.cfg.transport,
-                    "trust_roots": shared.mesh.as_ref().map(|m| root_fingerprints(&m.certs.bundle.roots())).unwrap_or_default(),
-                    "tunnels": shared.mesh.as_ref().map(|m| m.registry.list()).unwrap_or_default(),
-                    "pool": shared.mesh.as_ref().map(|m| {
-                        let (hc, hs) = m.client.hbone().stats();
-                        let (qc, qs) = m.client.quic().stats();
-                        json!({"hbone_connections": hc, "hbone_streams": hs, "quic_connections": qc, "quic_streams": qs})
-                    }),
-                    "problems": problems,
-                    "capture": {
-                        "pin_dir": shared.capture.pin_dir(),
-                        "deliveries_open": shared.capture.deliveries_open(),
-                        "programs": shared.capture.adoption().iter().map(|(k, v)| (k.to_string(), format!("{v:?}"))).collect::<std::collections::BTreeMap<_, _>>(),
-                    },
-                }),
+                json!({ "daemon": daemon, "kernel": kernel_counters(a.kernel.as_ref()) }),
             )
         }
+        "/config_dump" => (StatusCode::OK, config_dump(a)),
         "/quitquitquit" => {
-            quit.send_replace(true);
+            info!("quitquitquit: draining");
+            a.drain.start();
             (StatusCode::OK, json!("bye"))
         }
-        _ => (
-            StatusCode::NOT_FOUND,
-            json!({"error": "unknown path", "paths": ["/healthz/ready", "/stats", "/config_dump", "/logging?level=", "/quitquitquit"]}),
-        ),
+        _ => (StatusCode::NOT_FOUND, json!({"error": "unknown path", "paths": PATHS})),
     };
     let mut r =
         Response::new(Full::new(Bytes::from(serde_json::to_vec_pretty(&body).unwrap_or_default())));
@@ -151,4 +178,35 @@ fn handle(
         hyper::header::HeaderValue::from_static("application/json"),
     );
     r
+}
+
+fn config_dump(a: &Admin) -> serde_json::Value {
+    let mesh = a.mesh.as_deref();
+    let mut capture = a.capture.clone();
+    capture["deliveries_open"] = json!(a.kernel.deliveries_open());
+    json!({
+        "pid": std::process::id(),
+        "config": &*a.cfg,
+        "pods": a.state.pod_views(),
+        "connections": a.conns.list(),
+        "certificates": mesh.map(|m| m.certs.snapshot()).unwrap_or_default(),
+        "denies": a.state.denies(),
+        "transport": a.cfg.transport,
+        "trust_roots": mesh.map(|m| root_fingerprints(&m.certs.bundle.roots())).unwrap_or_default(),
+        "tunnels": mesh.map(|m| m.registry.list()).unwrap_or_default(),
+        "pool": mesh.map(|m| {
+            let (hc, hs) = m.client.hbone().stats();
+            let (qc, qs) = m.client.quic().stats();
+            json!({"hbone_connections": hc, "hbone_streams": hs, "quic_connections": qc, "quic_streams": qs})
+        }),
+        "problems": a.state.problems(),
+        "capture": capture,
+    })
+}
+
+/// The static part of `/config_dump`'s `capture`: pin dir and programs.
+pub fn capture_info(capture: &crate::capture::Capture) -> serde_json::Value {
+    let programs: BTreeMap<String, String> =
+        capture.adoption().iter().map(|(k, v)| ((*k).to_string(), format!("{v:?}"))).collect();
+    json!({ "pin_dir": capture.pin_dir(), "programs": programs })
 }

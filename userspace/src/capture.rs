@@ -31,7 +31,10 @@ use tlsmesh_common::{
     SockAddr, FAMILY_V4, FAMILY_V6,
 };
 
-use crate::netns::Netns;
+use crate::{
+    kernel::{KernelCounters, OrigDst},
+    netns::Netns,
+};
 
 /// The eBPF object built from `ebpf/` by build.rs.
 pub static EBPF_OBJECT: &[u8] =
@@ -64,6 +67,9 @@ pub enum CaptureError {
     /// A map is missing from the object.
     #[error("eBPF map {0} is missing from the object (stale build?)")]
     MissingMap(&'static str),
+    /// A program is missing from the object.
+    #[error("eBPF program {0} is missing from the object (stale build?)")]
+    MissingProgram(&'static str),
     /// A map operation failed.
     #[error("eBPF map {name}: {source}")]
     Map { name: &'static str, source: aya::maps::MapError },
@@ -159,7 +165,7 @@ impl Capture {
             }
             let _ = fs::remove_file(&link_path);
             let err = |source| CaptureError::Program { name, source };
-            let prog = ebpf.program_mut(name).ok_or(CaptureError::MissingMap(name))?;
+            let prog = ebpf.program_mut(name).ok_or(CaptureError::MissingProgram(name))?;
             let link: FdLink = if name == programs::SOCK_OPS {
                 let p: &mut SockOps = prog.try_into().map_err(err)?;
                 p.load().map_err(err)?;
@@ -191,7 +197,7 @@ impl Capture {
             let err = |source| CaptureError::Program { name: programs::SK_LOOKUP, source };
             let p: &mut SkLookup = ebpf
                 .program_mut(programs::SK_LOOKUP)
-                .ok_or(CaptureError::MissingMap(programs::SK_LOOKUP))?
+                .ok_or(CaptureError::MissingProgram(programs::SK_LOOKUP))?
                 .try_into()
                 .map_err(err)?;
             p.load().map_err(err)?;
@@ -255,14 +261,14 @@ impl Capture {
 
     /// Enrolls the netns with this cookie (capture starts with its next connect).
     pub fn enroll(&self, cookie: u64, mode: u32) -> Result<(), CaptureError> {
-        let mut m = self.enrolled.lock().expect("enrolled map lock");
+        let mut m = self.enrolled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         m.insert(cookie, Enrollment { mode, flags: 0 }, 0)
             .map_err(|source| CaptureError::Map { name: maps::ENROLLED, source })
     }
 
     /// Releases a netns (absent is fine).
     pub fn release(&self, cookie: u64) -> Result<(), CaptureError> {
-        let mut m = self.enrolled.lock().expect("enrolled map lock");
+        let mut m = self.enrolled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match m.remove(&cookie) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) if is_enoent(&e) => Ok(()),
@@ -272,7 +278,7 @@ impl Capture {
 
     /// The enrolled cookies and their modes.
     pub fn enrolled(&self) -> Vec<(u64, Enrollment)> {
-        let m = self.enrolled.lock().expect("enrolled map lock");
+        let m = self.enrolled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         m.iter().filter_map(Result::ok).collect()
     }
 
@@ -287,11 +293,11 @@ impl Capture {
             return Ok(Adoption::Readopted);
         }
         let _ = fs::remove_file(&path);
-        let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let err = |source| CaptureError::Program { name: programs::SK_LOOKUP, source };
         let p: &mut SkLookup = ebpf
             .program_mut(programs::SK_LOOKUP)
-            .ok_or(CaptureError::MissingMap(programs::SK_LOOKUP))?
+            .ok_or(CaptureError::MissingProgram(programs::SK_LOOKUP))?
             .try_into()
             .map_err(err)?;
         let id = p.attach(netns.fd()).map_err(err)?;
@@ -317,14 +323,14 @@ impl Capture {
         ip: IpAddr,
         listener: &impl AsRawFd,
     ) -> Result<(), CaptureError> {
-        let mut m = self.inbound.lock().expect("inbound map lock");
+        let mut m = self.inbound.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         m.insert(ip_key(ip), listener.as_raw_fd(), 0)
             .map_err(|source| CaptureError::Map { name: maps::INBOUND, source })
     }
 
     /// Forgets the inbound listener of a pod address (absent is fine).
     pub fn remove_inbound_listener(&self, ip: IpAddr) -> Result<(), CaptureError> {
-        let mut m = self.inbound.lock().expect("inbound map lock");
+        let mut m = self.inbound.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match m.remove(&ip_key(ip)) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) if is_enoent(&e) => Ok(()),
@@ -335,14 +341,19 @@ impl Capture {
     /// The daemon's deliveries into pods open now, as recorded by `sock_ops`
     /// (for `/config_dump` and tests).
     pub fn deliveries_open(&self) -> usize {
-        self.deliveries.lock().expect("deliveries lock").keys().flatten().count()
+        self.deliveries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .flatten()
+            .count()
     }
 
     /// Takes (looks up and deletes) the original destination of a captured
     /// connection accepted from `client` in the netns with `cookie`.
     pub fn take_orig_dst(&self, cookie: u64, client: SocketAddr) -> Option<SocketAddr> {
         let key = ConnKey { netns_cookie: cookie, client: sock_addr(client) };
-        let mut m = self.orig_by_addr.lock().expect("orig map lock");
+        let mut m = self.orig_by_addr.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let v = m.get(&key, 0).ok()?;
         let _ = m.remove(&key);
         socket_addr(&v)
@@ -358,6 +369,23 @@ impl Capture {
             }
         }
         out
+    }
+
+    /// The kernel counters by name, in `counter::*` order.
+    pub fn named_counters(&self) -> Vec<(&'static str, u64)> {
+        let c = self.counters();
+        let at = |i: u32| c[i as usize];
+        vec![
+            ("captured", at(counter::CAPTURED)),
+            ("bypassed", at(counter::BYPASSED)),
+            ("daemon_skipped", at(counter::DAEMON_SKIPPED)),
+            ("orig_dst_recorded", at(counter::ORIG_DST_RECORDED)),
+            ("peer_rewritten", at(counter::PEER_REWRITTEN)),
+            ("inbound_steered", at(counter::INBOUND_STEERED)),
+            ("inbound_dropped", at(counter::INBOUND_DROPPED)),
+            ("inbound_delivery", at(counter::INBOUND_DELIVERY)),
+            ("delivery_recorded", at(counter::DELIVERY_RECORDED)),
+        ]
     }
 
     /// Removes every pinned object under `pin_dir`: links (detaching the
@@ -445,6 +473,26 @@ pub fn socket_addr(s: &SockAddr) -> Option<SocketAddr> {
         _ => return None,
     };
     Some(SocketAddr::new(ip, port))
+}
+
+impl OrigDst for Capture {
+    fn take_orig_dst(&self, cookie: u64, client: SocketAddr) -> Option<SocketAddr> {
+        Capture::take_orig_dst(self, cookie, client)
+    }
+}
+
+impl KernelCounters for Capture {
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.named_counters()
+    }
+
+    fn enrolled_netns(&self) -> usize {
+        self.enrolled().len()
+    }
+
+    fn deliveries_open(&self) -> usize {
+        Capture::deliveries_open(self)
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@
 use std::{collections::HashSet, path::PathBuf, sync::Arc, time::Duration};
 
 use rustls::{sign::CertifiedKey, ClientConfig, ServerConfig};
-use serde::{Deserialize, Serialize};
 use tlsmesh_identity::{
     authz::{Placement, SharedPlacement},
     ca::{CaFiles, CaPaths},
@@ -25,28 +24,11 @@ use tlsmesh_identity::{
 };
 use tracing::{info, warn};
 
-use crate::inventory::{Inventory, Pod};
-
-/// Identity settings of the node config.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IdentityConfig {
-    /// Local CA directory (`ca.pem`, `ca.key`): sign in-process.
-    pub ca_dir: Option<PathBuf>,
-    /// Address of the `tlsmesh ca` service (`host:port`).
-    pub ca_addr: Option<String>,
-    /// Name in the CA service's certificate (default: the host part of `ca_addr`).
-    pub ca_server_name: Option<String>,
-    /// Trust bundle (PEM, one or more roots) for `ca_addr` mode.
-    pub ca_bundle: Option<PathBuf>,
-    /// File holding this node's join token (`ca_addr` mode).
-    pub join_token_file: Option<PathBuf>,
-    /// Lifetime of workload certificates in seconds (local CA mode; the CA
-    /// service decides its own). Default 24 h, at least 60 s.
-    pub cert_lifetime_secs: Option<u64>,
-    /// Deny list file (serials and SPIFFE IDs), re-read when it changes.
-    pub deny_list: Option<PathBuf>,
-}
+use crate::{
+    config::IdentityConfig,
+    inventory::{Inventory, Pod},
+    sync::lock,
+};
 
 /// Errors setting up identities.
 #[derive(Debug, thiserror::Error)]
@@ -264,14 +246,14 @@ impl Certs {
     ) -> Result<Arc<ClientConfig>, CertsError> {
         let key = self.manager.ensure(src).await?;
         let ids = (src.clone(), dst.clone());
-        if let Some((k, c)) = self.client_configs.lock().expect("client config cache").get(&ids) {
+        if let Some((k, c)) = lock(&self.client_configs).get(&ids) {
             if Arc::ptr_eq(k, &key) {
                 return Ok(Arc::clone(c));
             }
         }
         let config =
             Arc::new(tls::client_config(Arc::clone(&key), dst.clone(), &self.bundle, &self.deny)?);
-        let mut cache = self.client_configs.lock().expect("client config cache");
+        let mut cache = lock(&self.client_configs);
         // Entries of certificates no longer current would keep old keys alive.
         cache.retain(|(s, _), (k, _)| s != src || Arc::ptr_eq(k, &key));
         cache.insert(ids, (key, Arc::clone(&config)));

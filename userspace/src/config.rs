@@ -56,6 +56,27 @@ pub enum InventorySource {
     Kubernetes,
 }
 
+/// Identity settings of the node config.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Local CA directory (`ca.pem`, `ca.key`): sign in-process.
+    pub ca_dir: Option<PathBuf>,
+    /// Address of the `tlsmesh ca` service (`host:port`).
+    pub ca_addr: Option<String>,
+    /// Name in the CA service's certificate (default: the host part of `ca_addr`).
+    pub ca_server_name: Option<String>,
+    /// Trust bundle (PEM, one or more roots) for `ca_addr` mode.
+    pub ca_bundle: Option<PathBuf>,
+    /// File holding this node's join token (`ca_addr` mode).
+    pub join_token_file: Option<PathBuf>,
+    /// Lifetime of workload certificates in seconds (local CA mode; the CA
+    /// service decides its own). Default 24 h, at least 60 s.
+    pub cert_lifetime_secs: Option<u64>,
+    /// Deny list file (serials and SPIFFE IDs), re-read when it changes.
+    pub deny_list: Option<PathBuf>,
+}
+
 /// The node daemon's configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -100,7 +121,7 @@ pub struct NodeConfig {
     /// Log format.
     pub log_format: LogFormat,
     /// Workload identities (where certificates come from).
-    pub identity: crate::certs::IdentityConfig,
+    pub identity: IdentityConfig,
     /// L4 authorization rules file (see `policy`), re-read when it changes.
     pub policy: Option<PathBuf>,
     /// Threads of the async runtime that runs the proxy. Default 1: on the
@@ -132,7 +153,7 @@ impl Default for NodeConfig {
             inventory_poll_ms: 500,
             transport: Transport::Tcp,
             log_format: LogFormat::Text,
-            identity: crate::certs::IdentityConfig::default(),
+            identity: IdentityConfig::default(),
             policy: None,
             worker_threads: 1,
         }

@@ -19,7 +19,13 @@
 //! it through (also a syncookie handshake's final ACK, which meets
 //! `sk_lookup` after `connect()` returned).
 
-use std::{ffi::CStr, io, net::SocketAddr, path::Path, process::Command};
+use std::{
+    ffi::CStr,
+    io,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    process::Command,
+};
 
 use nftnl::{
     nft_expr, Batch, Chain, ChainType, FinalizedBatch, Hook, MsgType, Policy, ProtoFamily, Rule,
@@ -27,7 +33,10 @@ use nftnl::{
 };
 use tokio::net::TcpStream;
 
-use crate::netns::{NetnsError, NetnsWorker, SocketOpts};
+use crate::{
+    kernel::{Connecting, PodNet},
+    netns::{Netns, NetnsError, SocketOpts},
+};
 use tlsmesh_common::{DAEMON_MARK, DELIVERY_MARK};
 
 const TABLE: &CStr = c"tlsmesh";
@@ -80,6 +89,17 @@ fn batch() -> FinalizedBatch {
     batch.finalize()
 }
 
+/// The batch that removes the table (and with it the chain and rules).
+fn delete_batch() -> FinalizedBatch {
+    let mut batch = Batch::new();
+    let table = Table::new(TABLE, ProtoFamily::Inet);
+    // Add-then-delete: deleting a table that does not exist is an error,
+    // adding one that exists is not.
+    batch.add(&table, MsgType::Add);
+    batch.add(&table, MsgType::Del);
+    batch.finalize()
+}
+
 fn send(batch: &FinalizedBatch) -> io::Result<()> {
     let socket = mnl::Socket::new(mnl::Bus::Netfilter)?;
     let portid = socket.portid();
@@ -96,82 +116,109 @@ fn send(batch: &FinalizedBatch) -> io::Result<()> {
     Ok(())
 }
 
-fn ip(netns: &Path, args: &[&str]) -> Result<(), DeliverError> {
+fn ip(ns: &Netns, args: &[&str]) -> Result<(), DeliverError> {
+    let err = |message: String| DeliverError::Route {
+        netns: ns.path().display().to_string(),
+        command: format!("ip {}", args.join(" ")),
+        message,
+    };
     let out = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
+        .arg(format!("--net={}", ns.proc_path().display()))
         .arg("ip")
         .args(args)
         .output()
-        .map_err(|e| DeliverError::Route {
-            netns: netns.display().to_string(),
-            command: format!("ip {}", args.join(" ")),
-            message: e.to_string(),
-        })?;
+        .map_err(|e| err(e.to_string()))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if out.status.success() || stderr.contains("File exists") {
         Ok(())
     } else {
-        Err(DeliverError::Route {
-            netns: netns.display().to_string(),
-            command: format!("ip {}", args.join(" ")),
-            message: stderr.trim().to_string(),
-        })
+        Err(err(stderr.trim().to_string()))
     }
 }
 
-/// Removes what `setup` programmed (the nftables table and the routing rule
-/// and table); a namespace that is already gone is fine.
-pub fn teardown(netns: &Path) {
-    if !netns.exists() {
-        return;
-    }
-    let _ = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(["nft", "delete", "table", "inet", "tlsmesh"])
-        .output();
+/// Removes what [`setup`] programmed in `ns` (the nftables table, the
+/// routing rule and table); a namespace that is already going away is fine.
+pub fn teardown(ns: &Netns) {
+    let _ = ns.run(|| send(&delete_batch()));
     let mark = format!("{DELIVERY_MARK:#x}/{DELIVERY_MARK:#x}");
     let table = ROUTE_TABLE.to_string();
     for fam in ["-4", "-6"] {
-        let _ = ip(netns, &[fam, "rule", "del", "fwmark", &mark, "lookup", &table]);
-        let _ = ip(netns, &[fam, "route", "flush", "table", &table]);
+        let _ = ip(ns, &[fam, "rule", "del", "fwmark", &mark, "lookup", &table]);
+        let _ = ip(ns, &[fam, "route", "flush", "table", &table]);
+    }
+}
+
+/// [`teardown`] of the namespace at `path` (`tlsmesh node --uninstall`).
+pub fn teardown_path(path: &Path) {
+    if let Ok(ns) = Netns::open(path) {
+        teardown(&ns);
     }
 }
 
 /// Programs a pod netns for transparent delivery (idempotent).
-pub fn setup(worker: &NetnsWorker, netns: &Path) -> Result<(), DeliverError> {
-    let name = netns.display().to_string();
-    worker
-        .run(move || send(&batch()))?
-        .map_err(|source| DeliverError::Nft { netns: name, source })?;
+pub fn setup(ns: &Netns) -> Result<(), DeliverError> {
+    let name = ns.path().display().to_string();
+    ns.run(|| send(&batch()))?.map_err(|source| DeliverError::Nft { netns: name, source })?;
     let mark = format!("{DELIVERY_MARK:#x}/{DELIVERY_MARK:#x}");
     let table = ROUTE_TABLE.to_string();
     for fam in ["-4", "-6"] {
         // `ip rule add` is not idempotent: delete any earlier copy first.
-        let _ = ip(netns, &[fam, "rule", "del", "fwmark", &mark, "lookup", &table]);
-        ip(netns, &[fam, "rule", "add", "fwmark", &mark, "lookup", &table])?;
+        let _ = ip(ns, &[fam, "rule", "del", "fwmark", &mark, "lookup", &table]);
+        ip(ns, &[fam, "rule", "add", "fwmark", &mark, "lookup", &table])?;
         let default = if fam == "-4" { "0.0.0.0/0" } else { "::/0" };
-        ip(netns, &[fam, "route", "replace", "local", default, "dev", "lo", "table", &table])?;
+        ip(ns, &[fam, "route", "replace", "local", default, "dev", "lo", "table", &table])?;
     }
     Ok(())
 }
 
-/// Connects to `dst` inside the pod netns of `worker`, from `src` when given
+/// Options for sockets the daemon opens inside pods: marked, so capture
+/// ignores them.
+pub fn pod_socket_opts() -> SocketOpts {
+    SocketOpts { mark: DAEMON_MARK, ..SocketOpts::default() }
+}
+
+/// Sockets inside a pod's real network namespace.
+#[derive(Debug, Clone)]
+pub struct PodNetns(pub Netns);
+
+impl PodNet for PodNetns {
+    fn connect(&self, dst: SocketAddr) -> Connecting {
+        let ns = self.0.clone();
+        Box::pin(async move { ns.connect(dst, pod_socket_opts()).await.map_err(io::Error::other) })
+    }
+
+    fn deliver(&self, src: Option<IpAddr>, dst: SocketAddr) -> Connecting {
+        let ns = self.0.clone();
+        Box::pin(async move { connect(&ns, src, dst).await.map_err(io::Error::other) })
+    }
+
+    fn bind_udp(&self, addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+        self.0.udp_socket(addr, tunnel_udp_opts()).map_err(io::Error::other)
+    }
+}
+
+/// Options of a pod's QUIC server socket: marked; no `SO_REUSEPORT` (see
+/// `mesh::server`).
+pub fn tunnel_udp_opts() -> SocketOpts {
+    SocketOpts { mark: DAEMON_MARK, v6_only: true, ..SocketOpts::default() }
+}
+
+/// Connects to `dst` inside the pod netns `ns`, from `src` when given
 /// (transparent: the app sees `src` as its peer), else from the pod itself.
 pub async fn connect(
-    worker: &NetnsWorker,
-    src: Option<std::net::IpAddr>,
+    ns: &Netns,
+    src: Option<IpAddr>,
     dst: SocketAddr,
 ) -> Result<TcpStream, NetnsError> {
     let Some(src_ip) = src.filter(|s| *s != dst.ip() && s.is_ipv4() == dst.is_ipv4()) else {
-        let opts = SocketOpts { mark: DAEMON_MARK, ..SocketOpts::default() };
-        return worker.connect(dst, opts).await;
+        return ns.connect(dst, pod_socket_opts()).await;
     };
     let opts = SocketOpts {
         mark: DAEMON_MARK | DELIVERY_MARK,
         transparent: true,
         ..SocketOpts::default()
     };
-    let sock = worker
+    let sock = ns
         .run(move || -> io::Result<socket2::Socket> {
             let s = crate::netns::new_socket(dst, socket2::Type::STREAM, opts)?;
             // The port is chosen at connect() by the whole 4-tuple (cheap,
@@ -182,20 +229,15 @@ pub async fn connect(
             Ok(s)
         })?
         .map_err(|source| NetnsError::Socket {
-            path: worker.path().to_path_buf(),
+            path: ns.path().to_path_buf(),
             what: format!("transparent socket from {src_ip}"),
             source,
         })?;
-    sock.set_nonblocking(true).map_err(|source| NetnsError::Socket {
-        path: worker.path().to_path_buf(),
-        what: "O_NONBLOCK".into(),
-        source,
-    })?;
     // sock_ops records the 4-tuple in TLSMESH_DELIVERIES as the SYN leaves
     // (DELIVERY_MARK), so the pod's sk_lookup lets this connection through.
     let ts = tokio::net::TcpSocket::from_std_stream(sock.into());
     ts.connect(dst).await.map_err(|source| NetnsError::Socket {
-        path: worker.path().to_path_buf(),
+        path: ns.path().to_path_buf(),
         what: format!("connect {src_ip} -> {dst}"),
         source,
     })

@@ -12,7 +12,7 @@ use tlsmesh_k8s::cni_server::{self, CniPods};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::{config::NodeConfig, inventory::Inventory, node::Shared};
+use crate::{config::NodeConfig, inventory::Inventory, scope::Scope, state::NodeState};
 
 /// Errors starting the Kubernetes source.
 #[derive(Debug, thiserror::Error)]
@@ -62,13 +62,13 @@ pub async fn start(cfg: &NodeConfig) -> Result<KubeSource, KubeSourceError> {
     Ok(KubeSource { inventory: rx, pods })
 }
 
-/// Serves the CNI plugin: ADD waits until the pod is enrolled (or known not
-/// to be), DEL forgets it.
-pub fn serve_cni(path: PathBuf, source: KubeSource, shared: Arc<Shared>) {
-    tokio::spawn(async move {
+/// Serves the CNI plugin in `scope`: ADD waits until the pod is enrolled
+/// (or known not to be), DEL forgets it.
+pub fn serve_cni(scope: &Scope, path: PathBuf, source: KubeSource, state: Arc<NodeState>) {
+    scope.spawn(async move {
         let handler = move |req: Request| {
-            let (source, shared) = (source.clone(), Arc::clone(&shared));
-            async move { handle(req, source, &shared).await }
+            let (source, state) = (source.clone(), Arc::clone(&state));
+            async move { handle(req, source, &state).await }
         };
         if let Err(e) = cni_server::serve(&path, handler).await {
             warn!(socket = %path.display(), error = %e, "CNI socket failed; new pods cannot be enrolled before they start");
@@ -76,7 +76,7 @@ pub fn serve_cni(path: PathBuf, source: KubeSource, shared: Arc<Shared>) {
     });
 }
 
-async fn handle(req: Request, source: KubeSource, shared: &Shared) -> Response {
+async fn handle(req: Request, source: KubeSource, state: &NodeState) -> Response {
     let key = format!("{}/{}", req.pod_namespace, req.pod_name);
     match req.command {
         Command::Del => {
@@ -104,7 +104,7 @@ async fn handle(req: Request, source: KubeSource, shared: &Shared) -> Response {
             // Wait until the reconcile has set the pod up.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
             while tokio::time::Instant::now() < deadline {
-                if shared.pod(&key).is_some_and(|rt| netns.is_none() || rt.pod.netns == netns) {
+                if state.pod(&key).is_some_and(|e| netns.is_none() || e.pod.netns == netns) {
                     info!(pod = %key, %mode, "pod enrolled before its containers start");
                     return Response::Enrolled { mode: mode.to_string() };
                 }

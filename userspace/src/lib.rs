@@ -1,29 +1,47 @@
 //! tlsmesh: a transparent node-level mTLS tunnel for Kubernetes pods.
 //!
-//! This crate is the node daemon and the `tlsmesh` CLI. Modules by concern:
-//! `capture` (eBPF load/attach/pin, maps), `netns` (namespaces and sockets in
-//! them), `inventory` (who runs where; pure decisions), `config` (the one
-//! typed config), `proxy` (outbound and inbound connection handling), `node`
-//! (the daemon's wiring), `certs` (workload identities), `mesh` (the tunnel:
-//! outbound streams, per-pod tunnel servers), `deliver` (transparent delivery
-//! into pods), `policy` (L4 authorization), `admin` (localhost API), `stats`,
-//! `logging`, `cli`, `status`.
+//! This crate is the node daemon and the `tlsmesh` CLI. Modules by concern,
+//! arrows one way (docs/ARCHITECTURE.md has the map):
+//!
+//! - wiring: `app` (start-up, main loop, drain; nothing imports it);
+//! - state and ownership: `state` (inventory index, served pods, problems,
+//!   denies, readiness), `scope` (task ownership, drain signal), `conns` (the
+//!   connection table), `pods` (reconcile: pure plan + ordered executor);
+//! - data path: `proxy` (captured outbound, inbound plaintext), `mesh`
+//!   (tunnel client, per-pod tunnel servers, authorization, registry),
+//!   `accept` (accept-loop backoff);
+//! - kernel edges: `kernel` (the traits), `capture` (eBPF), `netns`,
+//!   `deliver` (transparent delivery into pods);
+//! - identity and policy: `certs`, `policy`;
+//! - operations: `admin`, `metrics`, `stats`, `logging`, `kube_source`;
+//! - CLI: `cli`, `status`, `ca_cmd`; `config` (the one typed config);
+//! - `testing`: loopback fakes of the kernel edges, for tests.
 
+#![forbid(unsafe_op_in_unsafe_fn)]
+
+pub mod accept;
 pub mod admin;
+pub mod app;
 pub mod ca_cmd;
 pub mod capture;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod conns;
 pub mod deliver;
 pub use tlsmesh_inventory as inventory;
+pub mod kernel;
 pub mod kube_source;
 pub mod logging;
 pub mod mesh;
 pub mod metrics;
 pub mod netns;
-pub mod node;
+pub mod pods;
 pub mod policy;
 pub mod proxy;
+pub mod scope;
+pub mod state;
 pub mod stats;
 pub mod status;
+pub mod sync;
+pub mod testing;

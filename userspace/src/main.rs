@@ -26,7 +26,7 @@ fn main() -> ExitCode {
             };
             tlsmesh::logging::init(cfg.log_format);
             if args.uninstall {
-                return match tlsmesh::node::uninstall(&cfg) {
+                return match tlsmesh::app::uninstall(&cfg) {
                     Ok(n) => {
                         println!("removed {n} pinned objects from {}", cfg.pin_dir.display());
                         ExitCode::SUCCESS
@@ -49,7 +49,7 @@ fn main() -> ExitCode {
                     .build()
             }
             .expect("tokio runtime");
-            match rt.block_on(tlsmesh::node::run(cfg)) {
+            match rt.block_on(tlsmesh::app::run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),
             }

@@ -2,14 +2,11 @@
 //! on :15021 `/healthz/ready`.
 //!
 //! The daemon counts with lock-free atomics (`stats`); a collector turns a
-//! snapshot of them, the kernel-side counters and the certificate state into
-//! metrics at scrape time. The tunnel handshake latency is a real histogram.
+//! snapshot of them, the connection table, the kernel-side counters and the
+//! certificate state into metrics at scrape time. The tunnel handshake
+//! latency is a real histogram (owned by `mesh`).
 
-use std::{
-    convert::Infallible,
-    fmt::Write as _,
-    sync::{Arc, LazyLock, Weak},
-};
+use std::{convert::Infallible, fmt::Write as _, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -18,25 +15,42 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{
-        counter::ConstCounter,
-        gauge::ConstGauge,
-        histogram::{exponential_buckets, Histogram},
-        MetricType,
-    },
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
     registry::Registry,
 };
 
-use crate::node::Shared;
-use tlsmesh_common::counter;
+use crate::{
+    conns::ConnTable,
+    kernel::KernelCounters,
+    mesh::Mesh,
+    state::{self, NodeState},
+    stats::Stats,
+};
 
-/// Tunnel connection set-up time (TCP + TLS handshake), seconds.
-pub static HANDSHAKE_SECONDS: LazyLock<Histogram> =
-    LazyLock::new(|| Histogram::new(exponential_buckets(0.000_25, 2.0, 14)));
+/// What metrics are made from.
+#[derive(Clone)]
+pub struct Sources {
+    /// Node state.
+    pub state: Arc<NodeState>,
+    /// Open connections.
+    pub conns: ConnTable,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Kernel counters.
+    pub kernel: Arc<dyn KernelCounters>,
+    /// The tunnel side.
+    pub mesh: Option<Arc<Mesh>>,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sources").finish_non_exhaustive()
+    }
+}
 
 #[derive(Debug)]
 struct DaemonCollector {
-    shared: Weak<Shared>,
+    src: Sources,
 }
 
 fn counter(
@@ -70,8 +84,8 @@ fn gauge(
 impl Collector for DaemonCollector {
     #[expect(clippy::too_many_lines, reason = "one metric family after the other")]
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
-        let Some(shared) = self.shared.upgrade() else { return Ok(()) };
-        let s = shared.stats.snapshot();
+        let src = &self.src;
+        let s = src.stats.snapshot();
         counter(
             &mut enc,
             "tlsmesh_connections_opened",
@@ -107,6 +121,7 @@ impl Collector for DaemonCollector {
                     &[("direction", "inbound"), ("reason", "plaintext_strict")],
                     s.inbound_plaintext_refused,
                 ),
+                (&[("direction", "any"), ("reason", "dropped")], s.connections_dropped),
             ],
         )?;
         counter(
@@ -130,45 +145,34 @@ impl Collector for DaemonCollector {
                 (&[("direction", "to_pods")], s.bytes_to_pods),
             ],
         )?;
-        let active = i64::try_from(s.active_connections).unwrap_or(i64::MAX);
+        let active = i64::try_from(src.conns.len()).unwrap_or(i64::MAX);
         gauge(
             &mut enc,
             "tlsmesh_active_connections",
             "Connections open through the daemon",
             &[(vec![], active)],
         )?;
-        let pods = i64::try_from(shared.pods.lock().expect("pods lock").len()).unwrap_or(0);
+        let pods = i64::try_from(src.state.pod_count()).unwrap_or(0);
         gauge(
             &mut enc,
             "tlsmesh_enrolled_pods",
             "Pods on this node the daemon serves",
             &[(vec![], pods)],
         )?;
-        let k = shared.capture.counters();
-        counter(
-            &mut enc,
-            "tlsmesh_ebpf_events",
-            "Kernel-side capture events",
-            &[
-                (&[("event", "captured")], k[counter::CAPTURED as usize]),
-                (&[("event", "bypassed")], k[counter::BYPASSED as usize]),
-                (&[("event", "daemon_skipped")], k[counter::DAEMON_SKIPPED as usize]),
-                (&[("event", "orig_dst_recorded")], k[counter::ORIG_DST_RECORDED as usize]),
-                (&[("event", "peer_rewritten")], k[counter::PEER_REWRITTEN as usize]),
-                (&[("event", "inbound_steered")], k[counter::INBOUND_STEERED as usize]),
-                (&[("event", "inbound_dropped")], k[counter::INBOUND_DROPPED as usize]),
-                (&[("event", "inbound_delivery")], k[counter::INBOUND_DELIVERY as usize]),
-                (&[("event", "delivery_recorded")], k[counter::DELIVERY_RECORDED as usize]),
-            ],
-        )?;
-        let enrolled = i64::try_from(shared.capture.enrolled().len()).unwrap_or(0);
+        let k = src.kernel.counters();
+        let events: Vec<(Vec<(&str, &str)>, u64)> =
+            k.iter().map(|(name, v)| (vec![("event", *name)], *v)).collect();
+        let events: Vec<(&[(&str, &str)], u64)> =
+            events.iter().map(|(l, v)| (l.as_slice(), *v)).collect();
+        counter(&mut enc, "tlsmesh_ebpf_events", "Kernel-side capture events", &events)?;
+        let enrolled = i64::try_from(src.kernel.enrolled_netns()).unwrap_or(0);
         gauge(
             &mut enc,
             "tlsmesh_ebpf_map_entries",
             "Entries in the eBPF maps",
             &[(vec![("map".into(), "enrolled".into())], enrolled)],
         )?;
-        if let Some(mesh) = &shared.mesh {
+        if let Some(mesh) = &src.mesh {
             let now = time::OffsetDateTime::now_utc();
             let certs: Vec<(Vec<(String, String)>, i64)> = mesh
                 .certs
@@ -216,60 +220,43 @@ impl Collector for DaemonCollector {
 }
 
 /// The registry for a daemon.
-pub fn registry(shared: &Arc<Shared>) -> Registry {
+pub fn registry(src: &Sources) -> Registry {
     let mut r = Registry::default();
-    r.register_collector(Box::new(DaemonCollector { shared: Arc::downgrade(shared) }));
-    r.register(
-        "tlsmesh_tunnel_handshake_seconds",
-        "Tunnel connection set-up time (TCP + TLS)",
-        HANDSHAKE_SECONDS.clone(),
-    );
+    r.register_collector(Box::new(DaemonCollector { src: src.clone() }));
+    if let Some(mesh) = &src.mesh {
+        r.register(
+            "tlsmesh_tunnel_handshake_seconds",
+            "Tunnel connection set-up time (TCP + TLS)",
+            mesh.handshake_seconds.clone(),
+        );
+    }
     r
 }
 
 /// Why the daemon is not ready, or `Ok`.
-pub fn readiness(shared: &Shared) -> Result<(), String> {
-    if !*shared.ready.borrow() {
-        return Err("starting".into());
-    }
-    if *shared.draining.borrow() {
-        return Err("draining".into());
-    }
-    let inv = shared.inventory();
-    // A pod whose netns is not known yet (Kubernetes: scheduled, CNI ADD not
-    // yet run) cannot be enrolled yet and does not hold readiness back; the
-    // CNI plugin's ADD waits for its enrollment instead.
-    let wanted: Vec<String> = inv
-        .enrolled_on(&shared.cfg.node)
-        .iter()
-        .filter(|p| p.netns.is_some())
-        .map(|p| p.key())
-        .collect();
-    let pods = shared.pods.lock().expect("pods lock");
-    let missing: Vec<&String> = wanted.iter().filter(|k| !pods.contains_key(*k)).collect();
-    if !missing.is_empty() {
-        return Err(format!("pods not enrolled yet: {missing:?}"));
-    }
-    if let Some(mesh) = &shared.mesh {
-        let have: std::collections::HashSet<String> =
-            mesh.certs.snapshot().into_iter().map(|c| c.identity).collect();
-        let lacking: Vec<String> = pods
-            .values()
-            .map(|p| p.pod.spiffe_id(&inv.trust_domain))
-            .filter(|id| !have.contains(id))
-            .collect();
-        if !lacking.is_empty() {
-            return Err(format!("no certificate yet for {lacking:?}"));
+pub fn readiness(state: &NodeState, mesh: Option<&Mesh>) -> Result<(), String> {
+    let inputs = state.readiness_inputs();
+    match mesh {
+        Some(m) => {
+            let have: std::collections::HashSet<String> =
+                m.certs.snapshot().into_iter().map(|c| c.identity).collect();
+            state::readiness(&inputs, Some(&|id: &str| have.contains(id)))
         }
+        None => state::readiness(&inputs, None),
     }
-    Ok(())
 }
 
 /// Serves `/metrics` (when `metrics`) or `/healthz/ready` on `listener`.
-pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, metrics: bool) {
-    let registry = Arc::new(registry(&shared));
+/// Runs until the process exits (readiness must keep answering "draining"
+/// while the daemon drains).
+pub async fn serve(listener: tokio::net::TcpListener, src: Sources, metrics: bool) {
+    let registry = Arc::new(registry(&src));
+    let shared = Arc::new(src);
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            continue;
+        };
         let (shared, registry) = (Arc::clone(&shared), Arc::clone(&registry));
         tokio::spawn(async move {
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -289,14 +276,16 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, metri
                                 }
                             }
                         }
-                        (false, "/healthz/ready") => match readiness(&shared) {
-                            Ok(()) => (StatusCode::OK, "ready\n".into(), "text/plain"),
-                            Err(why) => {
-                                let mut s = String::new();
-                                let _ = writeln!(s, "not ready: {why}");
-                                (StatusCode::SERVICE_UNAVAILABLE, s, "text/plain")
+                        (false, "/healthz/ready") => {
+                            match readiness(&shared.state, shared.mesh.as_deref()) {
+                                Ok(()) => (StatusCode::OK, "ready\n".into(), "text/plain"),
+                                Err(why) => {
+                                    let mut s = String::new();
+                                    let _ = writeln!(s, "not ready: {why}");
+                                    (StatusCode::SERVICE_UNAVAILABLE, s, "text/plain")
+                                }
                             }
-                        },
+                        }
                         _ => (StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
                     };
                     let mut r = Response::new(Full::new(Bytes::from(body)));

@@ -2,11 +2,13 @@
 //! inside it.
 //!
 //! `setns(2)` changes only the calling thread; a socket keeps the namespace
-//! it was created in. All work in another namespace ([`Netns::run`] for pod
-//! set-up, [`NetnsWorker::run`] for per-connection sockets) runs on the
-//! calling thread between `setns` into the pod and back to the daemon's
-//! namespace; a guard returns the thread even when the job panics, or aborts
-//! the process if it cannot.
+//! it was created in. All work in another namespace ([`Netns::run`], for pod
+//! set-up and for per-connection sockets alike) runs on the calling thread
+//! between `setns` into the pod and back to the daemon's namespace, as
+//! ztunnel's in-pod socket factory does: a few microseconds, where handing
+//! each job to a thread parked in the namespace cost two cross-thread
+//! wake-ups per connection. A guard returns the thread even when the job
+//! panics, or aborts the process if it cannot.
 
 use std::{
     fs::File,
@@ -65,16 +67,46 @@ impl Netns {
         &self.path
     }
 
+    /// A path that names this very namespace for as long as it is open
+    /// (`/proc/<pid>/fd/<fd>`), for tools that take a path (`nsenter`): the
+    /// inventory's path may meanwhile name a newer namespace.
+    pub fn proc_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), self.fd.as_raw_fd()))
+    }
+
     /// Borrow the namespace fd (for `sk_lookup` attachment).
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
 
-    /// Runs `f` inside this namespace on the calling thread (see
-    /// [`NetnsWorker::run`]) and returns its result.
+    /// Runs `f` inside this namespace on the calling thread and returns its
+    /// result. `f` must not block long or await: it holds the thread in the
+    /// pod's namespace.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
         init_home()?;
         run_in(&self.fd, &self.path, f)
+    }
+
+    /// Checks that the namespace can be entered.
+    pub fn check(&self) -> Result<(), NetnsError> {
+        self.run(|| ())
+    }
+
+    /// Connects a TCP socket created inside the namespace to `dst`.
+    pub async fn connect(
+        &self,
+        dst: SocketAddr,
+        opts: SocketOpts,
+    ) -> Result<tokio::net::TcpStream, NetnsError> {
+        let err = |what: String| {
+            let path = self.path.clone();
+            move |source| NetnsError::Socket { path, what, source }
+        };
+        let sock = self
+            .run(move || -> io::Result<Socket> { new_socket(dst, Type::STREAM, opts) })?
+            .map_err(err(format!("socket for {dst}")))?;
+        let ts = tokio::net::TcpSocket::from_std_stream(sock.into());
+        ts.connect(dst).await.map_err(err(format!("connect {dst}")))
     }
 
     /// The kernel's cookie for this namespace (what `bpf_get_netns_cookie` returns).
@@ -110,24 +142,7 @@ impl Netns {
             s.set_reuse_address(true).map_err(err("SO_REUSEADDR"))?;
             s.bind(&addr.into()).map_err(err("bind"))?;
             s.listen(4096).map_err(err("listen"))?;
-            s.set_nonblocking(true).map_err(err("O_NONBLOCK"))?;
             Ok(s.into())
-        })?
-    }
-
-    /// Creates an unconnected TCP socket inside this namespace (to connect from).
-    pub fn tcp_socket(
-        &self,
-        family_of: SocketAddr,
-        opts: SocketOpts,
-    ) -> Result<Socket, NetnsError> {
-        let path = self.path.clone();
-        self.run(move || {
-            new_socket(family_of, Type::STREAM, opts).map_err(|source| NetnsError::Socket {
-                path,
-                what: format!("socket for {family_of}"),
-                source,
-            })
         })?
     }
 
@@ -146,7 +161,6 @@ impl Netns {
             };
             let s = new_socket(addr, Type::DGRAM, opts).map_err(err)?;
             s.bind(&addr.into()).map_err(err)?;
-            s.set_nonblocking(true).map_err(err)?;
             Ok(s.into())
         })?
     }
@@ -165,11 +179,12 @@ pub struct SocketOpts {
     pub v6_only: bool,
 }
 
-/// A new socket of `addr`'s family with the given options (not bound).
+/// A new non-blocking socket of `addr`'s family with the given options
+/// (not bound). `O_NONBLOCK` and `FD_CLOEXEC` are set at creation.
 pub fn new_socket(addr: SocketAddr, ty: Type, opts: SocketOpts) -> io::Result<Socket> {
     let domain = if addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
     let proto = if ty == Type::STREAM { Protocol::TCP } else { Protocol::UDP };
-    let s = Socket::new(domain, ty.cloexec(), Some(proto))?;
+    let s = Socket::new(domain, ty.nonblocking().cloexec(), Some(proto))?;
     if opts.mark != 0 {
         s.set_mark(opts.mark)?;
     }
@@ -210,38 +225,6 @@ pub fn netns_cookie_of(fd: BorrowedFd<'_>) -> io::Result<u64> {
     } else {
         Err(io::Error::last_os_error())
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn missing_netns_is_a_clear_error() {
-        let e = Netns::open("/run/netns/definitely-not-there").unwrap_err();
-        assert!(e.to_string().contains("/run/netns/definitely-not-there"), "{e}");
-        assert!(e.to_string().contains("pod still exist"), "{e}");
-    }
-
-    #[test]
-    fn current_netns_has_a_cookie() {
-        let ns = Netns::current().unwrap();
-        let a = ns.cookie().unwrap();
-        assert_ne!(a, 0);
-        assert_eq!(a, ns.cookie().unwrap(), "cookie is stable");
-    }
-}
-
-/// Runs jobs inside a pod's namespace: the cheap way to create many sockets
-/// there. A job runs on the calling thread between two `setns` calls (into
-/// the pod's netns and back to the daemon's), as ztunnel's in-pod socket
-/// factory does: a few microseconds, where handing each job to a thread
-/// parked in the namespace cost two cross-thread wake-ups per connection.
-/// A socket stays in the namespace it was created in.
-#[derive(Debug, Clone)]
-pub struct NetnsWorker {
-    fd: Arc<OwnedFd>,
-    path: PathBuf,
 }
 
 /// The daemon's own network namespace, where every thread returns after a
@@ -287,66 +270,22 @@ fn run_in<T>(fd: &OwnedFd, path: &Path, f: impl FnOnce() -> T) -> Result<T, Netn
     Ok(f())
 }
 
-impl NetnsWorker {
-    /// A worker for `ns` (checks that the namespace can be entered).
-    pub fn start(ns: &Netns) -> Result<Self, NetnsError> {
-        init_home()?;
-        let w = Self { fd: Arc::clone(&ns.fd), path: ns.path.clone() };
-        w.run(|| ())?;
-        Ok(w)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_netns_is_a_clear_error() {
+        let e = Netns::open("/run/netns/definitely-not-there").unwrap_err();
+        assert!(e.to_string().contains("/run/netns/definitely-not-there"), "{e}");
+        assert!(e.to_string().contains("pod still exist"), "{e}");
     }
 
-    /// The namespace path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Runs `f` inside the namespace on this thread. `f` must not block long
-    /// or await: it holds the thread in the pod's namespace.
-    pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
-        run_in(&self.fd, &self.path, f)
-    }
-
-    /// Connects a TCP socket created inside the namespace to `dst`.
-    pub async fn connect(
-        &self,
-        dst: SocketAddr,
-        opts: SocketOpts,
-    ) -> Result<tokio::net::TcpStream, NetnsError> {
-        self.connect_with(None, dst, opts).await
-    }
-
-    /// Connects from an explicit (possibly foreign, with `transparent`) source address.
-    pub async fn connect_from(
-        &self,
-        src: SocketAddr,
-        dst: SocketAddr,
-        opts: SocketOpts,
-    ) -> Result<tokio::net::TcpStream, NetnsError> {
-        self.connect_with(Some(src), dst, opts).await
-    }
-
-    async fn connect_with(
-        &self,
-        src: Option<SocketAddr>,
-        dst: SocketAddr,
-        opts: SocketOpts,
-    ) -> Result<tokio::net::TcpStream, NetnsError> {
-        let err = |what: String| {
-            let path = self.path.clone();
-            move |source| NetnsError::Socket { path, what, source }
-        };
-        let sock = self
-            .run(move || -> io::Result<Socket> {
-                let s = new_socket(dst, Type::STREAM, opts)?;
-                if let Some(src) = src {
-                    s.bind(&src.into())?;
-                }
-                s.set_nonblocking(true)?;
-                Ok(s)
-            })?
-            .map_err(err(format!("socket for {dst}")))?;
-        let ts = tokio::net::TcpSocket::from_std_stream(sock.into());
-        ts.connect(dst).await.map_err(err(format!("connect {src:?} -> {dst}")))
+    #[test]
+    fn current_netns_has_a_cookie() {
+        let ns = Netns::current().unwrap();
+        let a = ns.cookie().unwrap();
+        assert_ne!(a, 0);
+        assert_eq!(a, ns.cookie().unwrap(), "cookie is stable");
     }
 }

@@ -1,5 +1,6 @@
 //! Daemon-side counters (lock-free atomics), shared by the proxy paths and
-//! read by the admin API and metrics.
+//! read by the admin API and metrics. Counters only go up; what is open now
+//! is the connection table's size (`conns`), never a counter pair.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -55,8 +56,10 @@ counters! {
     bytes_from_pods,
     /// Bytes from the daemon to pods.
     bytes_to_pods,
-    /// Connections currently open through the daemon.
-    active_connections,
+    /// Captured connections dropped before they could be relayed (the
+    /// destination pod vanished between routing and connecting, or the
+    /// accepted socket was already dead), each with a log line.
+    connections_dropped,
 }
 
 impl Stats {
@@ -68,10 +71,5 @@ impl Stats {
     /// Adds `n`.
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Relaxed);
-    }
-
-    /// Subtracts one.
-    pub fn dec(c: &AtomicU64) {
-        c.fetch_sub(1, Relaxed);
     }
 }

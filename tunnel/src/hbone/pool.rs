@@ -191,13 +191,6 @@ impl Pool {
         keys.values().flat_map(|k| &k.conns).fold((0, 0), |(c, s), e| (c + 1, s + e.usage.active()))
     }
 
-    /// Stops using `key`'s connections for new streams (e.g. after a
-    /// certificate rotation or policy change); open streams continue and the
-    /// connections close once they end.
-    pub fn evict(&self, key: &PoolKey) {
-        lock(&self.inner.keys).remove(key);
-    }
-
     fn evict_conn(&self, key: &PoolKey, id: u64) {
         evict_conn(&self.inner, key, id);
     }

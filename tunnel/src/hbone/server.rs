@@ -48,9 +48,10 @@ impl ServerCtx {
 }
 
 /// Serves all CONNECT streams of one server-side TLS connection until the
-/// peer closes it (`Ok`) or it fails. Each stream runs in its own task; the
-/// connection's peer certificate chain is passed to the handler with every
-/// request.
+/// peer closes it (`Ok`) or it fails. Each stream runs in its own task,
+/// owned by this future: when it returns or is dropped, every stream of the
+/// connection ends with it. The connection's peer certificate chain is
+/// passed to the handler with every request.
 pub async fn serve<S>(
     tls: tokio_rustls::server::TlsStream<S>,
     ctx: ServerCtx,
@@ -106,9 +107,12 @@ where
     tokio::pin!(keepalive);
     tokio::pin!(drain);
     let mut draining = false;
+    // The streams of this connection: dropped (aborted) with it.
+    let mut streams = tokio::task::JoinSet::new();
 
     loop {
         tokio::select! {
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
             next = conn.accept() => match next {
                 None => return Ok(()),
                 Some(Err(e)) => {
@@ -124,7 +128,7 @@ where
                     let handler = handler.clone();
                     let peer_certs = peer_certs.clone();
                     let span = tracing::debug_span!("hbone_stream", peer = %ctx.peer_addr, authority = ?req.uri().authority().map(http::uri::Authority::as_str));
-                    tokio::spawn(
+                    streams.spawn(
                         handle_stream(req, respond, ctx, handler, peer_certs).instrument(span),
                     );
                 }

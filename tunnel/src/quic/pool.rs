@@ -81,11 +81,6 @@ impl Pool {
         keys.values().flat_map(|k| &k.conns).fold((0, 0), |(c, s), (u, _)| (c + 1, s + u.active()))
     }
 
-    /// Stops using `key`'s connection for new streams; open streams finish.
-    pub fn evict(&self, key: &PoolKey) {
-        lock(&self.inner.keys).remove(key);
-    }
-
     /// Closes every pooled connection whose key `doomed` selects, with all
     /// its open streams (e.g. the peer's certificate was revoked). Returns
     /// how many connections were closed.

@@ -62,7 +62,20 @@ impl Default for ServerCtx {
 
 /// Serves tunnel streams on `endpoint` (bound by the daemon, with a server
 /// configuration from [`super::server_config`]) until the endpoint closes.
+/// Every connection and stream is owned by this future: dropping it ends them.
 pub async fn serve(endpoint: quinn::Endpoint, ctx: ServerCtx, handler: Arc<dyn Handler>) {
+    serve_until(endpoint, ctx, handler, std::future::pending()).await;
+}
+
+/// [`serve`] with graceful drain: when `drain` completes, new connections
+/// are refused (clients fall back or go elsewhere), open connections go on;
+/// returns when the last of them has ended (or the endpoint was closed).
+pub async fn serve_until(
+    endpoint: quinn::Endpoint,
+    ctx: ServerCtx,
+    handler: Arc<dyn Handler>,
+    drain: impl std::future::Future<Output = ()>,
+) {
     let ctx = Arc::new(ctx);
     let local = match endpoint.local_addr() {
         Ok(a) => a,
@@ -71,12 +84,28 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: ServerCtx, handler: Arc<dyn H
             return;
         }
     };
-    while let Some(incoming) = endpoint.accept().await {
+    let mut conns = tokio::task::JoinSet::new();
+    tokio::pin!(drain);
+    let mut draining = false;
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept(), if !draining => match i {
+                Some(i) => i,
+                None => break,
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            () = &mut drain, if !draining => {
+                tracing::debug!(%local, "draining QUIC endpoint: new connections refused");
+                draining = true;
+                continue;
+            }
+            else => break,
+        };
         let ctx = ctx.clone();
         let handler = handler.clone();
         let peer = incoming.remote_address();
         let span = tracing::debug_span!("quic_conn", %peer);
-        tokio::spawn(
+        conns.spawn(
             async move {
                 if let Err(e) = serve_conn(incoming, local, ctx, handler).await {
                     tracing::info!(%peer, error = %e, "QUIC tunnel connection ended with an error");
@@ -85,6 +114,8 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: ServerCtx, handler: Arc<dyn H
             .instrument(span),
         );
     }
+    // Endpoint closed, or draining with no connection left.
+    while conns.join_next().await.is_some() {}
 }
 
 async fn serve_conn(
@@ -125,8 +156,14 @@ async fn serve_conn(
     // enables on Linux); fall back to the endpoint's bound address.
     let local_addr =
         SocketAddr::new(conn.local_ip().unwrap_or(endpoint_addr.ip()), endpoint_addr.port());
+    // The streams of this connection: dropped (aborted) with it.
+    let mut streams = tokio::task::JoinSet::new();
     loop {
-        let (send, recv) = match conn.accept_bi().await {
+        let accepted = tokio::select! {
+            a = conn.accept_bi() => a,
+            Some(_) = streams.join_next(), if !streams.is_empty() => continue,
+        };
+        let (send, recv) = match accepted {
             Ok(s) => s,
             Err(
                 quinn::ConnectionError::ApplicationClosed(_)
@@ -139,7 +176,7 @@ async fn serve_conn(
         let handler = handler.clone();
         let peer_certs = peer_certs.clone();
         let span = tracing::debug_span!("quic_stream", id = %send.id());
-        tokio::spawn(
+        streams.spawn(
             handle_stream(send, recv, peer, local_addr, peer_certs, ctx, handler).instrument(span),
         );
     }

@@ -1,0 +1,331 @@
+//! The connection table: every connection the daemon relays — outbound
+//! through the tunnel, local delivery to a pod on this node, passthrough,
+//! inbound tunnel stream, inbound plaintext — is an entry held by a
+//! [`ConnGuard`]. The guard's drop removes the entry, adds the bytes to the
+//! counters and writes the access-log line, so a connection that ends any
+//! way (finished, failed, its task cancelled because its pod was removed)
+//! leaves nothing behind. The open-connection gauge is the table's size.
+//!
+//! `/config_dump` lists the table (like `istioctl ztunnel-config
+//! connections`); the drain waits until it is empty.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Instant, SystemTime},
+};
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::{stats::Stats, sync::lock};
+
+/// Which way a connection goes, seen from the pod this daemon serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// A pod on this node opened it.
+    Outbound,
+    /// It arrives at a pod on this node.
+    Inbound,
+}
+
+/// How the connection is carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Route {
+    /// Through the mTLS tunnel (outbound stream, or inbound stream).
+    Tunnel,
+    /// Delivered to an enrolled pod on the same node (no TLS needed).
+    Local,
+    /// To something not enrolled, from the pod's own address.
+    Passthrough,
+    /// Plaintext accepted by a permissive pod.
+    Plaintext,
+    /// A node probe accepted in plaintext.
+    Probe,
+}
+
+/// What is known about a connection when it opens.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnInfo {
+    /// Outbound or inbound.
+    pub direction: Direction,
+    /// How it is carried.
+    pub route: Route,
+    /// The pod on this node it belongs to (`namespace/name`).
+    pub pod: String,
+    /// The source: the client's address.
+    pub src: SocketAddr,
+    /// The destination: the original destination address.
+    pub dst: SocketAddr,
+    /// The other workload (`namespace/name`), when it is a known pod.
+    pub peer_pod: Option<String>,
+    /// The SPIFFE identity of the source workload, when known.
+    pub src_identity: Option<String>,
+    /// The SPIFFE identity of the destination workload, when known.
+    pub dst_identity: Option<String>,
+    /// `tcp` (HBONE) or `quic` for tunnel connections.
+    pub transport: Option<String>,
+}
+
+/// One row of the table as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnView {
+    /// The entry's id (unique for the daemon's life).
+    pub id: u64,
+    /// What it is.
+    #[serde(flatten)]
+    pub info: ConnInfo,
+    /// When it opened (seconds since the Unix epoch).
+    pub opened_unix_s: u64,
+    /// Seconds open.
+    pub age_s: u64,
+}
+
+/// Bytes a finished connection moved, relative to the pod it belongs to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Transfer {
+    /// Bytes the pod sent.
+    pub from_pod: u64,
+    /// Bytes delivered to the pod.
+    pub to_pod: u64,
+}
+
+impl Transfer {
+    /// The transfer of a splice whose first side `a` is the pod's own
+    /// socket: what went a→b left the pod.
+    pub fn pod_first(a_to_b: u64, b_to_a: u64) -> Self {
+        Self { from_pod: a_to_b, to_pod: b_to_a }
+    }
+
+    /// The transfer of a splice whose second side `b` is the pod's socket.
+    pub fn pod_second(a_to_b: u64, b_to_a: u64) -> Self {
+        Self { from_pod: b_to_a, to_pod: a_to_b }
+    }
+}
+
+struct Entry {
+    info: ConnInfo,
+    opened: SystemTime,
+    since: Instant,
+}
+
+struct Inner {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, Entry>>,
+    stats: Arc<Stats>,
+    /// The number of open entries, for waiters (the drain).
+    len: watch::Sender<usize>,
+}
+
+/// The table of open connections (cheap to clone).
+#[derive(Clone)]
+pub struct ConnTable {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ConnTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnTable").field("open", &self.len()).finish()
+    }
+}
+
+impl ConnTable {
+    /// An empty table whose closed connections add to `stats`.
+    pub fn new(stats: Arc<Stats>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                next: AtomicU64::new(1),
+                open: Mutex::new(HashMap::new()),
+                stats,
+                len: watch::channel(0).0,
+            }),
+        }
+    }
+
+    /// Adds a connection; it stays in the table as long as the guard lives.
+    pub fn open(&self, info: ConnInfo) -> ConnGuard {
+        let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        let mut open = lock(&self.inner.open);
+        open.insert(id, Entry { info, opened: SystemTime::now(), since: Instant::now() });
+        self.inner.len.send_replace(open.len());
+        ConnGuard { table: Arc::clone(&self.inner), id, done: None }
+    }
+
+    /// Open connections.
+    pub fn len(&self) -> usize {
+        lock(&self.inner.open).len()
+    }
+
+    /// True when nothing is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The open connections, oldest first.
+    pub fn list(&self) -> Vec<ConnView> {
+        let open = lock(&self.inner.open);
+        let mut v: Vec<ConnView> = open
+            .iter()
+            .map(|(id, e)| ConnView {
+                id: *id,
+                info: e.info.clone(),
+                opened_unix_s: e
+                    .opened
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                age_s: e.since.elapsed().as_secs(),
+            })
+            .collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    /// Completes once the table is empty.
+    pub async fn empty(&self) {
+        let mut rx = self.inner.len.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+}
+
+/// How a connection ended, for the access log.
+#[derive(Debug, Clone)]
+enum Done {
+    Finished(Transfer),
+    Failed(Transfer, String),
+}
+
+/// Holds one table entry; dropping it closes the entry.
+pub struct ConnGuard {
+    table: Arc<Inner>,
+    id: u64,
+    done: Option<Done>,
+}
+
+impl std::fmt::Debug for ConnGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnGuard").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl ConnGuard {
+    /// Records that the connection ended normally, having moved `t`.
+    pub fn finished(&mut self, t: Transfer) {
+        self.done = Some(Done::Finished(t));
+    }
+
+    /// Records that the connection ended with `error` after moving `t`.
+    pub fn failed(&mut self, t: Transfer, error: impl std::fmt::Display) {
+        self.done = Some(Done::Failed(t, error.to_string()));
+    }
+
+    /// The entry's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let entry = {
+            let mut open = lock(&self.table.open);
+            let e = open.remove(&self.id);
+            self.table.len.send_replace(open.len());
+            e
+        };
+        let Some(e) = entry else { return };
+        let (t, outcome, error) = match self.done.take() {
+            Some(Done::Finished(t)) => (t, "ok", None),
+            Some(Done::Failed(t, err)) => (t, "error", Some(err)),
+            // The task was cancelled mid-connection: its pod was removed, or
+            // the daemon's drain deadline passed.
+            None => (Transfer::default(), "cancelled", None),
+        };
+        Stats::add(&self.table.stats.bytes_from_pods, t.from_pod);
+        Stats::add(&self.table.stats.bytes_to_pods, t.to_pod);
+        let i = &e.info;
+        info!(
+            direction = ?i.direction,
+            route = ?i.route,
+            pod = %i.pod,
+            src = %i.src,
+            dst = %i.dst,
+            peer_pod = i.peer_pod.as_deref().unwrap_or("-"),
+            src_identity = i.src_identity.as_deref().unwrap_or("-"),
+            dst_identity = i.dst_identity.as_deref().unwrap_or("-"),
+            transport = i.transport.as_deref().unwrap_or("-"),
+            bytes_from_pod = t.from_pod,
+            bytes_to_pod = t.to_pod,
+            duration_ms = e.since.elapsed().as_millis(),
+            outcome,
+            error = error.as_deref().unwrap_or("-"),
+            "connection complete"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> ConnInfo {
+        ConnInfo {
+            direction: Direction::Inbound,
+            route: Route::Plaintext,
+            pod: "ns/p".into(),
+            src: "10.0.0.1:4000".parse().unwrap(),
+            dst: "10.0.0.2:80".parse().unwrap(),
+            peer_pod: None,
+            src_identity: None,
+            dst_identity: None,
+            transport: None,
+        }
+    }
+
+    #[test]
+    fn a_guard_is_the_entry_and_its_drop_counts() {
+        let stats = Arc::new(Stats::default());
+        let t = ConnTable::new(Arc::clone(&stats));
+        let mut a = t.open(info());
+        let b = t.open(info());
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.list()[0].id, a.id());
+        a.finished(Transfer::pod_second(10, 3));
+        drop(a);
+        assert_eq!(t.len(), 1);
+        let s = stats.snapshot();
+        assert_eq!((s.bytes_to_pods, s.bytes_from_pods), (10, 3), "pod is b: a->b reached it");
+        // Dropped without an outcome (its task was cancelled): still removed.
+        drop(b);
+        assert!(t.is_empty());
+    }
+
+    #[tokio::test]
+    async fn empty_completes_when_the_last_guard_goes() {
+        let t = ConnTable::new(Arc::new(Stats::default()));
+        let g = t.open(info());
+        let waiter = tokio::spawn({
+            let t = t.clone();
+            async move { t.empty().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(g);
+        tokio::time::timeout(std::time::Duration::from_secs(2), waiter)
+            .await
+            .expect("empty() completes")
+            .unwrap();
+    }
+
+    #[test]
+    fn transfer_sides() {
+        assert_eq!(Transfer::pod_first(5, 7), Transfer { from_pod: 5, to_pod: 7 });
+        assert_eq!(Transfer::pod_second(5, 7), Transfer { from_pod: 7, to_pod: 5 });
+    }
+}

@@ -1,0 +1,380 @@
+//! The per-pod tunnel servers: HBONE on TCP 15008 and QUIC on UDP 15008 at
+//! the pod's addresses, inside its netns. Every task they run — accept
+//! loops, one per tunnel connection, one per stream (owned by the tunnel
+//! crate's server) — lives in the pod's scope, so removing the pod ends
+//! them. On drain, HBONE connections get GOAWAY and QUIC endpoints refuse
+//! new connections while the open ones finish.
+//!
+//! A QUIC socket that cannot be bound (a daemon being replaced still holds
+//! the port) is retried with backoff until it can: UDP `SO_REUSEPORT` would
+//! hash some of the old daemon's QUIC flows to the new socket, which does
+//! not know them and would answer with stateless resets. Peers fall back to
+//! HBONE meanwhile.
+
+use std::{
+    io,
+    net::{SocketAddr, UdpSocket},
+    sync::Arc,
+    time::Duration,
+};
+
+use tlsmesh_identity::{tls, Identity};
+use tlsmesh_tunnel::{hbone, quic, Accepted, ConnectRequest, Handler, Refusal};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{
+    authz::{self, Denial},
+    registry::{Closer, Tracked, TunnelView},
+    Mesh,
+};
+use crate::{
+    accept::Backoff,
+    certs::workload_id,
+    conns::{ConnInfo, ConnTable, Direction, Route, Transfer},
+    scope::Drain,
+    state::{NodeState, PodEntry},
+    stats::Stats,
+};
+
+/// What the tunnel servers need (and nothing more).
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// Node state (inventory for source addresses, deny records).
+    pub state: Arc<NodeState>,
+    /// The connection table.
+    pub conns: ConnTable,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Identities, policy, registry.
+    pub mesh: Arc<Mesh>,
+    /// The daemon's drain signal.
+    pub drain: Drain,
+}
+
+/// Longest a tunnel TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts `pod`'s tunnel servers in its scope: HBONE on each TCP listener,
+/// QUIC on each address of `udp` (with its socket, or `None` when the bind
+/// failed and is to be retried).
+pub fn serve_pod(
+    ctx: &Inbound,
+    pod: &Arc<PodEntry>,
+    tcp: Vec<tokio::net::TcpListener>,
+    udp: Vec<(SocketAddr, Option<UdpSocket>)>,
+) -> Result<(), super::MeshError> {
+    let pod_id = workload_id(&ctx.mesh.certs.trust_domain, &pod.pod)?;
+    let server_tls = ctx.mesh.certs.server_config(&pod_id)?;
+    let handler = |transport: &'static str| -> Arc<dyn Handler> {
+        let (ctx, pod) = (ctx.clone(), Arc::clone(pod));
+        Arc::new(move |req: ConnectRequest| {
+            let (ctx, pod) = (ctx.clone(), Arc::clone(&pod));
+            async move { handle(&ctx, &pod, transport, req).await }
+        })
+    };
+    let (hbone_handler, quic_handler) = (handler("tcp"), handler("quic"));
+    for l in tcp {
+        pod.scope.spawn(tcp_accept_loop(
+            ctx.clone(),
+            Arc::clone(pod),
+            l,
+            Arc::clone(&server_tls),
+            Arc::clone(&hbone_handler),
+        ));
+    }
+    for (addr, sock) in udp {
+        let qcfg = quic::server_config(&server_tls, &ctx.mesh.client.quic().config().clone())?;
+        pod.scope.spawn(quic_server(
+            ctx.clone(),
+            Arc::clone(pod),
+            addr,
+            sock,
+            qcfg,
+            Arc::clone(&quic_handler),
+        ));
+    }
+    Ok(())
+}
+
+async fn tcp_accept_loop(
+    ctx: Inbound,
+    pod: Arc<PodEntry>,
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    handler: Arc<dyn Handler>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let mut backoff = Backoff::default();
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = ctx.drain.signalled() => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => {
+                backoff.reset();
+                x
+            }
+            Err(e) => {
+                backoff.failed(&pod.key(), "tunnel", &e).await;
+                continue;
+            }
+        };
+        let (ctx2, pod2, acceptor, handler) =
+            (ctx.clone(), Arc::clone(&pod), acceptor.clone(), Arc::clone(&handler));
+        pod.scope.spawn(async move {
+            serve_tcp_conn(ctx2, pod2, tcp, peer, acceptor, handler).await;
+        });
+    }
+}
+
+/// One tunnel TCP connection: handshake, registration for revocation, then
+/// HBONE until the peer closes it, the daemon drains (GOAWAY), the peer is
+/// revoked, or the pod's scope ends.
+async fn serve_tcp_conn(
+    ctx: Inbound,
+    pod: Arc<PodEntry>,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    handler: Arc<dyn Handler>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let Ok(local) = tcp.local_addr() else { return };
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            Stats::inc(&ctx.stats.inbound_tunnel_refused);
+            warn!(pod = %pod.key(), %peer, reason = %tls_reason(&e), "tunnel handshake refused");
+            return;
+        }
+        Err(_) => {
+            Stats::inc(&ctx.stats.inbound_tunnel_refused);
+            warn!(pod = %pod.key(), %peer, "tunnel handshake timed out");
+            return;
+        }
+    };
+    let revoked = CancellationToken::new();
+    let _tracked = {
+        let revoked = revoked.clone();
+        track_inbound(
+            &ctx.mesh,
+            tls.get_ref().1.peer_certificates().unwrap_or_default(),
+            "tcp",
+            pod.key(),
+            peer,
+            Box::new(move || revoked.cancel()),
+        )
+    };
+    let serve =
+        hbone::serve_until(tls, hbone::ServerCtx::new(local, peer), handler, ctx.drain.signal());
+    tokio::select! {
+        r = serve => if let Err(e) = r {
+            debug!(%peer, error = %e, "tunnel connection ended");
+        },
+        () = revoked.cancelled() => {}
+    }
+}
+
+/// Closes the endpoint (`CONNECTION_CLOSE` to every peer) when dropped: the
+/// pod's scope ended.
+struct CloseOnDrop(quinn::Endpoint);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close(0u32.into(), b"pod removed");
+    }
+}
+
+async fn quic_server(
+    ctx: Inbound,
+    pod: Arc<PodEntry>,
+    addr: SocketAddr,
+    sock: Option<UdpSocket>,
+    qcfg: quinn::ServerConfig,
+    handler: Arc<dyn Handler>,
+) {
+    let sock = match sock {
+        Some(s) => s,
+        None => match bind_with_retry(&ctx, &pod, addr).await {
+            Some(s) => s,
+            None => return,
+        },
+    };
+    if let Err(e) = quic::tune_udp_socket(&sock) {
+        warn!(pod = %pod.key(), error = %e, "cannot raise the QUIC socket buffers");
+    }
+    let endpoint = match quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(qcfg),
+        sock,
+        Arc::new(quinn::TokioRuntime),
+    ) {
+        Ok(e) => e,
+        Err(e) => {
+            warn!(pod = %pod.key(), %addr, error = %e, "cannot start the QUIC server");
+            return;
+        }
+    };
+    let _close = CloseOnDrop(endpoint.clone());
+    let sctx = quic::ServerCtx {
+        on_connection: Some(track_quic_inbound(&ctx.mesh, &pod)),
+        ..quic::ServerCtx::default()
+    };
+    quic::serve_until(endpoint, sctx, handler, ctx.drain.signal()).await;
+}
+
+/// Binds the pod's QUIC socket on `addr`, retrying with backoff (1 s to
+/// 30 s) while the address is busy; `None` when the daemon drains first.
+async fn bind_with_retry(ctx: &Inbound, pod: &PodEntry, addr: SocketAddr) -> Option<UdpSocket> {
+    let mut delay = Duration::from_secs(1);
+    let mut warned = false;
+    loop {
+        match pod.net.bind_udp(addr) {
+            Ok(s) => {
+                if warned {
+                    info!(pod = %pod.key(), %addr, "QUIC server bound after all");
+                }
+                return Some(s);
+            }
+            Err(e) => {
+                if !warned {
+                    warn!(pod = %pod.key(), %addr, error = %e, "QUIC server address busy (another daemon still has it?); retrying until it is free, peers use HBONE meanwhile");
+                    warned = true;
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = ctx.drain.signalled() => return None,
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+fn tls_reason(e: &io::Error) -> String {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(tls::rejection)
+        .map_or_else(|| e.to_string(), ToString::to_string)
+}
+
+/// Registers an inbound tunnel connection of `pod` from the peer its
+/// certificate chain `certs` names, for the admin API and for revocation
+/// (`close` ends the connection with all its streams).
+fn track_inbound(
+    mesh: &Mesh,
+    certs: &[rustls_pki_types::CertificateDer<'static>],
+    transport: &str,
+    pod: String,
+    remote: SocketAddr,
+    close: Closer,
+) -> Option<Tracked> {
+    let info = tls::peer_cert_info(certs).ok()?;
+    let view = TunnelView {
+        direction: "inbound",
+        peer: info.identity.to_string(),
+        serial: info.serial.clone(),
+        transport: transport.into(),
+        pod,
+        remote: remote.to_string(),
+        age_s: 0,
+    };
+    Some(mesh.registry.track(view, Some(close)))
+}
+
+/// Registers each inbound QUIC connection of `pod` (closing it closes all
+/// its streams); the registration ends with the connection.
+fn track_quic_inbound(mesh: &Arc<Mesh>, pod: &PodEntry) -> quic::OnConnection {
+    let (mesh, pod) = (Arc::clone(mesh), pod.key());
+    quic::OnConnection(Arc::new(move |conn: &quinn::Connection, certs| {
+        let closing = conn.clone();
+        let close: Closer =
+            Box::new(move || closing.close(0u32.into(), b"peer certificate revoked"));
+        Box::new(track_inbound(&mesh, certs, "quic", pod.clone(), conn.remote_address(), close))
+    }))
+}
+
+/// The decision for one tunnelled connection arriving at `pod`, and the
+/// delivery when it is allowed.
+async fn handle(
+    ctx: &Inbound,
+    pod: &PodEntry,
+    transport: &'static str,
+    req: ConnectRequest,
+) -> Result<Accepted, Refusal> {
+    let refused = |r: Refusal| {
+        Stats::inc(&ctx.stats.inbound_tunnel_refused);
+        Err(r)
+    };
+    let info = match tls::peer_cert_info(&req.peer_certs) {
+        Ok(i) => i,
+        Err(e) => return refused(Refusal::denied(format!("peer certificate unusable: {e}"))),
+    };
+    let Identity::Workload(peer_id) = &info.identity else {
+        return refused(Refusal::denied("peer is a node, not a workload"));
+    };
+    let inv = ctx.state.inventory();
+    let td = inv.inv.trust_domain.clone();
+    let decision = authz::authorize(
+        &ctx.mesh.policy(),
+        &pod.pod,
+        req.authority,
+        peer_id,
+        req.forwarded_for,
+        |ip| inv.pod_by_ip(ip).map(|p| p.spiffe_id(&td)),
+    );
+    let allowed = match decision {
+        Ok(a) => a,
+        Err(Denial::NotThisPod(why)) => return refused(Refusal::malformed(why)),
+        Err(Denial::Policy(reason)) => {
+            Stats::inc(&ctx.stats.policy_denied);
+            ctx.state.record_deny(
+                peer_id.to_string(),
+                format!("{} {}", pod.key(), req.authority),
+                reason.clone(),
+            );
+            info!(peer = %peer_id, dst = %req.authority, pod = %pod.key(), %reason, "tunnel connection denied by policy");
+            return refused(Refusal::denied(reason));
+        }
+    };
+    if allowed.forwarded_ignored {
+        warn!(peer = %peer_id, claimed = ?req.forwarded_for, "forwarded address does not belong to the peer's identity; not used");
+    }
+    match pod.net.deliver(allowed.src_ip, req.authority).await {
+        Ok(up) => {
+            let _ = up.set_nodelay(true);
+            Stats::inc(&ctx.stats.inbound_tunnel_accepted);
+            let src = req.forwarded_for.unwrap_or(req.peer_addr);
+            let mut guard = ctx.conns.open(ConnInfo {
+                direction: Direction::Inbound,
+                route: Route::Tunnel,
+                pod: pod.key(),
+                src,
+                dst: req.authority,
+                peer_pod: req
+                    .forwarded_for
+                    .and_then(|f| inv.pod_by_ip(f.ip()))
+                    .map(crate::inventory::Pod::key),
+                src_identity: Some(peer_id.to_string()),
+                dst_identity: Some(pod.identity.clone()),
+                transport: Some(transport.into()),
+            });
+            // The tunnel is the splice's first side, the pod's socket the
+            // second. If the stream's task is cancelled instead, the guard
+            // drops with the closure.
+            Ok(Accepted::new(up).on_close(move |o| {
+                let t = Transfer::pod_second(o.a_to_b, o.b_to_a);
+                match &o.error {
+                    Some(e) => guard.failed(t, e),
+                    None => guard.finished(t),
+                }
+            }))
+        }
+        Err(e) => {
+            warn!(dst = %req.authority, error = %e, "cannot connect to the destination pod");
+            refused(Refusal::unreachable(e.to_string()))
+        }
+    }
+}

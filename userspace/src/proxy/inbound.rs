@@ -1,0 +1,82 @@
+//! Plaintext arriving at an enrolled pod (steered to its 15006 listener):
+//! refused for strict pods, relayed to the app for permissive pods and for
+//! node probes.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::net::TcpStream;
+use tracing::{info, info_span, warn, Instrument};
+
+use super::{dropped, reset, Proxy};
+use crate::{
+    conns::{ConnInfo, Direction, Route, Transfer},
+    inventory::{self, InboundVerdict, Pod},
+    state::PodEntry,
+    stats::Stats,
+};
+
+/// Serves one plaintext connection to `pod` from `peer`.
+pub async fn serve(p: Proxy, pod: Arc<PodEntry>, mut client: TcpStream, peer: SocketAddr) {
+    let dst = match client.local_addr() {
+        Ok(d) => d,
+        Err(e) => {
+            dropped(&p.stats, &pod, peer, &format!("no local address: {e}"));
+            return;
+        }
+    };
+    let inv = p.state.inventory();
+    let verdict = inventory::inbound_verdict(pod.mode, peer.ip(), inv.probe_sources());
+    let span = info_span!("inbound", dst_pod = %pod.key(), src = %peer, %dst, ?verdict);
+    async move {
+        let route = match verdict {
+            InboundVerdict::Refuse => {
+                Stats::inc(&p.stats.inbound_plaintext_refused);
+                info!(mode = %pod.mode, "plaintext connection to a strict pod refused");
+                p.state.record_deny(
+                    peer.to_string(),
+                    format!("{} {dst}", pod.key()),
+                    "plaintext to a strict pod".into(),
+                );
+                reset(client);
+                return;
+            }
+            InboundVerdict::AcceptPlaintext => {
+                Stats::inc(&p.stats.inbound_plaintext_accepted);
+                Route::Plaintext
+            }
+            InboundVerdict::AcceptProbe => {
+                Stats::inc(&p.stats.inbound_probe_accepted);
+                Route::Probe
+            }
+        };
+        let mut app = match pod.net.connect(dst).await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "the pod's application refused the connection");
+                reset(client);
+                return;
+            }
+        };
+        let peer_pod = inv.pod_by_ip(peer.ip());
+        let mut guard = p.conns.open(ConnInfo {
+            direction: Direction::Inbound,
+            route,
+            pod: pod.key(),
+            src: peer,
+            dst,
+            peer_pod: peer_pod.map(Pod::key),
+            src_identity: None,
+            dst_identity: Some(pod.identity.clone()),
+            transport: None,
+        });
+        let o = tlsmesh_tunnel::splice(&mut client, &mut app).await;
+        // The remote client is the first side, the pod's app the second.
+        let t = Transfer::pod_second(o.a_to_b, o.b_to_a);
+        match o.error {
+            Some(e) => guard.failed(t, e),
+            None => guard.finished(t),
+        }
+    }
+    .instrument(span)
+    .await;
+}

@@ -1,0 +1,162 @@
+//! A pod's captured outbound connection: route it, then relay it through
+//! the tunnel, to a pod on this node, or out as passthrough.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::net::TcpStream;
+use tracing::{info_span, warn, Instrument};
+
+use super::{dropped, reset, Proxy};
+use crate::{
+    conns::{ConnInfo, Direction, Route, Transfer},
+    inventory::{self, Pod},
+    state::PodEntry,
+    stats::Stats,
+};
+
+/// Most bytes read from a client before its tunnel stream is open.
+const EARLY_DATA_MAX: usize = 16 * 1024;
+
+/// Serves one captured connection of `pod` from its client `peer`.
+pub async fn serve(p: Proxy, pod: Arc<PodEntry>, client: TcpStream, peer: SocketAddr) {
+    Stats::inc(&p.stats.outbound_accepted);
+    let Some(dst) = p.orig_dst.take_orig_dst(pod.cookie, peer) else {
+        Stats::inc(&p.stats.outbound_no_orig_dst);
+        warn!(pod = %pod.key(), %peer, "captured connection with no recorded original destination; closing");
+        reset(client);
+        return;
+    };
+    let inv = p.state.inventory();
+    // A Service ClusterIP is resolved to a ready endpoint first (capture
+    // happens before kube-proxy's DNAT could).
+    let dst = p.state.resolve_service(&inv, dst).unwrap_or(dst);
+    let route = inv.route(p.state.node(), dst.ip());
+    let span = info_span!("outbound", src = %pod.key(), %dst, route = ?route);
+    async move {
+        let info = |route: Route, peer_pod: Option<&Pod>| ConnInfo {
+            direction: Direction::Outbound,
+            route,
+            pod: pod.key(),
+            src: peer,
+            dst,
+            peer_pod: peer_pod.map(Pod::key),
+            src_identity: Some(pod.identity.clone()),
+            dst_identity: peer_pod.map(|d| d.spiffe_id(&inv.inv.trust_domain)),
+            transport: None,
+        };
+        let src_ip = pod.pod.ips.iter().copied().find(|ip| ip.is_ipv4() == dst.ip().is_ipv4());
+        match route {
+            inventory::Route::RemotePod { pod: dst_key, .. } => {
+                let Some(dst_pod) = inv.inv.pods.get(&dst_key) else {
+                    dropped(&p.stats, &pod, peer, "destination pod left the inventory");
+                    reset(client);
+                    return;
+                };
+                tunnel(&p, &pod, dst_pod, client, peer, dst, info(Route::Tunnel, Some(dst_pod)))
+                    .await;
+            }
+            inventory::Route::LocalPod(key) => {
+                if let Some(dst_pod) = p.state.pod(&key) {
+                    Stats::inc(&p.stats.outbound_local);
+                    let up = dst_pod.net.deliver(src_ip, dst).await;
+                    relay(&p, client, up, info(Route::Local, Some(&dst_pod.pod))).await;
+                } else {
+                    // Enrolled but not served yet (being set up): as if
+                    // not enrolled, like any pod the node does not serve.
+                    Stats::inc(&p.stats.outbound_passthrough);
+                    let up = pod.net.connect(dst).await;
+                    relay(&p, client, up, info(Route::Passthrough, inv.pod_by_ip(dst.ip()))).await;
+                }
+            }
+            inventory::Route::Passthrough => {
+                Stats::inc(&p.stats.outbound_passthrough);
+                let up = pod.net.connect(dst).await;
+                relay(&p, client, up, info(Route::Passthrough, inv.pod_by_ip(dst.ip()))).await;
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Relays the client with a plain TCP upstream (local delivery, passthrough).
+async fn relay(
+    p: &Proxy,
+    mut client: TcpStream,
+    upstream: std::io::Result<TcpStream>,
+    info: ConnInfo,
+) {
+    let mut upstream = match upstream {
+        Ok(s) => s,
+        Err(e) => {
+            Stats::inc(&p.stats.outbound_failed);
+            warn!(error = %e, "cannot reach the original destination; resetting the client");
+            reset(client);
+            return;
+        }
+    };
+    let mut guard = p.conns.open(info);
+    let o = tlsmesh_tunnel::splice(&mut client, &mut upstream).await;
+    // The client (the pod) is the first side.
+    let t = Transfer::pod_first(o.a_to_b, o.b_to_a);
+    match o.error {
+        Some(e) => guard.failed(t, e),
+        None => guard.finished(t),
+    }
+}
+
+/// The remote-pod branch: through the mTLS tunnel to the destination node.
+async fn tunnel(
+    p: &Proxy,
+    pod: &PodEntry,
+    dst_pod: &Pod,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    mut info: ConnInfo,
+) {
+    let Some(mesh) = &p.mesh else {
+        Stats::inc(&p.stats.tunnel_failed);
+        warn!(dst_pod = %dst_pod.key(), "no CA configured (set identity.ca_dir or identity.ca_addr): cannot tunnel to an enrolled pod on another node; resetting the client");
+        reset(client);
+        return;
+    };
+    // What the client already sent travels with the CONNECT request
+    // (saves a round trip for client-speaks-first protocols). An EOF here
+    // is seen again by the splice.
+    let early = early_data(&client);
+    let early_len = early.len() as u64;
+    let mut stream = match mesh.open(&pod.pod, dst_pod, dst, peer.port(), early).await {
+        Ok(s) => s,
+        Err(e) => {
+            Stats::inc(&p.stats.tunnel_failed);
+            warn!(dst_pod = %dst_pod.key(), error = %e, kind = e.kind(), "tunnel to the destination failed; resetting the client");
+            reset(client);
+            return;
+        }
+    };
+    Stats::inc(&p.stats.outbound_tunnel);
+    info.transport = Some(stream.transport().to_string());
+    let mut guard = p.conns.open(info);
+    let o = tlsmesh_tunnel::splice(&mut client, &mut stream).await;
+    let t = Transfer::pod_first(o.a_to_b + early_len, o.b_to_a);
+    match o.error {
+        // An error after bytes moved is the peer going away mid-stream; with
+        // none moved, the stream never worked.
+        Some(e) => {
+            stream.reset();
+            guard.failed(t, e);
+        }
+        None => guard.finished(t),
+    }
+}
+
+/// Bytes a captured client sent before the tunnel was open, read without
+/// waiting (none for server-speaks-first protocols).
+fn early_data(client: &TcpStream) -> bytes::Bytes {
+    let mut buf = [0u8; EARLY_DATA_MAX];
+    match client.try_read(&mut buf) {
+        Ok(n) if n > 0 => bytes::Bytes::copy_from_slice(&buf[..n]),
+        _ => bytes::Bytes::new(),
+    }
+}

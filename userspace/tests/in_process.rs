@@ -1,0 +1,267 @@
+//! The proxy half of a daemon run in this process against the loopback
+//! fakes of the kernel edges (`tlsmesh::testing`): no root, no BPF, no
+//! network namespaces. Each test names the defect it guards against.
+
+#![allow(clippy::similar_names, clippy::many_single_char_names, reason = "short names in tests")]
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tlsmesh::{
+    conns::{ConnTable, Route},
+    inventory::{Inventory, Mode},
+    kernel::OrigDst,
+    proxy::Proxy,
+    scope::{Drain, Scope},
+    state::{NodeState, StateSettings},
+    stats::Stats,
+    testing::{self, FixedOrigDst},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+const TD: &str = "cluster.local";
+
+struct Harness {
+    state: Arc<NodeState>,
+    conns: ConnTable,
+    stats: Arc<Stats>,
+    proxy: Proxy,
+    root: Scope,
+}
+
+fn harness(orig: Arc<dyn OrigDst>) -> Harness {
+    let stats = Arc::new(Stats::default());
+    let conns = ConnTable::new(Arc::clone(&stats));
+    let state = Arc::new(NodeState::new(StateSettings {
+        node: "n0".into(),
+        probe_sources: vec![],
+        allow_node_probes: false,
+    }));
+    let proxy = Proxy {
+        state: Arc::clone(&state),
+        conns: conns.clone(),
+        stats: Arc::clone(&stats),
+        orig_dst: orig,
+        mesh: None,
+        drain: Drain::new(),
+    };
+    Harness { state, conns, stats, proxy, root: Scope::new() }
+}
+
+/// An app that reads everything, then answers with `reply` bytes and closes.
+async fn app(reply: usize) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let _ = s.read_to_end(&mut buf).await;
+                let _ = s.write_all(&vec![b'r'; reply]).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// An app that accepts and holds every connection open, never answering.
+async fn silent_app() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    addr
+}
+
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Sends `n` bytes, half-closes, reads to the end.
+async fn exchange(to: SocketAddr, n: usize) -> Vec<u8> {
+    let mut s = TcpStream::connect(to).await.unwrap();
+    s.write_all(&vec![b'q'; n]).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    back
+}
+
+#[tokio::test]
+async fn passthrough_is_in_the_table_while_open_and_counted_when_closed() {
+    let dst = app(300).await;
+    let h = harness(Arc::new(FixedOrigDst::to(dst)));
+    let mut inv = Inventory { trust_domain: TD.into(), ..Inventory::default() };
+    let p = testing::pod("ns", "client", "n0", "10.0.0.2", Mode::Strict);
+    inv.pods.insert(p.key(), p.clone());
+    h.state.set_inventory(inv);
+    let (pod, _) = testing::served(p, &h.root, TD);
+    let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listen = outbound.local_addr().unwrap();
+    h.proxy.serve_pod(&pod, vec![outbound], vec![]);
+
+    let back = exchange(listen, 1000).await;
+    assert_eq!(back.len(), 300);
+    until("the connection to leave the table", || h.conns.is_empty()).await;
+    let s = h.stats.snapshot();
+    assert_eq!((s.outbound_passthrough, s.bytes_from_pods, s.bytes_to_pods), (1, 1000, 300));
+}
+
+/// Defect 1: removing a pod used to drop its connections' futures with the
+/// matching `dec` never run, so the open-connection count only grew and the
+/// drain always waited its full deadline.
+#[tokio::test]
+async fn removing_a_pod_ends_its_connections_and_empties_the_table() {
+    let dst = silent_app().await;
+    let h = harness(Arc::new(FixedOrigDst::to(dst)));
+    let p = testing::pod("ns", "client", "n0", "10.0.0.2", Mode::Strict);
+    let (pod, _) = testing::served(p, &h.root, TD);
+    let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listen = outbound.local_addr().unwrap();
+    h.proxy.serve_pod(&pod, vec![outbound], vec![]);
+
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let mut c = TcpStream::connect(listen).await.unwrap();
+        c.write_all(b"hello").await.unwrap();
+        clients.push(c);
+    }
+    until("five open connections", || h.conns.len() == 5).await;
+    let listed = h.conns.list();
+    assert!(listed.iter().all(|c| c.info.route == Route::Passthrough && c.info.pod == "ns/client"));
+    assert!(h.state.pod_count() == 0 && pod.scope.running() >= 6, "listener + 5 connections");
+
+    tokio::time::timeout(Duration::from_secs(5), pod.scope.end()).await.expect("scope ends");
+    assert!(h.conns.is_empty(), "no entry outlives its pod: {:?}", h.conns.list());
+    tokio::time::timeout(Duration::from_secs(5), h.conns.empty())
+        .await
+        .expect("a drain would not wait");
+    for mut c in clients {
+        let mut b = [0u8; 16];
+        let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b)).await.expect("closed");
+        assert!(matches!(r, Ok(0) | Err(_)), "the client sees its connection end: {r:?}");
+    }
+}
+
+/// Defect 10: on the inbound plaintext path the byte counters were swapped
+/// (the splice's "pod side" there is the remote client).
+#[tokio::test]
+async fn inbound_plaintext_bytes_are_counted_the_right_way_round() {
+    let app_addr = app(77).await;
+    let h = harness(Arc::new(FixedOrigDst::default()));
+    let p = testing::pod("ns", "server", "n0", "127.0.0.1", Mode::Permissive);
+    let (pod, _) = testing::served_with(p, &h.root, TD, testing::LoopbackPod::with_app(app_addr));
+    let inbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listen = inbound.local_addr().unwrap();
+    h.proxy.serve_pod(&pod, vec![], vec![inbound]);
+
+    // A client that is not enrolled sends 1234 bytes to the pod; its app
+    // answers with 77.
+    let back = exchange(listen, 1234).await;
+    assert_eq!(back.len(), 77);
+    until("the connection to leave the table", || h.conns.is_empty()).await;
+    let s = h.stats.snapshot();
+    assert_eq!(s.inbound_plaintext_accepted, 1);
+    assert_eq!(s.bytes_to_pods, 1234, "what the client sent reached the pod");
+    assert_eq!(s.bytes_from_pods, 77, "what the pod's app answered left it");
+}
+
+#[tokio::test]
+async fn a_strict_pod_refuses_plaintext_and_records_the_deny() {
+    let app_addr = app(1).await;
+    let h = harness(Arc::new(FixedOrigDst::default()));
+    let p = testing::pod("ns", "server", "n0", "127.0.0.1", Mode::Strict);
+    let (pod, _) = testing::served_with(p, &h.root, TD, testing::LoopbackPod::with_app(app_addr));
+    let inbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listen = inbound.local_addr().unwrap();
+    h.proxy.serve_pod(&pod, vec![], vec![inbound]);
+    let mut c = TcpStream::connect(listen).await.unwrap();
+    let mut b = [0u8; 4];
+    let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b)).await.expect("answered");
+    assert!(r.is_err() || matches!(r, Ok(0)), "refused: {r:?}");
+    until("the refusal to be counted", || h.stats.snapshot().inbound_plaintext_refused == 1).await;
+    let d = h.state.denies();
+    assert_eq!(d.len(), 1);
+    assert!(d[0].reason.contains("strict") && d[0].destination.contains("ns/server"), "{d:?}");
+    assert!(h.conns.is_empty());
+}
+
+/// Defect 12: a captured connection the daemon cannot relay leaves a
+/// counter and a log line, and the client sees a reset, not a silent EOF.
+#[tokio::test]
+async fn a_capture_without_an_original_destination_is_counted_and_reset() {
+    let h = harness(Arc::new(FixedOrigDst::default()));
+    let p = testing::pod("ns", "client", "n0", "10.0.0.2", Mode::Strict);
+    let (pod, _) = testing::served(p, &h.root, TD);
+    let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listen = outbound.local_addr().unwrap();
+    h.proxy.serve_pod(&pod, vec![outbound], vec![]);
+    let mut c = TcpStream::connect(listen).await.unwrap();
+    let mut b = [0u8; 4];
+    let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b)).await.expect("answered");
+    assert_eq!(r.map_err(|e| e.kind()).err(), Some(std::io::ErrorKind::ConnectionReset));
+    until("the drop to be counted", || h.stats.snapshot().outbound_no_orig_dst == 1).await;
+    assert!(h.conns.is_empty());
+}
+
+/// A remote enrolled destination with no tunnel configured is refused (and
+/// counted), never passed through in plaintext.
+#[tokio::test]
+async fn no_tunnel_means_no_plaintext_to_a_remote_enrolled_pod() {
+    let remote = app(5).await;
+    let h = harness(Arc::new(FixedOrigDst::to(remote)));
+    let mut inv = Inventory { trust_domain: TD.into(), ..Inventory::default() };
+    let client = testing::pod("ns", "client", "n0", "10.0.0.2", Mode::Strict);
+    let server = testing::pod("ns", "server", "n1", "127.0.0.1", Mode::Strict);
+    inv.pods.insert(client.key(), client.clone());
+    inv.pods.insert(server.key(), server);
+    h.state.set_inventory(inv);
+    let (pod, _) = testing::served(client, &h.root, TD);
+    let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listen = outbound.local_addr().unwrap();
+    h.proxy.serve_pod(&pod, vec![outbound], vec![]);
+    let mut c = TcpStream::connect(listen).await.unwrap();
+    let mut b = [0u8; 8];
+    let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b)).await.expect("answered");
+    assert!(r.is_err(), "reset: {r:?}");
+    until("the failure to be counted", || h.stats.snapshot().tunnel_failed == 1).await;
+    assert_eq!(h.stats.snapshot().outbound_passthrough, 0);
+}
+
+/// Drain: accept loops stop, open connections finish on their own.
+#[tokio::test]
+async fn drain_stops_accepting_and_lets_open_connections_finish() {
+    let dst = app(10).await;
+    let h = harness(Arc::new(FixedOrigDst::to(dst)));
+    let p = testing::pod("ns", "client", "n0", "10.0.0.2", Mode::Strict);
+    let (pod, _) = testing::served(p, &h.root, TD);
+    let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listen = outbound.local_addr().unwrap();
+    h.proxy.serve_pod(&pod, vec![outbound], vec![]);
+    let mut open = TcpStream::connect(listen).await.unwrap();
+    open.write_all(b"abc").await.unwrap();
+    until("the connection to be open", || h.conns.len() == 1).await;
+    h.proxy.drain.start();
+    until("the listener to close", || std::net::TcpStream::connect(listen).is_err()).await;
+    // The open one still completes.
+    open.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    open.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back.len(), 10);
+    tokio::time::timeout(Duration::from_secs(5), h.conns.empty()).await.expect("drained");
+}
