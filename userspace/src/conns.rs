@@ -35,6 +35,16 @@ pub enum Direction {
     Inbound,
 }
 
+impl Direction {
+    /// The lower-case name (as in `/config_dump`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
 /// How the connection is carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -49,6 +59,19 @@ pub enum Route {
     Plaintext,
     /// A node probe accepted in plaintext.
     Probe,
+}
+
+impl Route {
+    /// The lower-case name (as in `/config_dump`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Tunnel => "tunnel",
+            Route::Local => "local",
+            Route::Passthrough => "passthrough",
+            Route::Plaintext => "plaintext",
+            Route::Probe => "probe",
+        }
+    }
 }
 
 /// What is known about a connection when it opens.
@@ -251,20 +274,20 @@ impl Drop for ConnGuard {
         Stats::add(&self.table.stats.bytes_to_pods, t.to_pod);
         let i = &e.info;
         info!(
-            direction = ?i.direction,
-            route = ?i.route,
+            direction = i.direction.as_str(),
+            route = i.route.as_str(),
             pod = %i.pod,
             src = %i.src,
             dst = %i.dst,
-            peer_pod = i.peer_pod.as_deref().unwrap_or("-"),
-            src_identity = i.src_identity.as_deref().unwrap_or("-"),
-            dst_identity = i.dst_identity.as_deref().unwrap_or("-"),
-            transport = i.transport.as_deref().unwrap_or("-"),
+            peer_pod = %i.peer_pod.as_deref().unwrap_or("-"),
+            src_identity = %i.src_identity.as_deref().unwrap_or("-"),
+            dst_identity = %i.dst_identity.as_deref().unwrap_or("-"),
+            transport = %i.transport.as_deref().unwrap_or("-"),
             bytes_from_pod = t.from_pod,
             bytes_to_pod = t.to_pod,
             duration_ms = e.since.elapsed().as_millis(),
-            outcome,
-            error = error.as_deref().unwrap_or("-"),
+            outcome = %outcome,
+            error = %error.as_deref().unwrap_or("-"),
             "connection complete"
         );
     }
