@@ -131,7 +131,8 @@ struct Proc {
 impl Proc {
     fn spawn(name: &'static str, bin: &Path, args: &[String], dir: &Path) -> Proc {
         let log = dir.join(format!("{name}.log"));
-        let out = File::create(&log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        let out =
+            File::create(&log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
         let err = out.try_clone().expect("dup the log file");
         let mut cmd = Command::new(bin);
         cmd.args(args).current_dir(dir).stdin(Stdio::null()).stdout(out).stderr(err);
@@ -190,7 +191,7 @@ pub struct ControlPlane {
     procs: Vec<Proc>,
     startup: Duration,
     /// Held while running: see [`parallel`].
-    _slot: Option<SemaphorePermit<'static>>,
+    slot: Option<SemaphorePermit<'static>>,
 }
 
 impl fmt::Debug for ControlPlane {
@@ -256,13 +257,20 @@ impl ControlPlane {
     /// Starts etcd, kube-apiserver and kube-controller-manager and waits
     /// until they serve (bounded: panics with the logs after 90 s).
     pub async fn start() -> ControlPlane {
+        Self::start_with_apiserver_args(&[]).await
+    }
+
+    /// [`ControlPlane::start`] with extra kube-apiserver flags, e.g.
+    /// `--runtime-config=discovery.k8s.io/v1beta1=false` to take an API
+    /// version away.
+    pub async fn start_with_apiserver_args(extra: &[&str]) -> ControlPlane {
         let bins = binaries();
         let slot = slots().acquire().await.expect("the slot semaphore is never closed");
         let mut attempt = 1;
         loop {
-            match Self::try_start(&bins).await {
+            match Self::try_start(&bins, extra).await {
                 Ok(mut cp) => {
-                    cp._slot = Some(slot);
+                    cp.slot = Some(slot);
                     return cp;
                 }
                 Err(StartFailure { message, retry }) => {
@@ -276,7 +284,7 @@ impl ControlPlane {
         }
     }
 
-    async fn try_start(bins: &Binaries) -> Result<ControlPlane, StartFailure> {
+    async fn try_start(bins: &Binaries, extra: &[&str]) -> Result<ControlPlane, StartFailure> {
         let t0 = Instant::now();
         let dir = instance_dir();
         pki::generate(&dir);
@@ -299,7 +307,7 @@ impl ControlPlane {
             kubeconfig,
             procs: Vec::new(),
             startup: Duration::ZERO,
-            _slot: None,
+            slot: None,
         };
 
         let etcd_url = format!("http://127.0.0.1:{etcd_client}");
@@ -317,7 +325,7 @@ impl ControlPlane {
         ];
         cp.procs.push(Proc::spawn("etcd", &bins.etcd, &etcd_args, &dir));
 
-        let apiserver_args = [
+        let mut apiserver_args = vec![
             format!("--etcd-servers={etcd_url}"),
             "--bind-address=127.0.0.1".to_owned(),
             "--advertise-address=127.0.0.1".to_owned(),
@@ -337,13 +345,12 @@ impl ControlPlane {
             "--allow-privileged=true".to_owned(),
             "--profiling=false".to_owned(),
         ];
-        cp.procs.insert(
-            0,
-            Proc::spawn("kube-apiserver", &bins.kube_apiserver, &apiserver_args, &dir),
-        );
+        apiserver_args.extend(extra.iter().map(|a| (*a).to_owned()));
+        cp.procs
+            .insert(0, Proc::spawn("kube-apiserver", &bins.kube_apiserver, &apiserver_args, &dir));
 
         if let Err(m) = cp.wait_ready().await {
-            return Err(cp.failed(m));
+            return Err(cp.failed(&m));
         }
 
         // Started only now: in 1.20 it gives up (exits) if the API server
@@ -364,14 +371,14 @@ impl ControlPlane {
             Proc::spawn("kube-controller-manager", &bins.kube_controller_manager, &kcm_args, &dir),
         );
         if let Err(m) = cp.wait_controllers().await {
-            return Err(cp.failed(m));
+            return Err(cp.failed(&m));
         }
         cp.startup = t0.elapsed();
         Ok(cp)
     }
 
     /// Stops what this attempt started; the directory goes with `self`.
-    fn failed(&mut self, message: String) -> StartFailure {
+    fn failed(&mut self, message: &str) -> StartFailure {
         let logs = self.tails(25);
         let retry = logs.contains("address already in use");
         self.stop_all();
@@ -487,9 +494,12 @@ impl ControlPlane {
             let sa = sas.get_opt(name).await.ok().flatten();
             for r in sa.and_then(|s| s.secrets).unwrap_or_default() {
                 let Some(secret) = r.name else { continue };
-                let token = secrets.get_opt(&secret).await.ok().flatten().and_then(|s| {
-                    s.data.and_then(|d| d.get("token").map(|t| t.0.clone()))
-                });
+                let token = secrets
+                    .get_opt(&secret)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|s| s.data.and_then(|d| d.get("token").map(|t| t.0.clone())));
                 if let Some(t) = token {
                     return String::from_utf8(t).expect("a token is ASCII");
                 }

@@ -3,7 +3,7 @@
 //! also when the test panics.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -17,7 +17,7 @@ fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
-fn assert_gone(pids: &[u32], dir: &PathBuf) {
+fn assert_gone(pids: &[u32], dir: &Path) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while pids.iter().any(|p| alive(*p)) {
         assert!(Instant::now() < deadline, "processes {pids:?} still running after drop");
@@ -63,7 +63,8 @@ async fn real_apiserver_harness_serves_and_cleans_up() {
 
 #[test]
 fn real_apiserver_harness_cleans_up_when_the_test_panics() {
-    let seen: Arc<Mutex<Option<(Vec<u32>, PathBuf)>>> = Arc::default();
+    type Seen = Option<(Vec<u32>, PathBuf)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
     let inner = seen.clone();
     let result = std::thread::spawn(move || {
         tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(
