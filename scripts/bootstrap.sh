@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian 12 machine (root): apt packages,
-# bpf-linker, the Helm venv for the chart tests, cgroup v2 and bpffs checks.
+# bpf-linker, the Helm venv for the chart tests, the Kubernetes control plane
+# for the API tests (scripts/kube-control-plane.sh), cgroup v2 and bpffs checks.
 # A second run does nothing and takes seconds. Called by both README
 # commands; safe to run by hand.
 set -euo pipefail
@@ -19,6 +20,9 @@ APT_PACKAGES=(
   iproute2 iperf3 stunnel4 openssl bpftool tcpdump util-linux procps
   build-essential ca-certificates curl
   ruby python3 python3-venv
+  # The real Kubernetes control plane the API tests run against
+  # (scripts/kube-control-plane.sh builds it from Debian's source package).
+  golang-go rsync jq dpkg-dev golang-github-modern-go-reflect2-dev etcd-server
 )
 
 missing=()
@@ -67,6 +71,12 @@ if ! "$HELM_VENV/bin/python" -c 'import helm_python' 2>/dev/null; then
   "$HELM_VENV/bin/python" -c 'import helm_python' \
     || die "$HELM_SDK installed but 'import helm_python' fails in $HELM_VENV"
 fi
+
+# kube-apiserver and kube-controller-manager v1.20.2 for the real-API-server
+# tests (kubeharness/): built once per machine into /var/cache/tlsmesh (the
+# script says why there), linked into target/tools/kubernetes/bin.
+bash "$REPO/scripts/kube-control-plane.sh" \
+  || die "could not build the Kubernetes control plane; see the message above"
 
 # Kernel checks.
 [[ -d /proc/sys/net/ipv4 ]] || die "no IPv4 networking in this kernel"

@@ -24,6 +24,13 @@
 //! * [`ClusterState::is_synced`] says every kind has been listed once; the
 //!   inventory must not be used before, or a half-listed cluster would
 //!   release enrolled pods.
+//! * Service endpoints come from `EndpointSlices` (`discovery.k8s.io/v1`, or
+//!   `v1beta1` converted to `v1` on Kubernetes 1.20) or, where neither is
+//!   served, from `v1` `Endpoints`; the kind [`Kind::EndpointSlice`] stands
+//!   for whichever source the watcher uses. A source that is not served at
+//!   all ([`Update::Unserved`]) counts as listed and empty, and is reported
+//!   as a [`Problem`]: the daemon runs without Service resolution rather
+//!   than not at all.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -32,7 +39,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
+    core::v1::{Endpoints, Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::ResourceExt as _;
@@ -71,6 +78,11 @@ pub enum Update {
     Service(Event<Service>),
     /// `EndpointSlices` (all).
     EndpointSlice(Event<EndpointSlice>),
+    /// `v1` `Endpoints` (all), where the API server serves no `EndpointSlices`.
+    Endpoints(Event<Endpoints>),
+    /// The API server serves no resource for this kind: it counts as listed
+    /// and empty, and `message` is reported as a problem.
+    Unserved { kind: Kind, message: String },
 }
 
 /// The kinds the state is built from.
@@ -84,7 +96,7 @@ pub enum Kind {
     Node,
     /// Services.
     Service,
-    /// `EndpointSlices`.
+    /// Service endpoints: `EndpointSlices`, or `Endpoints` where no slices are served.
     EndpointSlice,
 }
 
@@ -92,6 +104,36 @@ impl Kind {
     /// All kinds.
     pub const ALL: [Kind; 5] =
         [Kind::Namespace, Kind::Pod, Kind::Node, Kind::Service, Kind::EndpointSlice];
+
+    /// The API resource(s) the kind is read from, for messages.
+    pub fn resource(self) -> &'static str {
+        match self {
+            Kind::Namespace => "namespaces",
+            Kind::Pod => "pods",
+            Kind::Node => "nodes",
+            Kind::Service => "services",
+            Kind::EndpointSlice => "endpointslices.discovery.k8s.io (or endpoints)",
+        }
+    }
+}
+
+impl Update {
+    /// The kind this update is about, and whether it is a complete list
+    /// (an unserved kind counts as one: listed, and empty).
+    pub fn kind(&self) -> (Kind, bool) {
+        fn restarted<K>(e: &Event<K>) -> bool {
+            matches!(e, Event::Restarted(_))
+        }
+        match self {
+            Update::Namespace(e) => (Kind::Namespace, restarted(e)),
+            Update::Pod(e) => (Kind::Pod, restarted(e)),
+            Update::Node(e) => (Kind::Node, restarted(e)),
+            Update::Service(e) => (Kind::Service, restarted(e)),
+            Update::EndpointSlice(e) => (Kind::EndpointSlice, restarted(e)),
+            Update::Endpoints(e) => (Kind::EndpointSlice, restarted(e)),
+            Update::Unserved { kind, .. } => (*kind, true),
+        }
+    }
 }
 
 /// A pod as the [`NetnsResolver`] is asked about it.
@@ -199,6 +241,10 @@ pub struct ClusterState {
     nodes: BTreeMap<String, Vec<IpAddr>>,
     services: BTreeMap<String, SvcInfo>,
     slices: BTreeMap<String, SliceInfo>,
+    /// From `v1` `Endpoints`: one record per subset and address family.
+    endpoints: BTreeMap<String, Vec<SliceInfo>>,
+    /// Kinds the API server does not serve, and what to tell the operator.
+    unserved: BTreeMap<Kind, String>,
     listed: BTreeSet<Kind>,
 }
 
@@ -342,6 +388,58 @@ fn slice_info(s: &EndpointSlice) -> SliceInfo {
     }
 }
 
+/// A `v1` `Endpoints` object as slice records: one per subset and address
+/// family (`addresses` are ready, `notReadyAddresses` are not).
+fn endpoints_info(e: &Endpoints) -> Vec<SliceInfo> {
+    let namespace = e.namespace().unwrap_or_default();
+    let mut out = Vec::new();
+    for subset in e.subsets.iter().flatten() {
+        let ports: Vec<SvcPort> = subset
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                Some(SvcPort {
+                    name: p.name.clone().unwrap_or_default(),
+                    port: port_u16(p.port)?,
+                    tcp: is_tcp(p.protocol.as_ref()),
+                })
+            })
+            .collect();
+        let addrs = subset
+            .addresses
+            .iter()
+            .flatten()
+            .map(|a| (a, true))
+            .chain(subset.not_ready_addresses.iter().flatten().map(|a| (a, false)));
+        let mut by_family: [Vec<SliceEndpoint>; 2] = [Vec::new(), Vec::new()];
+        for (a, ready) in addrs {
+            let Some(ip) = parse_ips([&a.ip]).first().copied() else { continue };
+            let pod =
+                a.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| {
+                    Some(key_of(r.namespace.as_deref().or(Some(&namespace)), r.name.as_deref()?))
+                });
+            by_family[usize::from(ip.is_ipv6())].push(SliceEndpoint {
+                addrs: vec![ip],
+                ready,
+                pod,
+            });
+        }
+        for (ipv6, endpoints) in [false, true].into_iter().zip(by_family) {
+            if !endpoints.is_empty() {
+                out.push(SliceInfo {
+                    namespace: namespace.clone(),
+                    service: Some(e.name_any()),
+                    ipv6: Some(ipv6),
+                    ports: ports.clone(),
+                    endpoints,
+                });
+            }
+        }
+    }
+    out
+}
+
 /// Applies one event to a map of slim records; returns whether it changed.
 fn reduce<K, V: PartialEq>(
     map: &mut BTreeMap<String, V>,
@@ -390,6 +488,8 @@ impl ClusterState {
             nodes: BTreeMap::new(),
             services: BTreeMap::new(),
             slices: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
+            unserved: BTreeMap::new(),
             listed,
         }
     }
@@ -398,14 +498,26 @@ impl ClusterState {
     /// from changed (or the state just became synced).
     pub fn apply(&mut self, update: Update) -> bool {
         let was_synced = self.is_synced();
-        let (kind, restarted) = match &update {
-            Update::Namespace(e) => (Kind::Namespace, matches!(e, Event::Restarted(_))),
-            Update::Pod(e) => (Kind::Pod, matches!(e, Event::Restarted(_))),
-            Update::Node(e) => (Kind::Node, matches!(e, Event::Restarted(_))),
-            Update::Service(e) => (Kind::Service, matches!(e, Event::Restarted(_))),
-            Update::EndpointSlice(e) => (Kind::EndpointSlice, matches!(e, Event::Restarted(_))),
-        };
-        let changed = match update {
+        let (kind, restarted) = update.kind();
+        let mut changed = false;
+        if restarted && !matches!(update, Update::Unserved { .. }) {
+            // The source of this kind is served (again).
+            changed |= self.unserved.remove(&kind).is_some();
+        }
+        // Endpoints come from one source at a time: a (re-)list of one
+        // replaces what the other said.
+        match &update {
+            Update::EndpointSlice(Event::Restarted(_)) if !self.endpoints.is_empty() => {
+                self.endpoints.clear();
+                changed = true;
+            }
+            Update::Endpoints(Event::Restarted(_)) if !self.slices.is_empty() => {
+                self.slices.clear();
+                changed = true;
+            }
+            _ => {}
+        }
+        changed |= match update {
             Update::Namespace(e) => {
                 reduce(&mut self.namespaces, e, |n: &Namespace| n.name_any(), ns_mode)
             }
@@ -413,11 +525,29 @@ impl ClusterState {
             Update::Node(e) => reduce(&mut self.nodes, e, |n: &Node| n.name_any(), node_addresses),
             Update::Service(e) => reduce(&mut self.services, e, meta_key, svc_info),
             Update::EndpointSlice(e) => reduce(&mut self.slices, e, meta_key, slice_info),
+            Update::Endpoints(e) => reduce(&mut self.endpoints, e, meta_key, endpoints_info),
+            Update::Unserved { kind, message } => self.set_unserved(kind, message),
         };
         if restarted {
             self.listed.insert(kind);
         }
         changed || (self.is_synced() && !was_synced)
+    }
+
+    /// Records that `kind` is not served: its state is emptied.
+    fn set_unserved(&mut self, kind: Kind, message: String) -> bool {
+        let mut changed = self.unserved.insert(kind, message.clone()) != Some(message);
+        match kind {
+            Kind::Namespace => changed |= !std::mem::take(&mut self.namespaces).is_empty(),
+            Kind::Pod => changed |= !std::mem::take(&mut self.pods).is_empty(),
+            Kind::Node => changed |= !std::mem::take(&mut self.nodes).is_empty(),
+            Kind::Service => changed |= !std::mem::take(&mut self.services).is_empty(),
+            Kind::EndpointSlice => {
+                changed |= !std::mem::take(&mut self.slices).is_empty();
+                changed |= !std::mem::take(&mut self.endpoints).is_empty();
+            }
+        }
+        changed
     }
 
     /// Every kind has been listed at least once.
@@ -467,7 +597,14 @@ impl ClusterState {
     /// Builds the inventory and the problems found (bad label values,
     /// addresses claimed by two pods).
     pub fn inventory(&self, resolver: &dyn NetnsResolver) -> (Inventory, Vec<Problem>) {
-        let mut problems = Vec::new();
+        let mut problems: Vec<Problem> = self
+            .unserved
+            .iter()
+            .map(|(kind, message)| Problem {
+                subject: kind.resource().into(),
+                message: message.clone(),
+            })
+            .collect();
         for (ns, m) in &self.namespaces {
             if let NsMode::Invalid(v) = m {
                 problems.push(Problem {
@@ -549,7 +686,7 @@ impl ClusterState {
     /// `ClusterIP:port` → endpoints, from Services and their `EndpointSlices`.
     fn services_table(&self) -> BTreeMap<SocketAddr, ServiceBackends> {
         let mut slices_of: HashMap<(&str, &str), Vec<&SliceInfo>> = HashMap::new();
-        for s in self.slices.values() {
+        for s in self.slices.values().chain(self.endpoints.values().flatten()) {
             if let Some(svc) = &s.service {
                 slices_of.entry((s.namespace.as_str(), svc.as_str())).or_default().push(s);
             }

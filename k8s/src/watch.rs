@@ -7,15 +7,23 @@
 //! (with backoff); the re-list arrives here as `Init`, `InitApply`…,
 //! `InitDone` and is applied as one `Restarted`, which replaces that kind's
 //! state atomically.
+//!
+//! Service endpoints are read from what the API server serves
+//! ([`EndpointsSource`]): `discovery.k8s.io/v1` `EndpointSlices` first;
+//! when that is not served (404: Kubernetes 1.20 has only `v1beta1`) the
+//! watcher asks discovery and switches to `v1beta1` slices, else to `v1`
+//! `Endpoints`, else reports the kind as a problem and publishes without
+//! Service endpoints instead of waiting forever ([`Update::Unserved`]).
 
-use std::{fmt, sync::Arc};
+use std::{fmt, sync::Arc, time::Duration};
 
-use futures::{stream, FutureExt as _, Stream, StreamExt as _};
+use futures::{stream, stream::BoxStream, FutureExt as _, Stream, StreamExt as _};
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
+    core::v1::{Endpoints, Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
+    api::{ApiResource, DynamicObject},
     runtime::{watcher, WatchStreamExt as _},
     Api, Client,
 };
@@ -74,6 +82,9 @@ pub struct Options {
     /// Signalled when the resolver learned something; the inventory is
     /// rebuilt then (e.g. [`CniPods::changed`](crate::cni_server::CniPods::changed)).
     pub refresh: Arc<Notify>,
+    /// Where the problems found are published each time they change (they
+    /// are logged in any case); `None`: only logged.
+    pub problems: Option<channel::Sender<Vec<Problem>>>,
 }
 
 impl Options {
@@ -84,6 +95,7 @@ impl Options {
             trust_domain: trust_domain.into(),
             resolver: Arc::new(NoNetns),
             refresh: Arc::new(Notify::new()),
+            problems: None,
         }
     }
 }
@@ -99,17 +111,220 @@ impl fmt::Debug for Options {
 
 type Item = (Kind, Result<Option<Update>, watcher::Error>);
 
+/// Where Service endpoints are read from, in order of preference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointsSource {
+    /// `discovery.k8s.io/v1` `EndpointSlices` (Kubernetes 1.21+).
+    SlicesV1,
+    /// `discovery.k8s.io/v1beta1` `EndpointSlices` (1.17–1.24), converted to `v1`.
+    SlicesV1beta1,
+    /// `v1` `Endpoints` (every version).
+    EndpointsV1,
+}
+
+impl EndpointsSource {
+    /// In order of preference.
+    pub const ALL: [EndpointsSource; 3] =
+        [EndpointsSource::SlicesV1, EndpointsSource::SlicesV1beta1, EndpointsSource::EndpointsV1];
+
+    /// `(apiVersion, resource)`.
+    pub fn resource(self) -> (&'static str, &'static str) {
+        match self {
+            EndpointsSource::SlicesV1 => ("discovery.k8s.io/v1", "endpointslices"),
+            EndpointsSource::SlicesV1beta1 => ("discovery.k8s.io/v1beta1", "endpointslices"),
+            EndpointsSource::EndpointsV1 => ("v1", "endpoints"),
+        }
+    }
+
+    /// The preferred source among what is served (`served`: `(apiVersion,
+    /// resource)` pairs from discovery); `None` if none is.
+    pub fn choose(served: &[(String, String)]) -> Option<EndpointsSource> {
+        Self::ALL.into_iter().find(|s| {
+            let (v, r) = s.resource();
+            served.iter().any(|(sv, sr)| sv == v && sr == r)
+        })
+    }
+}
+
+/// The message for an API server that serves no endpoints source at all.
+pub const UNSERVED_ENDPOINTS: &str = "the API server serves neither discovery.k8s.io/v1 nor v1beta1 EndpointSlices nor v1 Endpoints: Service ClusterIPs are not resolved to their pods; discovery is asked again every 5 minutes";
+
+/// How long to wait before asking discovery again after it found nothing.
+#[expect(clippy::duration_suboptimal_units, reason = "MSRV 1.85 lacks Duration::from_mins")]
+const REDISCOVER: Duration = Duration::from_secs(300);
+
+fn not_found(e: &watcher::Error) -> bool {
+    matches!(
+        e,
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+            | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+            | watcher::Error::WatchFailed(kube::Error::Api(s))
+            if s.code == 404
+    ) || matches!(e, watcher::Error::WatchError(s) if s.code == 404)
+}
+
+/// Asks the API server's discovery which endpoints sources it serves.
+async fn discover(client: &Client) -> Result<Option<EndpointsSource>, kube::Error> {
+    let mut served = Vec::new();
+    for source in EndpointsSource::ALL {
+        let (version, _) = source.resource();
+        let list = if version.contains('/') {
+            client.list_api_group_resources(version).await
+        } else {
+            client.list_core_api_resources(version).await
+        };
+        match list {
+            Ok(list) => {
+                served.extend(list.resources.into_iter().map(|r| (version.to_owned(), r.name)));
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(EndpointsSource::choose(&served))
+}
+
+/// A `discovery.k8s.io/v1beta1` slice as a `v1` one: the fields the state
+/// reads (addresses, conditions, targetRef, ports, addressType, the
+/// service-name label) are the same in both.
+fn slice_from_v1beta1(o: DynamicObject) -> Option<EndpointSlice> {
+    let name = o.metadata.name.clone();
+    let mut v = serde_json::to_value(o).ok()?;
+    v["apiVersion"] = "discovery.k8s.io/v1".into();
+    v["kind"] = "EndpointSlice".into();
+    match serde_json::from_value(v) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(slice = ?name, error = %e, "a discovery.k8s.io/v1beta1 EndpointSlice could not be read; left out");
+            None
+        }
+    }
+}
+
+fn v1beta1_event(ev: Event<DynamicObject>) -> Option<Update> {
+    let ev = match ev {
+        Event::Applied(o) => Event::Applied(slice_from_v1beta1(o)?),
+        Event::Deleted(o) => Event::Deleted(slice_from_v1beta1(o)?),
+        Event::Restarted(list) => {
+            Event::Restarted(list.into_iter().filter_map(slice_from_v1beta1).collect())
+        }
+    };
+    Some(Update::EndpointSlice(ev))
+}
+
+fn source_stream(client: &Client, source: EndpointsSource) -> BoxStream<'static, Item> {
+    let config = watcher::Config::default();
+    match source {
+        EndpointsSource::SlicesV1 => kind_stream(
+            Api::<EndpointSlice>::all(client.clone()),
+            config,
+            Kind::EndpointSlice,
+            |e| Some(Update::EndpointSlice(e)),
+        )
+        .boxed(),
+        EndpointsSource::SlicesV1beta1 => {
+            let ar = ApiResource {
+                group: "discovery.k8s.io".into(),
+                version: "v1beta1".into(),
+                api_version: "discovery.k8s.io/v1beta1".into(),
+                kind: "EndpointSlice".into(),
+                plural: "endpointslices".into(),
+            };
+            kind_stream(
+                Api::<DynamicObject>::all_with(client.clone(), &ar),
+                config,
+                Kind::EndpointSlice,
+                v1beta1_event,
+            )
+            .boxed()
+        }
+        EndpointsSource::EndpointsV1 => {
+            kind_stream(Api::<Endpoints>::all(client.clone()), config, Kind::EndpointSlice, |e| {
+                Some(Update::Endpoints(e))
+            })
+            .boxed()
+        }
+    }
+}
+
+enum EndpointsState {
+    Watching(EndpointsSource, BoxStream<'static, Item>),
+    /// Ask discovery after `delay`; `backoff` is the delay after a failure.
+    Discover {
+        delay: Duration,
+        backoff: Duration,
+    },
+}
+
+/// Service endpoints from the first source that is served: `v1` slices
+/// until the API server says 404, then whatever discovery finds.
+fn endpoints_stream(client: Client) -> impl Stream<Item = Item> + Send + 'static {
+    let first = EndpointsState::Watching(
+        EndpointsSource::SlicesV1,
+        source_stream(&client, EndpointsSource::SlicesV1),
+    );
+    stream::unfold((client, first), |(client, st)| async move {
+        match st {
+            EndpointsState::Watching(source, mut s) => {
+                let item = s.next().await?;
+                let next = match &item.1 {
+                    Err(e) if not_found(e) => {
+                        info!(?source, "Service endpoints: {} {} not served by this API server; asking discovery what is", source.resource().0, source.resource().1);
+                        EndpointsState::Discover {
+                            delay: Duration::ZERO,
+                            backoff: Duration::from_secs(1),
+                        }
+                    }
+                    _ => EndpointsState::Watching(source, s),
+                };
+                Some((item, (client, next)))
+            }
+            EndpointsState::Discover { delay, backoff } => {
+                tokio::time::sleep(delay).await;
+                let (item, next) = match discover(&client).await {
+                    Ok(Some(source)) => {
+                        let (v, r) = source.resource();
+                        info!(?source, "Service endpoints from {r} ({v})");
+                        let s = source_stream(&client, source);
+                        (Ok(None), EndpointsState::Watching(source, s))
+                    }
+                    Ok(None) => (
+                        Ok(Some(Update::Unserved {
+                            kind: Kind::EndpointSlice,
+                            message: UNSERVED_ENDPOINTS.into(),
+                        })),
+                        EndpointsState::Discover {
+                            delay: REDISCOVER,
+                            backoff: Duration::from_secs(1),
+                        },
+                    ),
+                    Err(e) => (
+                        Err(watcher::Error::InitialListFailed(e)),
+                        EndpointsState::Discover {
+                            delay: backoff,
+                            backoff: (backoff * 2).min(Duration::from_secs(30)),
+                        },
+                    ),
+                };
+                Some(((Kind::EndpointSlice, item), (client, next)))
+            }
+        }
+    })
+}
+
 fn kind_stream<K>(
     api: Api<K>,
     config: watcher::Config,
     kind: Kind,
-    wrap: fn(Event<K>) -> Update,
+    wrap: fn(Event<K>) -> Option<Update>,
 ) -> impl Stream<Item = Item> + Send + 'static
 where
     K: kube::Resource + Clone + DeserializeOwned + fmt::Debug + Send + Sync + 'static,
 {
     let mut buf = InitBuffer::default();
-    watcher(api, config).default_backoff().map(move |r| (kind, r.map(|ev| buf.push(ev).map(wrap))))
+    watcher(api, config)
+        .default_backoff()
+        .map(move |r| (kind, r.map(|ev| buf.push(ev).and_then(wrap))))
 }
 
 /// Watches the cluster and publishes the inventory on `tx` each time it
@@ -123,35 +338,29 @@ pub async fn run(client: Client, opts: Options, tx: channel::Sender<Inventory>) 
             Api::<Namespace>::all(client.clone()),
             watcher::Config::default(),
             Kind::Namespace,
-            Update::Namespace,
+            |e| Some(Update::Namespace(e)),
         )
         .boxed(),
-        kind_stream(
-            Api::<Pod>::all(client.clone()),
-            watcher::Config::default(),
-            Kind::Pod,
-            Update::Pod,
-        )
+        kind_stream(Api::<Pod>::all(client.clone()), watcher::Config::default(), Kind::Pod, |e| {
+            Some(Update::Pod(e))
+        })
         .boxed(),
         kind_stream(
             Api::<Service>::all(client.clone()),
             watcher::Config::default(),
             Kind::Service,
-            Update::Service,
+            |e| Some(Update::Service(e)),
         )
         .boxed(),
-        kind_stream(
-            Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default(),
-            Kind::EndpointSlice,
-            Update::EndpointSlice,
-        )
-        .boxed(),
+        endpoints_stream(client.clone()).boxed(),
     ];
     if let Some(node) = &opts.node {
         let config = watcher::Config::default().fields(&format!("metadata.name={node}"));
         streams.push(
-            kind_stream(Api::<Node>::all(client.clone()), config, Kind::Node, Update::Node).boxed(),
+            kind_stream(Api::<Node>::all(client.clone()), config, Kind::Node, |e| {
+                Some(Update::Node(e))
+            })
+            .boxed(),
         );
     }
     let mut events = stream::select_all(streams);
@@ -183,6 +392,9 @@ pub async fn run(client: Client, opts: Options, tx: channel::Sender<Inventory>) 
             for p in &problems {
                 warn!(subject = %p.subject, problem = %p.message, "Kubernetes object not used as is");
             }
+            if let Some(out) = &opts.problems {
+                let _ = out.send(problems.clone());
+            }
             last_problems = problems;
         }
         let published = tx.send_if_modified(|cur| {
@@ -202,14 +414,7 @@ pub async fn run(client: Client, opts: Options, tx: channel::Sender<Inventory>) 
 fn handle(state: &mut ClusterState, (kind, item): Item) -> bool {
     match item {
         Ok(Some(update)) => {
-            let restarted = matches!(
-                &update,
-                Update::Namespace(Event::Restarted(_))
-                    | Update::Pod(Event::Restarted(_))
-                    | Update::Node(Event::Restarted(_))
-                    | Update::Service(Event::Restarted(_))
-                    | Update::EndpointSlice(Event::Restarted(_))
-            );
+            let (_, restarted) = update.kind();
             let was_synced = state.is_synced();
             let changed = state.apply(update);
             if restarted {
@@ -237,7 +442,8 @@ fn hint(e: &watcher::Error) -> &'static str {
         _ => None,
     };
     match code {
-        Some(403) => "forbidden: the tlsmesh ServiceAccount needs get/list/watch on namespaces, pods, nodes, services and endpointslices (deploy/rbac.yaml)",
+        Some(403) => "forbidden: the tlsmesh ServiceAccount needs get/list/watch on namespaces, pods, nodes, services and endpointslices (or endpoints, on a cluster without EndpointSlices) (deploy/rbac.yaml)",
+        Some(404) => "not served by this API server (for Service endpoints the watcher asks discovery for another version)",
         Some(410) => "410 Gone: the resource version expired; re-listing",
         _ => "is the API server reachable from this node?",
     }
@@ -259,5 +465,47 @@ mod tests {
         // A re-list that finds nothing still replaces (empties) the state.
         assert_eq!(b.push(watcher::Event::Init), None);
         assert_eq!(b.push(watcher::Event::InitDone), Some(Event::Restarted(vec![])));
+    }
+
+    #[test]
+    fn endpoints_source_is_the_first_served() {
+        let served = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect()
+        };
+        let v1_21 = served(&[
+            ("discovery.k8s.io/v1", "endpointslices"),
+            ("discovery.k8s.io/v1beta1", "endpointslices"),
+            ("v1", "endpoints"),
+        ]);
+        assert_eq!(EndpointsSource::choose(&v1_21), Some(EndpointsSource::SlicesV1));
+        let v1_20 = served(&[("discovery.k8s.io/v1beta1", "endpointslices"), ("v1", "endpoints")]);
+        assert_eq!(EndpointsSource::choose(&v1_20), Some(EndpointsSource::SlicesV1beta1));
+        let no_slices = served(&[("v1", "pods"), ("v1", "endpoints")]);
+        assert_eq!(EndpointsSource::choose(&no_slices), Some(EndpointsSource::EndpointsV1));
+        assert_eq!(EndpointsSource::choose(&served(&[("v1", "pods")])), None);
+    }
+
+    #[test]
+    fn v1beta1_slices_read_as_v1() {
+        let o: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+            "metadata": {"name": "db-x", "namespace": "shop", "labels": {"kubernetes.io/service-name": "db"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.244.2.2"], "conditions": {"ready": true},
+                "topology": {"kubernetes.io/hostname": "node-b"},
+                "targetRef": {"kind": "Pod", "namespace": "shop", "name": "db"}}],
+            "ports": [{"name": "http", "port": 5432, "protocol": "TCP"}],
+        }))
+        .unwrap();
+        let s = slice_from_v1beta1(o).expect("converts");
+        assert_eq!(s.endpoints[0].addresses, ["10.244.2.2"]);
+        assert_eq!(s.endpoints[0].conditions.as_ref().unwrap().ready, Some(true));
+        assert_eq!(s.ports.unwrap()[0].port, Some(5432));
+        let Some(Update::EndpointSlice(Event::Restarted(list))) =
+            v1beta1_event(Event::Restarted(vec![]))
+        else {
+            panic!("a re-list stays a re-list")
+        };
+        assert!(list.is_empty());
     }
 }

@@ -2,6 +2,12 @@
 //! their projected `ServiceAccount` token, which `TokenReview` maps to the
 //! node the daemon's pod runs on, and get workload certificates only for
 //! identities the CA's own watcher (`run` with `node: None`) places there.
+//!
+//! On the fake because node-a's daemon token carries the node-name extra of
+//! Kubernetes 1.30+, which the real tests' 1.20 server cannot issue, and the
+//! tests read back what the CA sent (`review_requests`). The `TokenReview`
+//! paths themselves (pod-bound tokens, refusals, 403) run against a real
+//! kube-apiserver in `real_tokenreview.rs`.
 
 // `Duration::from_hours` needs Rust 1.91; the workspace MSRV is 1.85.
 #![allow(clippy::duration_suboptimal_units, reason = "MSRV 1.85 lacks Duration::from_hours")]

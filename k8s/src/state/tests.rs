@@ -405,3 +405,87 @@ fn headless_udp_and_other_family_services_do_not_resolve() {
         "IPv4 slice does not serve an IPv6 VIP"
     );
 }
+
+fn endpoints(
+    ns: &str,
+    svc: &str,
+    port: (&str, i32),
+    ready: &[&str],
+    not_ready: &[&str],
+) -> Endpoints {
+    let addr =
+        |ip: &&str| json!({"ip": ip, "targetRef": {"kind": "Pod", "name": format!("p-{ip}")}});
+    serde_json::from_value(json!({
+        "metadata": {"name": svc, "namespace": ns},
+        "subsets": [{
+            "addresses": ready.iter().map(addr).collect::<Vec<_>>(),
+            "notReadyAddresses": not_ready.iter().map(addr).collect::<Vec<_>>(),
+            "ports": [{"name": port.0, "port": port.1, "protocol": "TCP"}],
+        }],
+    }))
+    .unwrap()
+}
+
+#[test]
+fn endpoints_v1_serve_services_where_no_slices_are_served() {
+    let mut s = synced(vec![], vec![]);
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    s.apply(Update::Service(Event::Applied(service("shop", "web", "10.96.0.10", &[("http", 80)]))));
+    assert!(s.apply(Update::Endpoints(Event::Restarted(vec![endpoints(
+        "shop",
+        "web",
+        ("http", 8080),
+        &["10.0.0.2", "fd00::2"],
+        &["10.0.0.3"],
+    )]))));
+    let eps = &inv(&s).services[&vip].endpoints;
+    let seen: Vec<(String, bool, Option<&str>)> =
+        eps.iter().map(|e| (e.addr.to_string(), e.ready, e.pod.as_deref())).collect();
+    assert_eq!(
+        seen,
+        [
+            ("10.0.0.2:8080".to_owned(), true, Some("shop/p-10.0.0.2")),
+            ("10.0.0.3:8080".to_owned(), false, Some("shop/p-10.0.0.3")),
+        ],
+        "IPv4 addresses only for an IPv4 VIP; notReadyAddresses are not ready"
+    );
+    // Slices listed (the source changed): they replace what Endpoints said.
+    assert!(s.apply(Update::EndpointSlice(Event::Restarted(vec![slice(
+        "shop",
+        "web-x",
+        "web",
+        ("http", 9000),
+        &[("10.0.0.9", true, "p9")],
+    )]))));
+    let eps = &inv(&s).services[&vip].endpoints;
+    assert_eq!(eps.len(), 1);
+    assert_eq!(eps[0].addr, "10.0.0.9:9000".parse().unwrap());
+}
+
+#[test]
+fn an_unserved_kind_counts_as_listed_and_is_a_problem() {
+    let mut s = ClusterState::new(Some("a".into()), "cluster.local");
+    s.apply(Update::Namespace(Event::Restarted(vec![ns("shop", Some("strict"))])));
+    s.apply(Update::Pod(Event::Restarted(vec![pod("shop", "web", "a", Some("10.0.0.2"), None)])));
+    s.apply(Update::Node(Event::Restarted(vec![])));
+    s.apply(Update::Service(Event::Restarted(vec![service(
+        "shop",
+        "web",
+        "10.96.0.10",
+        &[("http", 80)],
+    )])));
+    assert!(!s.is_synced());
+    let message = "no EndpointSlices or Endpoints served".to_owned();
+    assert!(s.apply(Update::Unserved { kind: Kind::EndpointSlice, message: message.clone() }));
+    assert!(s.is_synced(), "an unserved kind must not hold back the inventory");
+    assert!(!s.apply(Update::Unserved { kind: Kind::EndpointSlice, message: message.clone() }));
+    let (i, problems) = s.inventory(&NoNetns);
+    assert_eq!(i.pods["shop/web"].mode, Some(Mode::Strict));
+    assert_eq!(i.services[&"10.96.0.10:80".parse().unwrap()].endpoints, []);
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].message, message);
+    assert!(problems[0].subject.contains("endpointslices"), "{problems:?}");
+    // Served again (after a re-discovery): the problem goes.
+    assert!(s.apply(Update::EndpointSlice(Event::Restarted(vec![]))));
+    assert_eq!(s.inventory(&NoNetns).1, []);
+}

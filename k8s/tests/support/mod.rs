@@ -1,7 +1,13 @@
 //! A small fake Kubernetes API server on 127.0.0.1 (hyper, HTTP/1.1): list,
 //! `?watch=true` as chunked JSON lines with resourceVersion replay, `410
-//! Gone` for expired versions, 403 for a forbidden resource, `TokenReview`
-//! and `GET pod`. Enough of the API for kube-rs's watcher and client.
+//! Gone` for expired versions, 403 for a forbidden resource, 404 for an
+//! unserved one (and for every discovery document), `TokenReview` and `GET
+//! pod`. Enough of the API for kube-rs's watcher and client.
+//!
+//! Only for faults and answers a real API server will not produce on
+//! demand (a 410 Gone now, a resource no version of Kubernetes lacks, the
+//! node-name extra of 1.30+ tokens); everything else runs against the real
+//! kube-apiserver of kubeharness/ (the `real_apiserver_*` tests).
 
 #![allow(dead_code, reason = "each test file uses a different part")]
 
@@ -55,6 +61,7 @@ struct Inner {
     history: Vec<(u64, String, &'static str, Value)>,
     watchers: Vec<Watcher>,
     forbidden: Vec<String>,
+    unserved: Vec<String>,
     lists: HashMap<String, usize>,
     reviews: HashMap<String, Value>,
     review_requests: Vec<Value>,
@@ -217,6 +224,12 @@ impl FakeApi {
             );
         };
         let (api_version, kind) = kind_of(res);
+        if self.lock().unserved.iter().any(|u| u == res) {
+            return json_response(
+                StatusCode::NOT_FOUND,
+                &status(404, "NotFound", "the server could not find the requested resource"),
+            );
+        }
         let field = q.get("fieldSelector").cloned().filter(|f| !f.is_empty());
         let mut inner = self.lock();
         if inner.forbidden.iter().any(|f| f == res) {
@@ -333,6 +346,11 @@ impl FakeApi {
     /// Answers 403 for a resource path (or "tokenreviews") until allowed.
     pub fn forbid(&self, what: &str) {
         self.lock().forbidden.push(what.to_owned());
+    }
+
+    /// Answers 404 for a resource path, as a server that does not serve it.
+    pub fn unserve(&self, path: &str) {
+        self.lock().unserved.push(path.to_owned());
     }
 
     pub fn allow(&self, what: &str) {
