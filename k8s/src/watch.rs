@@ -15,7 +15,7 @@
 //! `Endpoints`, else reports the kind as a problem and publishes without
 //! Service endpoints instead of waiting forever ([`Update::Unserved`]).
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
 
 use futures::{stream, stream::BoxStream, FutureExt as _, Stream, StreamExt as _};
 use k8s_openapi::api::{
@@ -366,23 +366,32 @@ pub async fn run(client: Client, opts: Options, tx: channel::Sender<Inventory>) 
     let mut events = stream::select_all(streams);
     let mut state = ClusterState::new(opts.node.clone(), opts.trust_domain.clone());
     let mut last_problems: Vec<Problem> = Vec::new();
+    // The last watch failure of each kind, until that kind delivers again:
+    // reported with the problems (a forbidden kind holds back the first
+    // inventory, so this may be the only thing the daemon can show).
+    let mut failing: BTreeMap<Kind, String> = BTreeMap::new();
+    let mut last_failing = failing.clone();
     info!(node = ?opts.node, trust_domain = %opts.trust_domain, "watching the Kubernetes API");
     loop {
         let mut changed = false;
         tokio::select! {
             item = events.next() => {
                 let Some(item) = item else { return };
-                changed |= handle(&mut state, item);
+                changed |= handle(&mut state, &mut failing, item);
                 // Take what is already waiting before rebuilding.
                 for _ in 0..COALESCE {
                     match events.next().now_or_never() {
-                        Some(Some(item)) => changed |= handle(&mut state, item),
+                        Some(Some(item)) => changed |= handle(&mut state, &mut failing, item),
                         _ => break,
                     }
                 }
             }
             () = opts.refresh.notified() => changed = true,
             () = tx.closed() => return,
+        }
+        if failing != last_failing {
+            last_failing = failing.clone();
+            publish_problems(&opts, &last_problems, &failing);
         }
         if !changed || !state.is_synced() {
             continue;
@@ -392,9 +401,7 @@ pub async fn run(client: Client, opts: Options, tx: channel::Sender<Inventory>) 
             for p in &problems {
                 warn!(subject = %p.subject, problem = %p.message, "Kubernetes object not used as is");
             }
-            if let Some(out) = &opts.problems {
-                let _ = out.send(problems.clone());
-            }
+            publish_problems(&opts, &problems, &failing);
             last_problems = problems;
         }
         let published = tx.send_if_modified(|cur| {
@@ -411,7 +418,25 @@ pub async fn run(client: Client, opts: Options, tx: channel::Sender<Inventory>) 
     }
 }
 
-fn handle(state: &mut ClusterState, (kind, item): Item) -> bool {
+/// Sends the object problems and the failing watches to `opts.problems`.
+fn publish_problems(opts: &Options, problems: &[Problem], failing: &BTreeMap<Kind, String>) {
+    let Some(out) = &opts.problems else { return };
+    let mut all = problems.to_vec();
+    all.extend(failing.iter().map(|(kind, why)| Problem {
+        subject: format!("watch of {kind:?}"),
+        message: why.clone(),
+    }));
+    let _ = out.send(all);
+}
+
+fn handle(
+    state: &mut ClusterState,
+    failing: &mut BTreeMap<Kind, String>,
+    (kind, item): Item,
+) -> bool {
+    if item.is_ok() {
+        failing.remove(&kind);
+    }
     match item {
         Ok(Some(update)) => {
             let (_, restarted) = update.kind();
@@ -428,6 +453,7 @@ fn handle(state: &mut ClusterState, (kind, item): Item) -> bool {
         Ok(None) => false,
         Err(e) => {
             warn!(?kind, error = %e, hint = hint(&e), "watch failed; retrying with backoff (the state is kept and re-listed)");
+            failing.insert(kind, format!("{e}; {}", hint(&e)));
             false
         }
     }

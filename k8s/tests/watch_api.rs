@@ -123,3 +123,35 @@ async fn no_endpoints_source_served_is_a_problem_not_a_hang() {
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert_eq!(problems[0].message, UNSERVED_ENDPOINTS);
 }
+
+// Defect 11 of the daemon-core issue: watch failures were only logged. A
+// forbidden kind is now a problem the daemon shows in `/config_dump`, and
+// it clears once the kind can be listed. (A real server forbids by RBAC
+// too; the fake makes the flip from forbidden to allowed instant.)
+#[tokio::test]
+async fn a_forbidden_kind_is_reported_until_it_can_be_listed() {
+    let api = cluster().await;
+    api.forbid(PODS);
+    let (ptx, mut prx) = watch::channel(Vec::<Problem>::new());
+    let opts = Options { problems: Some(ptx), ..Options::new(Some(NODE.into()), "cluster.local") };
+    let mut rx = start(&api, opts);
+    let problems = tokio::time::timeout(
+        Duration::from_secs(15),
+        prx.wait_for(|p| p.iter().any(|x| x.subject == "watch of Pod")),
+    )
+    .await
+    .expect("the forbidden kind is reported")
+    .unwrap()
+    .clone();
+    let text = format!("{problems:?}");
+    assert!(text.contains("forbidden") && text.contains("deploy/rbac.yaml"), "{text}");
+    api.allow(PODS);
+    until(&mut rx, "the first inventory once pods can be listed", |i| !i.pods.is_empty()).await;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        prx.wait_for(|p| !p.iter().any(|x| x.subject == "watch of Pod")),
+    )
+    .await
+    .expect("the problem clears")
+    .unwrap();
+}

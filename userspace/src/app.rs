@@ -185,6 +185,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), AppError> {
     node_state.set_problems(ProblemSource::Inventory, inv_problems);
     reconciler.reconcile().await;
     let mut feed = kube.as_ref().map(|k| k.inventory.clone());
+    let mut kube_problems = kube.as_ref().map(|k| k.problems.clone());
     if let Some(k) = kube {
         crate::kube_source::serve_cni(&root, cfg.cni_socket.clone(), k, Arc::clone(&node_state));
     }
@@ -206,7 +207,10 @@ pub async fn run(cfg: NodeConfig) -> Result<(), AppError> {
                 // Also re-checks served pods' netns and retries failed ones.
                 reconciler.reconcile().await;
             }
-            Some(inv) = next_inventory(&mut feed) => {
+            Some(p) = next_value(&mut kube_problems) => {
+                node_state.set_problems(ProblemSource::Kubernetes, p);
+            }
+            Some(inv) = next_value(&mut feed) => {
                 install(&node_state, mesh.as_deref(), inv);
                 reconciler.reconcile().await;
             }
@@ -305,8 +309,8 @@ impl Files {
     }
 }
 
-/// The next inventory from the Kubernetes feed (pending forever without one).
-async fn next_inventory(feed: &mut Option<watch::Receiver<Inventory>>) -> Option<Inventory> {
+/// The next value of a Kubernetes feed (pending forever without one).
+async fn next_value<T: Clone>(feed: &mut Option<watch::Receiver<T>>) -> Option<T> {
     match feed {
         Some(rx) => {
             if rx.changed().await.is_err() {

@@ -35,6 +35,9 @@ pub struct KubeSource {
     pub inventory: watch::Receiver<Inventory>,
     /// What the CNI plugin reported.
     pub pods: CniPods,
+    /// Problems of the Kubernetes source (watch failures, objects not
+    /// used as they are), replaced as a whole each time.
+    pub problems: watch::Receiver<Vec<crate::inventory::Problem>>,
 }
 
 /// Starts the watchers and waits for the first complete inventory.
@@ -47,11 +50,15 @@ pub async fn start(cfg: &NodeConfig) -> Result<KubeSource, KubeSourceError> {
     let client =
         kube::Client::try_default().await.map_err(|e| KubeSourceError::Client(e.to_string()))?;
     let (tx, mut rx) = watch::channel(Inventory::default());
+    let (problems_tx, problems) = watch::channel(Vec::new());
     let opts = tlsmesh_k8s::Options {
         resolver: Arc::new(pods.clone()),
         refresh: pods.changed(),
+        problems: Some(problems_tx),
         ..tlsmesh_k8s::Options::new(Some(cfg.node.clone()), cfg.trust_domain.clone())
     };
+    // Owned by the inventory channel: `run` returns when the last receiver
+    // (the daemon's `KubeSource`) is gone.
     tokio::spawn(tlsmesh_k8s::run(client, opts, tx));
     let limit = Duration::from_secs(60);
     tokio::time::timeout(limit, rx.changed())
@@ -59,7 +66,7 @@ pub async fn start(cfg: &NodeConfig) -> Result<KubeSource, KubeSourceError> {
         .map_err(|_| KubeSourceError::Timeout(limit))?
         .map_err(|_| KubeSourceError::Timeout(limit))?;
     info!(pods = rx.borrow().pods.len(), "first inventory from the Kubernetes API");
-    Ok(KubeSource { inventory: rx, pods })
+    Ok(KubeSource { inventory: rx, pods, problems })
 }
 
 /// Serves the CNI plugin in `scope`: ADD waits until the pod is enrolled
