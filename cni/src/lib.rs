@@ -8,6 +8,7 @@
 //! * [`client`]: the blocking socket client the binary uses.
 //! * [`install`]: `tlsmesh-cni install|uninstall`.
 
+#![forbid(unsafe_code)]
 pub mod client;
 pub mod install;
 pub mod plugin;

@@ -2,6 +2,7 @@
 //! arguments, `CNI_*` in the environment, the network configuration on
 //! stdin), or by the `DaemonSet` as `tlsmesh-cni install|uninstall`.
 
+#![forbid(unsafe_code)]
 use std::{
     collections::HashMap,
     io::{Read as _, Write as _},

@@ -19,6 +19,7 @@
 //! | [`client`] | the node's CA client (join, renew, request) |
 //! | [`manager`] | the node's certificate manager (fetch, renew at half-life, retain) |
 
+#![forbid(unsafe_code)]
 // `Duration::from_mins`/`from_hours` need Rust 1.91; the workspace MSRV is 1.85.
 #![allow(clippy::duration_suboptimal_units, reason = "MSRV 1.85 lacks Duration::from_mins")]
 

@@ -27,6 +27,7 @@
 //! # mode = "off"              # opts this one pod out
 //! ```
 
+#![forbid(unsafe_code)]
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fmt,

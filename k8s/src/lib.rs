@@ -11,6 +11,7 @@
 //!
 //! docs/KUBERNETES.md describes the behaviour and the reasons for it.
 
+#![forbid(unsafe_code)]
 pub mod cni_server;
 pub mod state;
 pub mod tokenreview;

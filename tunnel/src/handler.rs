@@ -116,7 +116,7 @@ pub struct PoolKey {
     /// SPIFFE ID the destination must prove.
     pub dst_identity: String,
     /// Where the tunnel connection goes: the destination pod's `ip:15008`
-    /// (HBONE addressing), or a node address for node-pair pooling.
+    /// (HBONE addressing).
     pub dst: SocketAddr,
 }
 

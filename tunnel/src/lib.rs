@@ -14,6 +14,7 @@
 //!   over pooled connections keyed by [`PoolKey`]; [`Client`] puts both behind
 //!   one call and falls back from QUIC to TCP when QUIC is unreachable.
 
+#![forbid(unsafe_code)]
 mod client;
 mod error;
 mod handler;

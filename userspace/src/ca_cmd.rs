@@ -26,7 +26,6 @@ use tlsmesh_k8s::tokenreview::{follow_placement, TokenReviewAuthenticator, DEFAU
 use tracing::{info, warn};
 
 use crate::{
-    certs::placement_of,
     config::{InventorySource, LogFormat},
     inventory::Inventory,
 };
@@ -266,7 +265,7 @@ fn static_placement(
                 )
                 .into());
             }
-            placement.replace(placement_of(&inv));
+            placement.replace(tlsmesh_k8s::tokenreview::placement(&inv));
             Ok((inv.trust_domain, Some(path)))
         }
         InventorySource::Kubernetes => {
@@ -341,7 +340,7 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
             if m != last {
                 last = m;
                 match crate::inventory::load(path) {
-                    Ok((inv, _)) => placement.replace(placement_of(&inv)),
+                    Ok((inv, _)) => placement.replace(tlsmesh_k8s::tokenreview::placement(&inv)),
                     Err(e) => {
                         warn!(error = %e, "inventory reload failed; keeping the previous placement");
                     }

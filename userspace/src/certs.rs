@@ -14,7 +14,7 @@ use std::{collections::HashSet, path::PathBuf, sync::Arc, time::Duration};
 
 use rustls::{sign::CertifiedKey, ClientConfig, ServerConfig};
 use tlsmesh_identity::{
-    authz::{Placement, SharedPlacement},
+    authz::SharedPlacement,
     ca::{CaFiles, CaPaths},
     client::{CaClient, CaClientConfig},
     manager::{CertManager, CertStatus, LocalCa},
@@ -81,14 +81,6 @@ type ClientConfigCache = std::sync::Mutex<
     std::collections::HashMap<(SpiffeId, SpiffeId), (Arc<CertifiedKey>, Arc<ClientConfig>)>,
 >;
 
-/// Placement (SPIFFE id → nodes) from an inventory.
-pub fn placement_of(inv: &Inventory) -> Placement {
-    inv.pods
-        .values()
-        .filter_map(|p| Some((workload_id(&inv.trust_domain, p).ok()?, p.node.clone())))
-        .collect()
-}
-
 /// A pod's SPIFFE id.
 pub fn workload_id(
     trust_domain: &str,
@@ -126,7 +118,7 @@ impl Certs {
             let files = CaFiles::open(CaPaths::in_dir(dir), &td)?;
             let ca = files.shared();
             let bundle = TrustBundle::from_pem(&td, &ca.current().roots_pem())?;
-            let placement = SharedPlacement::new(placement_of(inv));
+            let placement = SharedPlacement::new(tlsmesh_k8s::tokenreview::placement(inv));
             let source = LocalCa::new(ca, placement.clone(), NodeId::new(td.clone(), node)?)
                 .with_lifetime(lifetime);
             let manager = Arc::new(CertManager::new(Arc::new(source)));
@@ -201,7 +193,7 @@ impl Certs {
     /// Follows inventory changes: placement (local CA) and which certificates to keep.
     pub fn on_inventory(&self, inv: &Inventory, node: &str) {
         if let Some(p) = &self.placement {
-            p.replace(placement_of(inv));
+            p.replace(tlsmesh_k8s::tokenreview::placement(inv));
         }
         let keep: HashSet<SpiffeId> = inv
             .enrolled_on(node)

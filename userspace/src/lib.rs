@@ -17,7 +17,7 @@
 //! - CLI: `cli`, `status`, `ca_cmd`; `config` (the one typed config);
 //! - `testing`: loopback fakes of the kernel edges, for tests.
 
-#![forbid(unsafe_op_in_unsafe_fn)]
+#![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod accept;
 pub mod admin;

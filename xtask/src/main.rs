@@ -5,6 +5,7 @@
 //! machine needs nothing else. The work itself is done by cargo and by the
 //! binaries of the tests crate (netkit demo, bench, cleanup).
 
+#![forbid(unsafe_code)]
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode},

@@ -25,8 +25,8 @@ pub struct ServerCtx {
     /// The connecting peer.
     pub peer_addr: SocketAddr,
     /// Answer 400 when a CONNECT's authority IP is not `local_addr`'s IP
-    /// (ztunnel's rule). On by default; relax it only for node-addressed,
-    /// node-pooled connections.
+    /// (ztunnel's rule). On by default; tests of the client that send
+    /// other authorities turn it off.
     pub check_authority_ip: bool,
     /// HTTP/2 settings.
     pub h2: H2Config,
