@@ -90,6 +90,27 @@ pub fn render(
             ips.join(",")
         );
     }
+    // Open connections (the connection table), grouped by who talks to whom.
+    let mut conns: std::collections::BTreeMap<(String, String, String, String), usize> =
+        std::collections::BTreeMap::new();
+    for c in dump["connections"].as_array().into_iter().flatten() {
+        let peer = match (&c["peer_pod"], &c["direction"]) {
+            (serde_json::Value::String(p), _) => p.clone(),
+            (_, d) if d == "outbound" => s(&c["dst"]),
+            _ => s(&c["src"]),
+        };
+        let key = (s(&c["direction"]), s(&c["route"]), s(&c["pod"]), peer);
+        *conns.entry(key).or_default() += 1;
+    }
+    let _ = writeln!(
+        o,
+        "\n{bold}CONNECTIONS{reset}\n{:<9} {:<12} {:<28} {:<40} OPEN",
+        "DIRECTION", "ROUTE", "POD", "PEER"
+    );
+    for ((dir, route, pod, peer), n) in &conns {
+        let _ = writeln!(o, "{dir:<9} {route:<12} {pod:<28} {peer:<40} {n}");
+    }
+    // Tunnel connections from peer daemons (what revocation closes).
     let mut groups: std::collections::BTreeMap<(String, String, String), usize> =
         std::collections::BTreeMap::new();
     for t in dump["tunnels"].as_array().into_iter().flatten() {
@@ -97,7 +118,7 @@ pub fn render(
     }
     let _ = writeln!(
         o,
-        "\n{bold}TUNNELS{reset}\n{:<9} {:<52} {:<9} STREAMS",
+        "\n{bold}TUNNEL CONNECTIONS{reset}\n{:<9} {:<52} {:<9} OPEN",
         "DIRECTION", "PEER", "TRANSPORT"
     );
     for ((dir, peer, tr), n) in &groups {
@@ -181,7 +202,12 @@ mod tests {
         let dump = serde_json::json!({
             "config": {"node": "n0", "transport": "tcp"},
             "pods": [{"key": "shop/web", "mode": "strict", "identity": "spiffe://td/ns/shop/sa/web", "ips": ["10.0.0.2"]}],
-            "tunnels": [{"direction": "outbound", "peer": "spiffe://td/ns/shop/sa/db", "transport": "tcp"}, {"direction": "outbound", "peer": "spiffe://td/ns/shop/sa/db", "transport": "tcp"}],
+            "tunnels": [{"direction": "inbound", "peer": "spiffe://td/ns/shop/sa/db", "transport": "tcp"}, {"direction": "inbound", "peer": "spiffe://td/ns/shop/sa/db", "transport": "tcp"}],
+            "connections": [
+                {"direction": "outbound", "route": "tunnel", "pod": "shop/web", "peer_pod": "shop/db", "dst": "10.0.1.2:5432"},
+                {"direction": "outbound", "route": "tunnel", "pod": "shop/web", "peer_pod": "shop/db", "dst": "10.0.1.2:5432"},
+                {"direction": "inbound", "route": "plaintext", "pod": "shop/web", "peer_pod": null, "src": "192.0.2.7:4000"}
+            ],
             "certificates": [{"identity": "spiffe://td/ns/shop/sa/web", "serial": "ab", "not_after": "2999-01-01T00:00:00Z", "renewals": 2}],
             "denies": [{"at": "t", "source": "10.9.9.9:1", "destination": "shop/web", "reason": "plaintext to a strict pod"}],
         });
@@ -194,9 +220,17 @@ mod tests {
         assert!(!out.contains('\x1b'), "no colour codes");
         assert!(out.contains("shop/web") && out.contains("strict"));
         assert!(
-            out.lines().any(|l| l.starts_with("outbound") && l.trim_end().ends_with(" 2")),
-            "streams grouped per peer:\n{out}"
+            out.lines().any(|l| l.starts_with("inbound") && l.contains("tcp") && l.trim_end().ends_with(" 2")),
+            "tunnel connections grouped per peer:\n{out}"
         );
+        assert!(
+            out.lines().any(|l| l.starts_with("outbound")
+                && l.contains("tunnel")
+                && l.contains("shop/db")
+                && l.trim_end().ends_with(" 2")),
+            "connections grouped per pod pair:\n{out}"
+        );
+        assert!(out.lines().any(|l| l.contains("plaintext") && l.contains("192.0.2.7:4000")), "{out}");
         assert!(out.contains("plaintext to a strict pod"));
         assert!(out.contains("outbound_tunnel"));
         let coloured = render(
