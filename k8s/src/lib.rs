@@ -6,6 +6,8 @@
 //! * [`watch`]: kube-rs watchers feeding the reducer; [`watch::run`]
 //!   publishes the inventory on a `tokio::sync::watch` channel.
 //! * [`cni_server`]: the daemon's end of the CNI plugin's Unix socket.
+//! * [`proc_netns`]: netns discovery through `/proc` for pods that were
+//!   running before tlsmesh was installed.
 //! * [`tokenreview`]: the CA authenticates node daemons with `TokenReview`
 //!   and allows workload certificates only for pods on the caller's node.
 //!
@@ -13,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 pub mod cni_server;
+pub mod proc_netns;
 pub mod state;
 pub mod tokenreview;
 pub mod watch;

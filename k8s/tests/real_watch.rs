@@ -158,7 +158,8 @@ async fn real_apiserver_endpoints_v1_when_no_endpoint_slices_are_served() {
     // A pod that is not Ready is listed under notReadyAddresses: not picked.
     pod(&c, "shop", "db-2", NODE, "db", json!({"app": "db"})).await;
     run_pod(&c, "shop", "db-2", "10.244.1.9").await;
-    until(&mut rx, "db-2 ready", |i| i.services[&vip].endpoints.len() == 2).await;
+    until(&mut rx, "db-2 ready", |i| i.services.get(&vip).is_some_and(|s| s.endpoints.len() == 2))
+        .await;
     let unready = json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}});
     kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(c.clone(), "shop")
         .patch_status(
@@ -168,9 +169,10 @@ async fn real_apiserver_endpoints_v1_when_no_endpoint_slices_are_served() {
         )
         .await
         .unwrap();
-    let inv =
-        until(&mut rx, "db-2 not ready", |i| i.services[&vip].endpoints.iter().any(|e| !e.ready))
-            .await;
+    let inv = until(&mut rx, "db-2 not ready", |i| {
+        i.services.get(&vip).is_some_and(|s| s.endpoints.iter().any(|e| !e.ready))
+    })
+    .await;
     let mut picker = ServicePicker::new();
     for _ in 0..4 {
         assert_eq!(

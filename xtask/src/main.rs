@@ -1,7 +1,9 @@
 //! Developer workflows: `cargo xtask setup | test | demo | bench | cleanup | build`.
 //!
 //! Each command first runs the idempotent bootstrap (scripts/bootstrap.sh:
-//! apt packages, bpf-linker, cgroup v2 and bpffs checks), so a fresh Debian 12
+//! apt packages, bpf-linker, the Kubernetes control plane the
+//! `real_apiserver_*` tests run against — built once per machine, about 7–12
+//! minutes the first time — cgroup v2 and bpffs checks), so a fresh Debian 12
 //! machine needs nothing else. The work itself is done by cargo and by the
 //! binaries of the tests crate (netkit demo, bench, cleanup).
 
