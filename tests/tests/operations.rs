@@ -140,7 +140,11 @@ fn metrics_count_known_traffic_and_status_shows_it() {
         text.contains("strict/n0p0") && text.contains("spiffe://cluster.local/ns/strict/sa/n0p0"),
         "{text}"
     );
-    assert!(text.contains("CERTIFICATES") && text.contains("TUNNEL CONNECTIONS") && text.contains("CONNECTIONS"));
+    assert!(
+        text.contains("CERTIFICATES")
+            && text.contains("TUNNEL CONNECTIONS")
+            && text.contains("CONNECTIONS")
+    );
     assert!(!text.contains('\x1b'), "no colour when not on a terminal");
     let json: serde_json::Value =
         serde_json::from_str(&status(true)).expect("status --json is JSON");

@@ -19,8 +19,19 @@ use std::{
     time::{Instant, SystemTime},
 };
 
+use std::{
+    future::Future,
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::watch,
+};
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::{stats::Stats, sync::lock};
@@ -137,6 +148,55 @@ struct Entry {
     info: ConnInfo,
     opened: SystemTime,
     since: Instant,
+    close: CancellationToken,
+}
+
+/// An I/O object that fails once its connection is closed from outside
+/// ([`ConnTable::close_where`]): for splices the daemon does not run itself
+/// (inbound tunnel streams, spliced by the tunnel crate's server).
+pub struct Cancellable<T> {
+    inner: T,
+    closed: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl<T> Cancellable<T> {
+    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.closed.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection closed by the daemon (policy)",
+            )),
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Cancellable<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Cancellable<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 struct Inner {
@@ -173,12 +233,17 @@ impl ConnTable {
     }
 
     /// Adds a connection; it stays in the table as long as the guard lives.
+    /// Its task must end it when [`ConnGuard::closed`] completes.
     pub fn open(&self, info: ConnInfo) -> ConnGuard {
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        let close = CancellationToken::new();
         let mut open = lock(&self.inner.open);
-        open.insert(id, Entry { info, opened: SystemTime::now(), since: Instant::now() });
+        open.insert(
+            id,
+            Entry { info, opened: SystemTime::now(), since: Instant::now(), close: close.clone() },
+        );
         self.inner.len.send_replace(open.len());
-        ConnGuard { table: Arc::clone(&self.inner), id, done: None }
+        ConnGuard { table: Arc::clone(&self.inner), id, done: None, close }
     }
 
     /// Open connections.
@@ -210,6 +275,20 @@ impl ConnTable {
         v
     }
 
+    /// Closes every open connection `doomed` selects (e.g. now denied by
+    /// policy); returns how many. Their entries go when their tasks end.
+    pub fn close_where(&self, doomed: impl Fn(&ConnInfo) -> bool) -> usize {
+        let doomed: Vec<CancellationToken> = lock(&self.inner.open)
+            .values()
+            .filter(|e| doomed(&e.info) && !e.close.is_cancelled())
+            .map(|e| e.close.clone())
+            .collect();
+        for t in &doomed {
+            t.cancel();
+        }
+        doomed.len()
+    }
+
     /// Completes once the table is empty.
     pub async fn empty(&self) {
         let mut rx = self.inner.len.subscribe();
@@ -229,6 +308,7 @@ pub struct ConnGuard {
     table: Arc<Inner>,
     id: u64,
     done: Option<Done>,
+    close: CancellationToken,
 }
 
 impl std::fmt::Debug for ConnGuard {
@@ -251,6 +331,16 @@ impl ConnGuard {
     /// The entry's id.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Completes when the connection is closed from outside.
+    pub async fn closed(&self) {
+        self.close.cancelled().await;
+    }
+
+    /// `io`, failing once the connection is closed from outside.
+    pub fn cancellable<T>(&self, io: T) -> Cancellable<T> {
+        Cancellable { inner: io, closed: Box::pin(self.close.clone().cancelled_owned()) }
     }
 }
 

@@ -220,7 +220,9 @@ mod tests {
         assert!(!out.contains('\x1b'), "no colour codes");
         assert!(out.contains("shop/web") && out.contains("strict"));
         assert!(
-            out.lines().any(|l| l.starts_with("inbound") && l.contains("tcp") && l.trim_end().ends_with(" 2")),
+            out.lines().any(|l| l.starts_with("inbound")
+                && l.contains("tcp")
+                && l.trim_end().ends_with(" 2")),
             "tunnel connections grouped per peer:\n{out}"
         );
         assert!(
@@ -230,7 +232,10 @@ mod tests {
                 && l.trim_end().ends_with(" 2")),
             "connections grouped per pod pair:\n{out}"
         );
-        assert!(out.lines().any(|l| l.contains("plaintext") && l.contains("192.0.2.7:4000")), "{out}");
+        assert!(
+            out.lines().any(|l| l.contains("plaintext") && l.contains("192.0.2.7:4000")),
+            "{out}"
+        );
         assert!(out.contains("plaintext to a strict pod"));
         assert!(out.contains("outbound_tunnel"));
         let coloured = render(

@@ -265,3 +265,25 @@ async fn drain_stops_accepting_and_lets_open_connections_finish() {
     assert_eq!(back.len(), 10);
     tokio::time::timeout(Duration::from_secs(5), h.conns.empty()).await.expect("drained");
 }
+
+/// What a policy re-check does: closing the connections it selects ends
+/// them at once (the client sees a reset) and empties their entries.
+#[tokio::test]
+async fn close_where_ends_the_selected_open_connections() {
+    let dst = silent_app().await;
+    let h = harness(Arc::new(FixedOrigDst::to(dst)));
+    let p = testing::pod("ns", "client", "n0", "10.0.0.2", Mode::Strict);
+    let (pod, _) = testing::served(p, &h.root, TD);
+    let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listen = outbound.local_addr().unwrap();
+    h.proxy.serve_pod(&pod, vec![outbound], vec![]);
+    let mut c = TcpStream::connect(listen).await.unwrap();
+    c.write_all(b"x").await.unwrap();
+    until("the connection to be open", || h.conns.len() == 1).await;
+    assert_eq!(h.conns.close_where(|i| i.pod == "ns/other"), 0, "selects nothing");
+    assert_eq!(h.conns.close_where(|i| i.pod == "ns/client"), 1);
+    let mut b = [0u8; 4];
+    let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b)).await.expect("closed");
+    assert!(r.is_err() || matches!(r, Ok(0)), "{r:?}");
+    until("the entry to go", || h.conns.is_empty()).await;
+}

@@ -364,6 +364,7 @@ async fn handle(
             // The tunnel is the splice's first side, the pod's socket the
             // second. If the stream's task is cancelled instead, the guard
             // drops with the closure.
+            let up = guard.cancellable(up);
             Ok(Accepted::new(up).on_close(move |o| {
                 let t = Transfer::pod_second(o.a_to_b, o.b_to_a);
                 match &o.error {

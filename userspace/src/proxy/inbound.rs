@@ -69,7 +69,12 @@ pub async fn serve(p: Proxy, pod: Arc<PodEntry>, mut client: TcpStream, peer: So
             dst_identity: Some(pod.identity.clone()),
             transport: None,
         });
-        let o = tlsmesh_tunnel::splice(&mut client, &mut app).await;
+        let splice = tlsmesh_tunnel::splice(&mut client, &mut app);
+        let Some(o) = super::outbound::until_closed(&mut guard, splice).await else {
+            drop(app);
+            reset(client);
+            return;
+        };
         // The remote client is the first side, the pod's app the second.
         let t = Transfer::pod_second(o.a_to_b, o.b_to_a);
         match o.error {

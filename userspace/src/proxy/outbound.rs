@@ -8,7 +8,7 @@ use tracing::{info_span, warn, Instrument};
 
 use super::{dropped, reset, Proxy};
 use crate::{
-    conns::{ConnInfo, Direction, Route, Transfer},
+    conns::{ConnGuard, ConnInfo, Direction, Route, Transfer},
     inventory::{self, Pod},
     state::PodEntry,
     stats::Stats,
@@ -96,7 +96,11 @@ async fn relay(
         }
     };
     let mut guard = p.conns.open(info);
-    let o = tlsmesh_tunnel::splice(&mut client, &mut upstream).await;
+    let Some(o) = until_closed(&mut guard, tlsmesh_tunnel::splice(&mut client, &mut upstream)).await
+    else {
+        reset(client);
+        return;
+    };
     // The client (the pod) is the first side.
     let t = Transfer::pod_first(o.a_to_b, o.b_to_a);
     match o.error {
@@ -138,7 +142,12 @@ async fn tunnel(
     Stats::inc(&p.stats.outbound_tunnel);
     info.transport = Some(stream.transport().to_string());
     let mut guard = p.conns.open(info);
-    let o = tlsmesh_tunnel::splice(&mut client, &mut stream).await;
+    let Some(o) = until_closed(&mut guard, tlsmesh_tunnel::splice(&mut client, &mut stream)).await
+    else {
+        stream.reset();
+        reset(client);
+        return;
+    };
     let t = Transfer::pod_first(o.a_to_b + early_len, o.b_to_a);
     match o.error {
         // An error after bytes moved is the peer going away mid-stream; with
@@ -149,6 +158,22 @@ async fn tunnel(
         }
         None => guard.finished(t),
     }
+}
+
+/// Runs `splice` until it ends, or until the connection is closed from
+/// outside (`None`; the guard then records that it was closed).
+pub(super) async fn until_closed<F: std::future::Future>(
+    guard: &mut ConnGuard,
+    splice: F,
+) -> Option<F::Output> {
+    let out = tokio::select! {
+        o = splice => Some(o),
+        () = guard.closed() => None,
+    };
+    if out.is_none() {
+        guard.failed(Transfer::default(), "closed by the daemon (policy)");
+    }
+    out
 }
 
 /// Bytes a captured client sent before the tunnel was open, read without
