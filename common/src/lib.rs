@@ -210,6 +210,75 @@ mod pod {
     unsafe impl aya::Pod for super::CaptureConfig {}
 }
 
+/// The capture decisions the eBPF programs make on addresses, as plain
+/// functions over the words they read from their contexts (each `u32` holds
+/// four address bytes in network order, in native memory order, as
+/// `user_ip4`/`user_ip6`/`local_ip6` do), so the host tests them and both
+/// sides agree by construction.
+pub mod classify {
+    use super::FAMILY_V6;
+
+    /// The third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`).
+    const MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+    /// The last word of `::1`.
+    const ONE: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
+
+    /// An IPv4 destination whose connect is never captured: loopback
+    /// (127/8), link-local (169.254/16), unspecified.
+    #[inline(always)]
+    pub fn v4_never_captured(ip4: u32) -> bool {
+        let b = ip4.to_ne_bytes();
+        b[0] == 127 || (b[0] == 169 && b[1] == 254) || ip4 == 0
+    }
+
+    /// The IPv4 address inside an IPv4-mapped IPv6 address, if it is one.
+    #[inline(always)]
+    pub fn v4_of_mapped(w: &[u32; 4]) -> Option<u32> {
+        if w[0] == 0 && w[1] == 0 && w[2] == MAPPED {
+            Some(w[3])
+        } else {
+            None
+        }
+    }
+
+    /// An IPv6 destination whose connect is never captured: `::1`,
+    /// link-local (`fe80::/10`), `::`, and the mapped forms of the IPv4
+    /// ones.
+    #[inline(always)]
+    pub fn v6_never_captured(w: &[u32; 4]) -> bool {
+        if let Some(v4) = v4_of_mapped(w) {
+            return v4_never_captured(v4);
+        }
+        let b0 = w[0].to_ne_bytes();
+        let zero3 = w[0] == 0 && w[1] == 0 && w[2] == 0;
+        let loopback = zero3 && w[3] == ONE;
+        let unspecified = zero3 && w[3] == 0;
+        let link_local = b0[0] == 0xfe && (b0[1] & 0xc0) == 0x80;
+        loopback || link_local || unspecified
+    }
+
+    /// An IPv4 address as the 16 bytes of its IPv4-mapped IPv6 form (the
+    /// bypass LPM trie's key).
+    #[inline(always)]
+    pub fn v4_mapped_bytes(ip4: u32) -> [u8; 16] {
+        let b = ip4.to_ne_bytes();
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]]
+    }
+
+    /// A SYN arriving at a pod that inbound capture leaves alone: to a
+    /// loopback address (`127/8`, `::1`), or from the pod's own address to
+    /// itself. `local`/`remote` use word 0 only for IPv4.
+    #[inline(always)]
+    pub fn inbound_left_alone(family: u32, local: &[u32; 4], remote: &[u32; 4]) -> bool {
+        let loopback = if family == FAMILY_V6 {
+            local[0] == 0 && local[1] == 0 && local[2] == 0 && local[3] == ONE
+        } else {
+            local[0].to_ne_bytes()[0] == 127
+        };
+        loopback || local == remote
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,5 +302,56 @@ mod tests {
             [PORT_OUTBOUND, PORT_INBOUND, PORT_TUNNEL, PORT_ADMIN, PORT_METRICS, PORT_READY],
             [15001, 15006, 15008, 15000, 15020, 15021]
         );
+    }
+
+    mod classification {
+        extern crate std;
+        use super::super::{classify::*, FAMILY_V4, FAMILY_V6};
+        use std::net::{Ipv4Addr, Ipv6Addr};
+
+        fn w4(a: &str) -> u32 {
+            u32::from_ne_bytes(a.parse::<Ipv4Addr>().unwrap().octets())
+        }
+
+        fn w6(a: &str) -> [u32; 4] {
+            let o = a.parse::<Ipv6Addr>().unwrap().octets();
+            core::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+        }
+
+        #[test]
+        fn v4_destinations() {
+            for a in ["127.0.0.1", "127.9.9.9", "169.254.169.254", "0.0.0.0"] {
+                assert!(v4_never_captured(w4(a)), "{a}");
+            }
+            for a in ["10.0.0.1", "169.253.0.1", "128.0.0.1", "192.168.1.1"] {
+                assert!(!v4_never_captured(w4(a)), "{a}");
+            }
+        }
+
+        #[test]
+        fn v6_destinations() {
+            for a in ["::1", "::", "fe80::1", "febf::1", "::ffff:127.0.0.1", "::ffff:169.254.1.1"] {
+                assert!(v6_never_captured(&w6(a)), "{a}");
+            }
+            for a in ["fd00::1", "2001:db8::1", "fec0::1", "::2", "::ffff:10.0.0.1"] {
+                assert!(!v6_never_captured(&w6(a)), "{a}");
+            }
+            assert_eq!(v4_of_mapped(&w6("::ffff:10.1.2.3")), Some(w4("10.1.2.3")));
+            assert_eq!(v4_of_mapped(&w6("fd00::10.1.2.3")), None);
+            assert_eq!(
+                v4_mapped_bytes(w4("10.1.2.3")),
+                "::ffff:10.1.2.3".parse::<Ipv6Addr>().unwrap().octets()
+            );
+        }
+
+        #[test]
+        fn inbound_arrivals() {
+            let v4 = |a: &str| [w4(a), 0, 0, 0];
+            assert!(inbound_left_alone(FAMILY_V4, &v4("127.0.0.1"), &v4("10.0.0.9")));
+            assert!(inbound_left_alone(FAMILY_V4, &v4("10.0.0.2"), &v4("10.0.0.2")), "to itself");
+            assert!(!inbound_left_alone(FAMILY_V4, &v4("10.0.0.2"), &v4("10.0.0.9")));
+            assert!(inbound_left_alone(FAMILY_V6, &w6("::1"), &w6("fd00::9")));
+            assert!(!inbound_left_alone(FAMILY_V6, &w6("fd00::2"), &w6("fd00::9")));
+        }
     }
 }

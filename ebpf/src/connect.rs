@@ -15,7 +15,10 @@ use aya_ebpf::{
     programs::SockAddrContext,
     EbpfContext,
 };
-use tlsmesh_common::{counter, SockAddr, FAMILY_V4, FAMILY_V6};
+use tlsmesh_common::{
+    classify::{v4_mapped_bytes, v4_never_captured, v4_of_mapped, v6_never_captured},
+    counter, SockAddr, FAMILY_V4, FAMILY_V6,
+};
 
 use crate::maps::{bump, bypassed, config, ENROLLED, ORIG_BY_COOKIE};
 
@@ -32,19 +35,6 @@ pub fn tlsmesh_connect4(ctx: SockAddrContext) -> i32 {
 pub fn tlsmesh_connect6(ctx: SockAddrContext) -> i32 {
     let _ = try_connect::<true>(&ctx);
     ALLOW
-}
-
-/// The IPv6 form of a v4 address word (network order) as bytes.
-#[inline(always)]
-fn v4_mapped(ip4: u32) -> [u8; 16] {
-    let b = ip4.to_ne_bytes();
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]]
-}
-
-#[inline(always)]
-fn v4_is_local(ip4: u32) -> bool {
-    let b = ip4.to_ne_bytes();
-    b[0] == 127 || (b[0] == 169 && b[1] == 254) || ip4 == 0
 }
 
 /// Generic over the family so each instance writes context fields at
@@ -88,20 +78,9 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), ()> {
                 read_volatile(&(*sa).user_ip6[3]),
             ]
         };
-        mapped = w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-        if mapped {
-            if v4_is_local(w[3]) {
-                return bypass();
-            }
-        } else {
-            let b0 = w[0].to_ne_bytes();
-            let loopback =
-                w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == u32::from_ne_bytes([0, 0, 0, 1]);
-            let link_local = b0[0] == 0xfe && (b0[1] & 0xc0) == 0x80;
-            let unspecified = w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == 0;
-            if loopback || link_local || unspecified {
-                return bypass();
-            }
+        mapped = v4_of_mapped(&w).is_some();
+        if v6_never_captured(&w) {
+            return bypass();
         }
         orig.family = FAMILY_V6;
         orig.addr = w;
@@ -120,11 +99,11 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), ()> {
     } else {
         // SAFETY: as above.
         let ip4 = unsafe { read_volatile(&(*sa).user_ip4) };
-        if v4_is_local(ip4) {
+        if v4_never_captured(ip4) {
             return bypass();
         }
         orig.addr[0] = ip4;
-        bytes = v4_mapped(ip4);
+        bytes = v4_mapped_bytes(ip4);
         prefix_len = 128;
         mapped = false;
     }

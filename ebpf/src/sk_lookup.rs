@@ -13,7 +13,9 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
-use tlsmesh_common::{counter, DeliveryKey, IpKey, SockAddr, FAMILY_V6, PORT_TUNNEL};
+use tlsmesh_common::{
+    classify::inbound_left_alone, counter, DeliveryKey, IpKey, SockAddr, FAMILY_V6, PORT_TUNNEL,
+};
 
 use crate::maps::{bump, DELIVERIES, INBOUND};
 
@@ -60,16 +62,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
             remote.addr[0] = read_volatile(&(*l).remote_ip4);
         }
     }
-    let a0 = key.addr[0].to_ne_bytes();
-    let loopback = if family == FAMILY_V6 {
-        key.addr[0] == 0
-            && key.addr[1] == 0
-            && key.addr[2] == 0
-            && key.addr[3] == u32::from_ne_bytes([0, 0, 0, 1])
-    } else {
-        a0[0] == 127
-    };
-    if loopback || key.addr == remote.addr {
+    if inbound_left_alone(family, &key.addr, &remote.addr) {
         return sk_action::SK_PASS;
     }
     let local = SockAddr { family, port, addr: key.addr };

@@ -54,6 +54,25 @@ fn harness(orig: Arc<dyn OrigDst>) -> Harness {
     Harness { state, conns, stats, proxy, root: Scope::new() }
 }
 
+/// Serves a pod `ns/<name>` (on n0, with `mode` and the app `app`, if any)
+/// on fresh loopback listeners: `(outbound, inbound)` addresses.
+async fn serve(
+    h: &Harness,
+    name: &str,
+    ip: &str,
+    mode: Mode,
+    app: Option<SocketAddr>,
+) -> (Arc<tlsmesh::state::PodEntry>, SocketAddr, SocketAddr) {
+    let p = testing::pod("ns", name, "n0", ip, mode);
+    let net = app.map(testing::LoopbackPod::with_app).unwrap_or_default();
+    let (pod, _) = testing::served_with(p, &h.root, TD, net);
+    let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let inbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (o, i) = (outbound.local_addr().unwrap(), inbound.local_addr().unwrap());
+    h.proxy.serve_pod(&pod, vec![outbound], vec![inbound]);
+    (pod, o, i)
+}
+
 /// An app that reads everything, then answers with `reply` bytes and closes.
 async fn app(reply: usize) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -108,12 +127,9 @@ async fn passthrough_is_in_the_table_while_open_and_counted_when_closed() {
     let h = harness(Arc::new(FixedOrigDst::to(dst)));
     let mut inv = Inventory { trust_domain: TD.into(), ..Inventory::default() };
     let p = testing::pod("ns", "client", "n0", "10.0.0.2", Mode::Strict);
-    inv.pods.insert(p.key(), p.clone());
+    inv.pods.insert(p.key(), p);
     h.state.set_inventory(inv);
-    let (pod, _) = testing::served(p, &h.root, TD);
-    let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let listen = outbound.local_addr().unwrap();
-    h.proxy.serve_pod(&pod, vec![outbound], vec![]);
+    let (_pod, listen, _) = serve(&h, "client", "10.0.0.2", Mode::Strict, None).await;
 
     let back = exchange(listen, 1000).await;
     assert_eq!(back.len(), 300);
@@ -129,11 +145,7 @@ async fn passthrough_is_in_the_table_while_open_and_counted_when_closed() {
 async fn removing_a_pod_ends_its_connections_and_empties_the_table() {
     let dst = silent_app().await;
     let h = harness(Arc::new(FixedOrigDst::to(dst)));
-    let p = testing::pod("ns", "client", "n0", "10.0.0.2", Mode::Strict);
-    let (pod, _) = testing::served(p, &h.root, TD);
-    let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let listen = outbound.local_addr().unwrap();
-    h.proxy.serve_pod(&pod, vec![outbound], vec![]);
+    let (_pod, listen, _) = serve(&h, "client", "10.0.0.2", Mode::Strict, None).await;
 
     let mut clients = Vec::new();
     for _ in 0..5 {
@@ -164,11 +176,8 @@ async fn removing_a_pod_ends_its_connections_and_empties_the_table() {
 async fn inbound_plaintext_bytes_are_counted_the_right_way_round() {
     let app_addr = app(77).await;
     let h = harness(Arc::new(FixedOrigDst::default()));
-    let p = testing::pod("ns", "server", "n0", "127.0.0.1", Mode::Permissive);
-    let (pod, _) = testing::served_with(p, &h.root, TD, testing::LoopbackPod::with_app(app_addr));
-    let inbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let listen = inbound.local_addr().unwrap();
-    h.proxy.serve_pod(&pod, vec![], vec![inbound]);
+    let (_pod, _, listen) =
+        serve(&h, "server", "127.0.0.1", Mode::Permissive, Some(app_addr)).await;
 
     // A client that is not enrolled sends 1234 bytes to the pod; its app
     // answers with 77.
@@ -185,11 +194,8 @@ async fn inbound_plaintext_bytes_are_counted_the_right_way_round() {
 async fn a_strict_pod_refuses_plaintext_and_records_the_deny() {
     let app_addr = app(1).await;
     let h = harness(Arc::new(FixedOrigDst::default()));
-    let p = testing::pod("ns", "server", "n0", "127.0.0.1", Mode::Strict);
-    let (pod, _) = testing::served_with(p, &h.root, TD, testing::LoopbackPod::with_app(app_addr));
-    let inbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let listen = inbound.local_addr().unwrap();
-    h.proxy.serve_pod(&pod, vec![], vec![inbound]);
+    let (_pod, _, listen) =
+        serve(&h, "server", "127.0.0.1", Mode::Strict, Some(app_addr)).await;
     let mut c = TcpStream::connect(listen).await.unwrap();
     let mut b = [0u8; 4];
     let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b)).await.expect("answered");
@@ -206,11 +212,7 @@ async fn a_strict_pod_refuses_plaintext_and_records_the_deny() {
 #[tokio::test]
 async fn a_capture_without_an_original_destination_is_counted_and_reset() {
     let h = harness(Arc::new(FixedOrigDst::default()));
-    let p = testing::pod("ns", "client", "n0", "10.0.0.2", Mode::Strict);
-    let (pod, _) = testing::served(p, &h.root, TD);
-    let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let listen = outbound.local_addr().unwrap();
-    h.proxy.serve_pod(&pod, vec![outbound], vec![]);
+    let (_pod, listen, _) = serve(&h, "client", "10.0.0.2", Mode::Strict, None).await;
     let mut c = TcpStream::connect(listen).await.unwrap();
     let mut b = [0u8; 4];
     let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b)).await.expect("answered");
@@ -228,13 +230,10 @@ async fn no_tunnel_means_no_plaintext_to_a_remote_enrolled_pod() {
     let mut inv = Inventory { trust_domain: TD.into(), ..Inventory::default() };
     let client = testing::pod("ns", "client", "n0", "10.0.0.2", Mode::Strict);
     let server = testing::pod("ns", "server", "n1", "127.0.0.1", Mode::Strict);
-    inv.pods.insert(client.key(), client.clone());
+    inv.pods.insert(client.key(), client);
     inv.pods.insert(server.key(), server);
     h.state.set_inventory(inv);
-    let (pod, _) = testing::served(client, &h.root, TD);
-    let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let listen = outbound.local_addr().unwrap();
-    h.proxy.serve_pod(&pod, vec![outbound], vec![]);
+    let (_pod, listen, _) = serve(&h, "client", "10.0.0.2", Mode::Strict, None).await;
     let mut c = TcpStream::connect(listen).await.unwrap();
     let mut b = [0u8; 8];
     let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b)).await.expect("answered");
@@ -248,11 +247,7 @@ async fn no_tunnel_means_no_plaintext_to_a_remote_enrolled_pod() {
 async fn drain_stops_accepting_and_lets_open_connections_finish() {
     let dst = app(10).await;
     let h = harness(Arc::new(FixedOrigDst::to(dst)));
-    let p = testing::pod("ns", "client", "n0", "10.0.0.2", Mode::Strict);
-    let (pod, _) = testing::served(p, &h.root, TD);
-    let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let listen = outbound.local_addr().unwrap();
-    h.proxy.serve_pod(&pod, vec![outbound], vec![]);
+    let (_pod, listen, _) = serve(&h, "client", "10.0.0.2", Mode::Strict, None).await;
     let mut open = TcpStream::connect(listen).await.unwrap();
     open.write_all(b"abc").await.unwrap();
     until("the connection to be open", || h.conns.len() == 1).await;
@@ -272,11 +267,7 @@ async fn drain_stops_accepting_and_lets_open_connections_finish() {
 async fn close_where_ends_the_selected_open_connections() {
     let dst = silent_app().await;
     let h = harness(Arc::new(FixedOrigDst::to(dst)));
-    let p = testing::pod("ns", "client", "n0", "10.0.0.2", Mode::Strict);
-    let (pod, _) = testing::served(p, &h.root, TD);
-    let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let listen = outbound.local_addr().unwrap();
-    h.proxy.serve_pod(&pod, vec![outbound], vec![]);
+    let (_pod, listen, _) = serve(&h, "client", "10.0.0.2", Mode::Strict, None).await;
     let mut c = TcpStream::connect(listen).await.unwrap();
     c.write_all(b"x").await.unwrap();
     until("the connection to be open", || h.conns.len() == 1).await;
