@@ -29,6 +29,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod mesh;
+pub mod objects;
+
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
