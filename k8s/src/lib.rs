@@ -5,6 +5,9 @@
 //!   identities, Services and their endpoints).
 //! * [`watch`]: kube-rs watchers feeding the reducer; [`watch::run`]
 //!   publishes the inventory on a `tokio::sync::watch` channel.
+//! * [`policy`]: `L4Policy` and Istio's `AuthorizationPolicy` /
+//!   `PeerAuthentication` watched live; [`policy::run`] publishes the
+//!   compiled [`MeshPolicy`](tlsmesh_policy::mesh::MeshPolicy).
 //! * [`cni_server`]: the daemon's end of the CNI plugin's Unix socket.
 //! * [`proc_netns`]: netns discovery through `/proc` for pods that were
 //!   running before tlsmesh was installed.
@@ -15,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 pub mod cni_server;
+pub mod policy;
 pub mod proc_netns;
 pub mod state;
 pub mod tokenreview;
