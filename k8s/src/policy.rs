@@ -299,7 +299,9 @@ fn hint(e: &watcher::Error) -> &'static str {
 
 /// Watches the policy objects and publishes the compiled [`MeshPolicy`] on
 /// `tx` each time it changes, from the moment every kind has been listed
-/// once or found not served (before that `tx` keeps its initial value; a
+/// once or found not served (that first publication is always sent, so
+/// `changed()` on the receiver means "synced"; before it `tx` keeps its
+/// initial value; a
 /// forbidden kind holds the first publication back and is logged with
 /// what to grant). Runs until every receiver of `tx` is gone; API errors
 /// never end it.
@@ -316,6 +318,7 @@ pub async fn run(client: Client, opts: PolicyOptions, tx: channel::Sender<MeshPo
     streams.push(pod_stream(client).boxed());
     let mut events = stream::select_all(streams);
     let mut state = PolicyState::default();
+    let mut published = false;
     info!(root_namespace = %opts.root_namespace, "watching policy objects");
     loop {
         let mut changed = false;
@@ -336,8 +339,12 @@ pub async fn run(client: Client, opts: PolicyOptions, tx: channel::Sender<MeshPo
             continue;
         }
         let policy = state.compile(&opts);
+        let first = !published;
+        published = true;
         tx.send_if_modified(|cur| {
-            if *cur == policy {
+            // The first one is sent even if it equals the initial value: it
+            // says "synced".
+            if *cur == policy && !first {
                 return false;
             }
             for p in policy.problems.iter().filter(|p| !cur.problems.contains(p)) {
