@@ -144,6 +144,7 @@ async fn pods(c: &Client) {
 }
 
 #[tokio::test]
+#[expect(clippy::too_many_lines, reason = "one scenario: create, change, delete, check after each")]
 async fn real_apiserver_policy_objects_are_followed_live() {
     let cp = ControlPlane::start().await;
     let c = cp.client();
@@ -222,6 +223,22 @@ async fn real_apiserver_policy_objects_are_followed_live() {
         "kind": "L4Policy", "metadata": {"name": "bad"}, "spec": {"action": "maybe"}}))
     .unwrap();
     assert!(l4_policies(&c, "shop").create(&PostParams::default(), &bad).await.is_err());
+    // A typo is kept (not pruned) and reported; the allow fails closed.
+    create(&l4_policies(&c, "shop"), json!({"apiVersion": "tlsmesh.io/v1alpha1", "kind": "L4Policy",
+        "metadata": {"name": "typo"}, "spec": {"action": "allow", "pods": ["web"], "fromNamespace": ["lab"]}}))
+    .await;
+    let p = until(&mut rx, "the typo reported", |p| {
+        p.problems.iter().any(|x| x.subject == "L4Policy shop/typo")
+    })
+    .await;
+    assert!(
+        p.problems.iter().any(|x| x.message.contains("spec.fromNamespace")),
+        "{:#?}",
+        p.problems
+    );
+    assert!(!allows(&p, WEB, "web", 80), "web is default-deny, the allow matches nothing");
+    delete(&l4_policies(&c, "shop"), "typo").await;
+    until(&mut rx, "the typo gone", |p| p.authorizations.len() == 2).await;
 
     // PeerAuthentication: mesh-wide STRICT, shop PERMISSIVE.
     create(&peer_authentications(&c, "istio-system"), json!({"apiVersion": "security.istio.io/v1",

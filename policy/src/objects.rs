@@ -14,7 +14,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Deserialize;
 use serde_json::Value;
 
 use crate::{
@@ -97,87 +96,109 @@ fn by_labels(
         .collect()
 }
 
-/// tlsmesh's `L4Policy` spec: the TOML rule's fields, in the object's
-/// namespace.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct L4Spec {
-    action: Action,
-    #[serde(default)]
-    service_accounts: Vec<String>,
-    #[serde(default)]
-    pods: Vec<String>,
-    #[serde(default)]
-    match_labels: BTreeMap<String, String>,
-    #[serde(default)]
-    from_namespaces: Vec<String>,
-    #[serde(default)]
-    from_identities: Vec<String>,
-    #[serde(default)]
-    from_ip_blocks: Vec<String>,
-    #[serde(default)]
-    ports: Vec<u16>,
-}
-
-fn l4_policy(o: &Value, pods: &PodLabels, out: &mut MeshPolicy) {
-    let m = meta(o);
+/// tlsmesh's `L4Policy`: the TOML rule's fields, in the object's
+/// namespace, read the way Istio's rules are: a field that does not read
+/// (a typo kept by the CRD's `x-kubernetes-preserve-unknown-fields`, a bad
+/// block) empties an `allow` (it matches nothing) and is left out of a
+/// `deny` (which then denies more).
+fn l4_policy(obj: &Value, pods: &PodLabels, out: &mut MeshPolicy) {
+    let m = meta(obj);
     let subject = format!("{L4_POLICY} {}/{}", m.namespace, m.name);
-    let spec = match L4Spec::deserialize(&o["spec"]) {
-        Ok(s) => s,
-        Err(e) => {
+    let spec = &obj["spec"];
+    let action = match spec["action"].as_str() {
+        Some("allow") => Action::Allow,
+        Some("deny") => Action::Deny,
+        other => {
             out.problems.push(Problem {
                 subject,
-                message: format!("spec is malformed ({e}); the object is ignored (the CRD's schema should have refused it: is deploy/crds.yaml installed at this version?)"),
+                message: format!("action {other:?} is not allow or deny; the object is ignored (the CRD's schema should have refused it: is deploy/manifests/crds.yaml installed at this version?)"),
             });
             return;
         }
     };
-    let mut blocks = Vec::new();
-    for b in &spec.from_ip_blocks {
-        match b.parse::<IpBlock>() {
-            Ok(b) => blocks.push(b),
-            Err(e) => out.problems.push(Problem {
-                subject: subject.clone(),
-                message: format!("fromIpBlocks: {e}; left out"),
-            }),
+    let mut r = Reading::default();
+    let ok = |s: &str| Ok::<_, String>(s.to_owned());
+    let mut selector = Selector { namespace: Some(m.namespace.clone()), ..Default::default() };
+    let mut named: Option<BTreeSet<String>> = None;
+    let mut labelled: Option<BTreeSet<String>> = None;
+    let mut from = Vec::new();
+    let mut to = Vec::new();
+    for (k, v) in spec.as_object().into_iter().flatten() {
+        match k.as_str() {
+            "action" => {}
+            "serviceAccounts" => {
+                selector.service_accounts =
+                    r.list(v, k, ok).filter(|l| !l.is_empty()).map(|l| l.into_iter().collect());
+            }
+            "pods" => {
+                named = r
+                    .list(v, k, ok)
+                    .filter(|l| !l.is_empty())
+                    .map(|l| l.iter().map(|p| format!("{}/{p}", m.namespace)).collect());
+            }
+            "matchLabels" => {
+                let wanted: Option<BTreeMap<String, String>> = v.as_object().map(|labels| {
+                    labels
+                        .iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                        .collect()
+                });
+                match wanted {
+                    Some(w) if !w.is_empty() => {
+                        labelled = Some(by_labels(pods, Some(&m.namespace), &w));
+                    }
+                    Some(_) => {}
+                    None => r.unsupported.push("matchLabels is not a map".into()),
+                }
+            }
+            "fromNamespaces" => {
+                if let Some(l) = r.list(v, k, ok).filter(|l| !l.is_empty()) {
+                    from.push(SourceMatch { namespaces: Some(l), ..Default::default() });
+                }
+            }
+            "fromIdentities" => {
+                if let Some(l) = r.list(v, k, ok).filter(|l| !l.is_empty()) {
+                    from.push(SourceMatch { principals: Some(l), ..Default::default() });
+                }
+            }
+            "fromIpBlocks" => {
+                if let Some(l) = r.list(v, k, str::parse::<IpBlock>).filter(|l| !l.is_empty()) {
+                    from.push(SourceMatch { ip_blocks: Some(l), ..Default::default() });
+                }
+            }
+            "ports" => {
+                let ports: Option<Vec<u16>> = v.as_array().and_then(|a| {
+                    a.iter()
+                        .map(|p| p.as_u64().and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0))
+                        .collect()
+                });
+                match ports {
+                    Some(p) if !p.is_empty() => {
+                        to.push(PortMatch { ports: Some(p), not_ports: None });
+                    }
+                    Some(_) => {}
+                    None => r.unsupported.push(format!("ports: {v} are not all ports")),
+                }
+            }
+            other => r.unsupported.push(format!("spec.{other}")),
         }
     }
-    let mut from = Vec::new();
-    if !spec.from_namespaces.is_empty() {
-        from.push(SourceMatch { namespaces: Some(spec.from_namespaces), ..Default::default() });
-    }
-    if !spec.from_identities.is_empty() {
-        from.push(SourceMatch { principals: Some(spec.from_identities), ..Default::default() });
-    }
-    if !spec.from_ip_blocks.is_empty() {
-        // All blocks bad in an allow: matches nothing (an empty list).
-        from.push(SourceMatch { ip_blocks: Some(blocks), ..Default::default() });
-    }
-    let to = if spec.ports.is_empty() {
-        vec![]
-    } else {
-        vec![PortMatch { ports: Some(spec.ports), not_ports: None }]
+    selector.pods = match (named, labelled) {
+        (Some(n), Some(l)) => Some(n.intersection(&l).cloned().collect()),
+        (n, l) => n.or(l),
     };
-    let mut pod_set: Option<BTreeSet<String>> = (!spec.pods.is_empty())
-        .then(|| spec.pods.iter().map(|p| format!("{}/{p}", m.namespace)).collect());
-    if !spec.match_labels.is_empty() {
-        let selected = by_labels(pods, Some(&m.namespace), &spec.match_labels);
-        pod_set = Some(match pod_set {
-            Some(named) => named.intersection(&selected).cloned().collect(),
-            None => selected,
-        });
+    let mut rules = vec![MatchRule { from, to, when: vec![] }];
+    if !r.unsupported.is_empty() {
+        let what = r.unsupported.join(", ");
+        let message = if action == Action::Allow {
+            rules.clear();
+            format!("{what} not read; this allow matches nothing (its pods are default-deny), which is more restrictive than written")
+        } else {
+            format!("{what} not read; this deny applies without it, which is more restrictive than written")
+        };
+        out.problems.push(Problem { subject: subject.clone(), message });
     }
-    out.authorizations.push(Authorization {
-        name: subject,
-        action: spec.action,
-        selector: Selector {
-            namespace: Some(m.namespace),
-            service_accounts: (!spec.service_accounts.is_empty())
-                .then(|| spec.service_accounts.into_iter().collect()),
-            pods: pod_set,
-        },
-        rules: vec![MatchRule { from, to, when: vec![] }],
-    });
+    out.authorizations.push(Authorization { name: subject, action, selector, rules });
 }
 
 /// Reads a list of strings; `Err` names what is not a string.
@@ -659,26 +680,45 @@ mod tests {
             "metadata": {"namespace": "shop", "name": "only-web"},
             "spec": {"action": "allow", "matchLabels": {"app": "db"}, "fromIdentities": [WEB],
                      "fromIpBlocks": ["10.5.0.0/16"], "ports": [5432]}});
-        let bad = json!({"metadata": {"namespace": "shop", "name": "typo"}, "spec": {"action": "allow", "form": []}});
         let pods: PodLabels =
             [("shop/db".to_owned(), [("app".to_owned(), "db".to_owned())].into())].into();
-        let p = compile(
-            &Objects { l4_policies: vec![l4, bad], ..Default::default() },
-            &pods,
-            "istio-system",
-        );
-        assert_eq!(p.problems.len(), 1);
-        assert!(
-            p.problems[0].subject == "L4Policy shop/typo" && p.problems[0].message.contains("form"),
-            "{:?}",
-            p.problems
-        );
+        let l4s = |v: Vec<Value>| {
+            compile(&Objects { l4_policies: v, ..Default::default() }, &pods, "istio-system")
+        };
+        let p = l4s(vec![l4]);
+        assert!(p.problems.is_empty(), "{:?}", p.problems);
         assert_eq!(p.authorizations[0].name, "L4Policy shop/only-web");
         assert!(to(&p, Some(WEB), "10.0.0.1", "db", 5432));
         assert!(to(&p, Some(EXP), "10.5.0.1", "db", 5432), "or from the block");
         assert!(!to(&p, Some(EXP), "10.0.0.1", "db", 5432));
         assert!(!to(&p, Some(WEB), "10.0.0.1", "db", 80));
         assert!(to(&p, Some(EXP), "10.0.0.1", "web", 80), "web has no app=db label");
+
+        // A typo (kept by the CRD's preserve-unknown-fields): an allow
+        // matches nothing, a deny applies without the field.
+        let typo = |action: &str| {
+            json!({"metadata": {"namespace": "shop", "name": "typo"},
+                "spec": {"action": action, "pods": ["db"], "fromNamespace": ["lab"], "ports": [0]}})
+        };
+        let p = l4s(vec![typo("allow")]);
+        assert_eq!(p.problems.len(), 1);
+        let m = &p.problems[0].message;
+        assert!(
+            m.contains("spec.fromNamespace") && m.contains("[0]") && m.contains("matches nothing"),
+            "{m}"
+        );
+        assert!(!to(&p, Some(EXP), "10.0.0.1", "db", 80));
+        assert!(to(&p, Some(EXP), "10.0.0.1", "web", 80), "only db is selected");
+        let p = l4s(vec![typo("deny")]);
+        assert!(
+            !to(&p, Some(WEB), "10.0.0.1", "db", 80),
+            "the deny without its from: every source"
+        );
+        assert!(to(&p, Some(WEB), "10.0.0.1", "web", 80));
+        let p = l4s(vec![
+            json!({"metadata": {"namespace": "shop", "name": "x"}, "spec": {"action": "maybe"}}),
+        ]);
+        assert!(p.authorizations.is_empty() && p.problems[0].message.contains("maybe"));
     }
 
     fn pa(ns: &str, name: &str, created: &str, spec: Value) -> Value {
