@@ -332,6 +332,9 @@ impl Reading {
         let mut rule = MatchRule::default();
         for (k, v) in r.as_object().into_iter().flatten() {
             let items = v.as_array().map(Vec::as_slice).unwrap_or_default();
+            if !v.is_array() && matches!(k.as_str(), "from" | "to" | "when") {
+                self.unsupported.push(format!("rules[].{k} is not a list"));
+            }
             match k.as_str() {
                 "from" => {
                     for f in items {
@@ -631,9 +634,11 @@ mod tests {
             "bad",
             json!({
             "rules": [{"to": [{"operation": {"ports": ["http"]}}]},
-                      {"from": [{"source": {"ipBlocks": ["ten"]}}]}]}),
+                      {"from": [{"source": {"ipBlocks": ["ten"]}}]},
+                      {"from": {"source": {}}}]}),
         )]);
-        assert_eq!(p.problems.len(), 2, "{:?}", p.problems);
+        assert_eq!(p.problems.len(), 3, "{:?}", p.problems);
+        assert!(p.problems.iter().any(|x| x.message.contains("rules[].from is not a list")));
         assert!(p.problems.iter().any(|x| x.message.contains("\"http\" is not a port")));
         assert!(
             !to(&p, Some(WEB), "10.0.0.1", "db", 80),
