@@ -24,5 +24,7 @@ pub mod state;
 pub mod tokenreview;
 pub mod watch;
 
-pub use state::{ClusterState, Event, Kind, NetnsResolver, NoNetns, PodRef, Update, MODE_LABEL};
+pub use state::{
+    ClusterState, Event, Kind, ModeOverrides, NetnsResolver, NoNetns, PodRef, Update, MODE_LABEL,
+};
 pub use watch::{run, Options};

@@ -15,9 +15,13 @@ use kube::{
     api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
     Api, Client,
 };
-use real::{label_pod, namespace, node, pod, service_account, WAIT};
+use real::{label_pod, namespace, node, pod, run_pod, service_account, WAIT};
 use serde_json::{json, Value};
-use tlsmesh_k8s::policy::{run, PolicyOptions};
+use tlsmesh_inventory::{Inventory, Mode};
+use tlsmesh_k8s::{
+    policy::{run, PolicyOptions},
+    Options,
+};
 use tlsmesh_kube_harness::ControlPlane;
 use tlsmesh_policy::{
     mesh::{MeshPolicy, MtlsMode, Request},
@@ -137,9 +141,10 @@ fn allows(p: &MeshPolicy, id: &str, pod: &str, port: u16) -> bool {
 async fn pods(c: &Client) {
     namespace(c, "shop", Some("strict")).await;
     node(c, "node-a", "192.168.56.11").await;
-    for sa in ["web", "db"] {
+    for (sa, ip) in [("web", "10.244.1.2"), ("db", "10.244.1.3")] {
         service_account(c, "shop", sa).await;
         pod(c, "shop", sa, "node-a", sa, json!({"app": sa})).await;
+        run_pod(c, "shop", sa, ip).await;
     }
 }
 
@@ -155,6 +160,13 @@ async fn real_apiserver_policy_objects_are_followed_live() {
     namespace(&c, "istio-system", None).await;
     let (tx, mut rx) = watch::channel(MeshPolicy::default());
     tokio::spawn(run(c.clone(), PolicyOptions::default(), tx));
+    // The inventory watcher takes its modes from the same policy.
+    let (itx, mut inv) = watch::channel(Inventory::default());
+    let opts = Options {
+        policy: Some(rx.clone()),
+        ..Options::new(Some("node-a".into()), "cluster.local")
+    };
+    tokio::spawn(tlsmesh_k8s::run(c.clone(), opts, itx));
     rx.changed().await.expect("a first policy");
     let p = rx.borrow().clone();
     assert!(p.authorizations.is_empty() && p.problems.is_empty(), "{p:#?}");
@@ -252,6 +264,11 @@ async fn real_apiserver_policy_objects_are_followed_live() {
             .await;
     assert_eq!(p.mode_override("shop"), Some(MtlsMode::Permissive));
     assert_eq!(p.mode_override("lab"), Some(MtlsMode::Strict));
+    let mode = |i: &Inventory| i.pods.get("shop/db").and_then(|p| p.mode);
+    real::until(&mut inv, "shop/db permissive by PeerAuthentication", |i| {
+        mode(i) == Some(Mode::Permissive)
+    })
+    .await;
 
     // Deletions.
     delete(&aps, "db").await;
@@ -263,6 +280,11 @@ async fn real_apiserver_policy_objects_are_followed_live() {
     assert!(p.problems.is_empty(), "the problem went with its object: {:#?}", p.problems);
     assert!(allows(&p, WEB, "db", 5432));
     assert_eq!(p.mode_override("shop"), Some(MtlsMode::Strict));
+    real::until(&mut inv, "shop/db strict (mesh-wide)", |i| mode(i) == Some(Mode::Strict)).await;
+    delete(&peer_authentications(&c, "istio-system"), "default").await;
+    delete(&l4_policies(&c, "shop"), "no-lab").await;
+    until(&mut rx, "nothing left", |p| *p == MeshPolicy::default()).await;
+    assert_eq!(mode(&inv.borrow()), Some(Mode::Strict), "the namespace label's again");
 }
 
 #[tokio::test]
