@@ -246,6 +246,34 @@ pub struct ClusterState {
     /// Kinds the API server does not serve, and what to tell the operator.
     unserved: BTreeMap<Kind, String>,
     listed: BTreeSet<Kind>,
+    overrides: ModeOverrides,
+}
+
+/// Modes of enrolled namespaces set by policy objects (Istio's
+/// `PeerAuthentication`), over the namespace label's; a pod's own label
+/// still wins. They never enroll a namespace (docs/KUBERNETES.md §11).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModeOverrides {
+    /// By namespace.
+    pub namespaces: BTreeMap<String, Mode>,
+    /// For every namespace without its own.
+    pub mesh: Option<Mode>,
+}
+
+impl From<&tlsmesh_policy::mesh::MeshPolicy> for ModeOverrides {
+    /// `DISABLE` is permissive: tlsmesh accepts plaintext in but still
+    /// sends mTLS between enrolled pods.
+    fn from(p: &tlsmesh_policy::mesh::MeshPolicy) -> Self {
+        use tlsmesh_policy::mesh::MtlsMode;
+        let mode = |m: &MtlsMode| match m {
+            MtlsMode::Strict => Mode::Strict,
+            MtlsMode::Permissive | MtlsMode::Disable => Mode::Permissive,
+        };
+        Self {
+            namespaces: p.namespace_modes.iter().map(|(n, m)| (n.clone(), mode(m))).collect(),
+            mesh: p.mesh_mode.as_ref().map(mode),
+        }
+    }
 }
 
 fn key_of(ns: Option<&str>, name: &str) -> String {
@@ -491,7 +519,17 @@ impl ClusterState {
             endpoints: BTreeMap::new(),
             unserved: BTreeMap::new(),
             listed,
+            overrides: ModeOverrides::default(),
         }
+    }
+
+    /// Replaces the mode overrides; returns whether they changed.
+    pub fn set_mode_overrides(&mut self, overrides: ModeOverrides) -> bool {
+        if self.overrides == overrides {
+            return false;
+        }
+        self.overrides = overrides;
+        true
     }
 
     /// Applies one event. Returns whether anything the inventory is built
@@ -565,10 +603,18 @@ impl ClusterState {
         self.node.as_deref()
     }
 
-    /// The effective mode of a pod's namespace (`None`: not enrolled).
+    /// The effective mode of a pod's namespace (`None`: not enrolled): the
+    /// namespace's override, else the mesh-wide one, else its label's.
     pub fn namespace_mode(&self, namespace: &str) -> Option<Mode> {
         match self.namespaces.get(namespace) {
-            Some(NsMode::Mode(m)) => Some(*m),
+            Some(NsMode::Mode(m)) => Some(
+                self.overrides
+                    .namespaces
+                    .get(namespace)
+                    .copied()
+                    .or(self.overrides.mesh)
+                    .unwrap_or(*m),
+            ),
             _ => None,
         }
     }

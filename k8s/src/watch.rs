@@ -29,10 +29,11 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 use tlsmesh_inventory::{Inventory, Problem};
+use tlsmesh_policy::mesh::MeshPolicy;
 use tokio::sync::{watch as channel, Notify};
 use tracing::{debug, info, warn};
 
-use crate::state::{ClusterState, Event, Kind, NetnsResolver, NoNetns, Update};
+use crate::state::{ClusterState, Event, Kind, ModeOverrides, NetnsResolver, NoNetns, Update};
 
 /// Most events applied before the inventory is rebuilt and published.
 const COALESCE: usize = 256;
@@ -85,6 +86,10 @@ pub struct Options {
     /// Where the problems found are published each time they change (they
     /// are logged in any case); `None`: only logged.
     pub problems: Option<channel::Sender<Vec<Problem>>>,
+    /// The policy objects ([`crate::policy::run`]'s receiver): their
+    /// `PeerAuthentication` modes override enrolled namespaces' labels
+    /// ([`ModeOverrides`]); `None`: labels only.
+    pub policy: Option<channel::Receiver<MeshPolicy>>,
 }
 
 impl Options {
@@ -96,6 +101,7 @@ impl Options {
             resolver: Arc::new(NoNetns),
             refresh: Arc::new(Notify::new()),
             problems: None,
+            policy: None,
         }
     }
 }
@@ -365,6 +371,10 @@ pub async fn run(client: Client, opts: Options, tx: channel::Sender<Inventory>) 
     }
     let mut events = stream::select_all(streams);
     let mut state = ClusterState::new(opts.node.clone(), opts.trust_domain.clone());
+    let mut policy = opts.policy.clone();
+    if let Some(rx) = &mut policy {
+        state.set_mode_overrides(ModeOverrides::from(&*rx.borrow_and_update()));
+    }
     let mut last_problems: Vec<Problem> = Vec::new();
     // The last watch failure of each kind, until that kind delivers again:
     // reported with the problems (a forbidden kind holds back the first
@@ -387,6 +397,20 @@ pub async fn run(client: Client, opts: Options, tx: channel::Sender<Inventory>) 
                 }
             }
             () = opts.refresh.notified() => changed = true,
+            more = async {
+                match &mut policy {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            } => {
+                match &mut policy {
+                    Some(rx) if more => {
+                        changed |= state.set_mode_overrides(ModeOverrides::from(&*rx.borrow_and_update()));
+                    }
+                    // The policy watcher ended: keep its last modes.
+                    _ => policy = None,
+                }
+            }
             () = tx.closed() => return,
         }
         if failing != last_failing {

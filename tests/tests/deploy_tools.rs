@@ -211,7 +211,7 @@ fn real_helm_renders_what_the_test_renderer_renders() {
         let objs = objects(&manifests).unwrap_or_else(|e| panic!("{tag}: {e}"));
         for ((kind, name), o) in &objs {
             assert!(o["apiVersion"].is_string(), "{tag}: {kind} {name} has no apiVersion");
-            let cluster_wide = kind.starts_with("Cluster");
+            let cluster_wide = kind.starts_with("Cluster") || kind == "CustomResourceDefinition";
             assert_eq!(
                 o["metadata"]["namespace"].as_str(),
                 (!cluster_wide).then_some(NAMESPACE),

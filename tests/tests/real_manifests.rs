@@ -21,7 +21,11 @@ use kube::{
     Api, Client,
 };
 use serde_json::{json, Value};
-use tlsmesh::inventory::{Inventory, Mode};
+use tlsmesh::{
+    inventory::{Inventory, Mode},
+    policy::mesh::MeshPolicy,
+};
+use tlsmesh_k8s::policy::PolicyOptions;
 use tlsmesh_k8s::tokenreview::{NodeDaemon, TokenReviewAuthenticator, DEFAULT_AUDIENCE};
 use tlsmesh_kube_harness::ControlPlane;
 use tokio::sync::watch;
@@ -314,6 +318,28 @@ async fn daemon_reads_and_never_writes(cp: &ControlPlane) {
     // "It never writes to the API" (rbac.yaml), and reads no Secrets.
     assert!(can(&daemon, "watch", "", "pods").await);
     assert!(can(&daemon, "list", "discovery.k8s.io", "endpointslices").await);
+    assert!(can(&daemon, "watch", "", "endpoints").await, "the fallback without EndpointSlices");
+    for (group, resource) in [
+        ("tlsmesh.io", "l4policies"),
+        ("security.istio.io", "authorizationpolicies"),
+        ("security.istio.io", "peerauthentications"),
+    ] {
+        assert!(
+            can(&daemon, "watch", group, resource).await,
+            "the daemon may not watch {resource}"
+        );
+    }
+    // The policy watcher, with the daemon's token: the L4Policy CRD of
+    // crds.yaml is served and readable (a 403 would hold the publication
+    // back); Istio's CRDs are not installed, which is reported.
+    let (tx, mut rx) = watch::channel(MeshPolicy::default());
+    tokio::spawn(tlsmesh_k8s::policy::run(daemon.clone(), PolicyOptions::default(), tx));
+    tokio::time::timeout(WAIT, rx.changed())
+        .await
+        .expect("the daemon's first policy")
+        .expect("the policy watcher runs");
+    let subjects: Vec<String> = rx.borrow().problems.iter().map(|p| p.subject.clone()).collect();
+    assert_eq!(subjects, ["watch of AuthorizationPolicy", "watch of PeerAuthentication"]);
     for (verb, group, resource) in [
         ("get", "", "secrets"),
         ("create", "", "pods"),

@@ -37,7 +37,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod netns;
 pub mod pods;
-pub mod policy;
+pub use tlsmesh_policy as policy;
 pub mod proxy;
 pub mod scope;
 pub mod state;

@@ -489,3 +489,35 @@ fn an_unserved_kind_counts_as_listed_and_is_a_problem() {
     assert!(s.apply(Update::EndpointSlice(Event::Restarted(vec![]))));
     assert_eq!(s.inventory(&NoNetns).1, []);
 }
+
+#[test]
+fn mode_overrides_apply_to_enrolled_namespaces_under_pod_labels() {
+    let mut s = synced(
+        vec![ns("shop", Some("strict")), ns("lab", Some("strict")), ns("other", None)],
+        vec![
+            pod("shop", "web", "a", Some("10.0.0.2"), None),
+            pod("shop", "pinned", "a", Some("10.0.0.3"), Some("strict")),
+            pod("lab", "exp", "b", Some("10.0.1.2"), None),
+            pod("other", "x", "a", Some("10.0.0.4"), None),
+        ],
+    );
+    let overrides = ModeOverrides {
+        namespaces: [("shop".to_owned(), Mode::Permissive), ("other".to_owned(), Mode::Strict)]
+            .into(),
+        mesh: Some(Mode::Permissive),
+    };
+    assert!(s.set_mode_overrides(overrides.clone()));
+    assert!(!s.set_mode_overrides(overrides));
+    assert_eq!(
+        modes(&s),
+        [
+            ("lab/exp".into(), Some(Mode::Permissive)),
+            ("other/x".into(), None),
+            ("shop/pinned".into(), Some(Mode::Strict)),
+            ("shop/web".into(), Some(Mode::Permissive)),
+        ],
+        "mesh-wide for lab; shop's own; the pod label wins; no enrollment by override"
+    );
+    assert!(s.set_mode_overrides(ModeOverrides::default()));
+    assert_eq!(modes(&s)[3], ("shop/web".into(), Some(Mode::Strict)));
+}

@@ -21,6 +21,16 @@
 //! from_identities = []             # optional: sources by SPIFFE id
 //! ports = [8080]                   # optional: destination ports
 //! ```
+//!
+//! The same rules also come from Kubernetes objects: tlsmesh's `L4Policy`
+//! and the L4 subset of Istio's `AuthorizationPolicy` and
+//! `PeerAuthentication` ([`mesh`] holds the general form, [`objects`]
+//! the conversion); docs/KUBERNETES.md describes both.
+
+#![forbid(unsafe_code)]
+
+pub mod mesh;
+pub mod objects;
 
 use std::path::Path;
 
