@@ -315,7 +315,9 @@ mod tests {
 
         fn w6(a: &str) -> [u32; 4] {
             let o = a.parse::<Ipv6Addr>().unwrap().octets();
-            core::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+            core::array::from_fn(|i| {
+                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+            })
         }
 
         #[test]

@@ -145,7 +145,7 @@ async fn passthrough_is_in_the_table_while_open_and_counted_when_closed() {
 async fn removing_a_pod_ends_its_connections_and_empties_the_table() {
     let dst = silent_app().await;
     let h = harness(Arc::new(FixedOrigDst::to(dst)));
-    let (_pod, listen, _) = serve(&h, "client", "10.0.0.2", Mode::Strict, None).await;
+    let (pod, listen, _) = serve(&h, "client", "10.0.0.2", Mode::Strict, None).await;
 
     let mut clients = Vec::new();
     for _ in 0..5 {
@@ -194,8 +194,7 @@ async fn inbound_plaintext_bytes_are_counted_the_right_way_round() {
 async fn a_strict_pod_refuses_plaintext_and_records_the_deny() {
     let app_addr = app(1).await;
     let h = harness(Arc::new(FixedOrigDst::default()));
-    let (_pod, _, listen) =
-        serve(&h, "server", "127.0.0.1", Mode::Strict, Some(app_addr)).await;
+    let (_pod, _, listen) = serve(&h, "server", "127.0.0.1", Mode::Strict, Some(app_addr)).await;
     let mut c = TcpStream::connect(listen).await.unwrap();
     let mut b = [0u8; 4];
     let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b)).await.expect("answered");
