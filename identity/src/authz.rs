@@ -297,7 +297,7 @@ impl JoinAuthenticator for JoinTokens {
 /// A new random join token (256 bits, hex).
 pub fn generate_token() -> String {
     let bytes: [u8; 32] = rand::random();
-    crate::keys::hex(&bytes)
+    crate::spiffe::hex(&bytes)
 }
 
 fn digest(token: &str) -> [u8; 32] {

@@ -459,7 +459,7 @@ fn ca_params(
     params.distinguished_name.push(DnType::OrganizationName, "tlsmesh");
     // A random tag tells apart the roots of a rotation (and of two clusters
     // that share a trust domain name) in logs and `openssl x509` output.
-    let tag = crate::keys::hex(&rand::random::<[u8; 4]>());
+    let tag = crate::spiffe::hex(&rand::random::<[u8; 4]>());
     params
         .distinguished_name
         .push(DnType::CommonName, format!("tlsmesh {kind} CA {trust_domain} {tag}"));

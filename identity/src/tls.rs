@@ -100,7 +100,7 @@ pub fn sni_for(id: &SpiffeId) -> ServerName<'static> {
 /// [`sni_for`] as a string.
 pub fn sni_string(id: &SpiffeId) -> String {
     let digest = Sha256::digest(id.to_string().as_bytes());
-    format!("{}.id.tlsmesh.invalid", &crate::keys::hex(&digest)[..32])
+    format!("{}.id.tlsmesh.invalid", &crate::spiffe::hex(&digest)[..32])
 }
 
 /// Server side of the tunnel: TLS 1.3, client certificate required and
