@@ -360,7 +360,9 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Undoes a half-done set-up.
+    /// Undoes a pod's set-up, whole or half done: kernel entries, then its
+    /// scope (awaited), then its delivery rules (`ip` processes: off the
+    /// runtime thread, but awaited).
     async fn undo(&self, entry: &PodEntry) {
         self.release_kernel(entry);
         entry.scope.end().await;
@@ -385,14 +387,8 @@ impl Reconciler {
     /// serves it (listeners, connections, tunnel servers), then its
     /// delivery rules — in this order, awaited.
     async fn remove(&self, key: &str) {
-        let Some(entry) = self.state.pod(key) else { return };
-        self.release_kernel(&entry);
-        entry.scope.end().await;
-        self.state.remove_pod(key);
-        if let Some(ns) = entry.netns.clone() {
-            // `ip` processes: off the runtime thread, but awaited.
-            let _ = tokio::task::spawn_blocking(move || deliver::teardown(&ns)).await;
-        }
+        let Some(entry) = self.state.remove_pod(key) else { return };
+        self.undo(&entry).await;
     }
 
     /// Releases every pod (the daemon is exiting): their scopes end, the

@@ -202,8 +202,9 @@ mod tests {
         testing,
     };
 
-    /// The state an idle captured connection's task holds: printed so a
-    /// change that makes every connection heavier shows up in review.
+    /// The state an idle captured connection's task holds (every open
+    /// connection pays it): 2,024 bytes in a debug build when the tunnel's
+    /// connect future is boxed, 5,776 when it was inline.
     #[tokio::test]
     async fn future_sizes() {
         let stats = Arc::new(Stats::default());
@@ -224,7 +225,12 @@ mod tests {
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let peer = c.local_addr().unwrap();
         let f = serve(p, pod, c, peer);
-        eprintln!("outbound::serve future: {} bytes", std::mem::size_of_val(&f));
+        let size = std::mem::size_of_val(&f);
+        eprintln!("outbound::serve future: {size} bytes");
+        assert!(
+            size < 4096,
+            "a captured connection's task grew to {size} bytes (box what it awaits only at set-up)"
+        );
         drop(f);
     }
 }
