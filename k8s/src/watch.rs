@@ -90,6 +90,11 @@ pub struct Options {
     /// `PeerAuthentication` modes override enrolled namespaces' labels
     /// ([`ModeOverrides`]); `None`: labels only.
     pub policy: Option<channel::Receiver<MeshPolicy>>,
+    /// While an enrolled pod of this node has an address but no (existing)
+    /// netns, the inventory is rebuilt this often, so a resolver that looks
+    /// (e.g. [`ProcNetns`](crate::proc_netns::ProcNetns)) finds it without
+    /// an event from the API.
+    pub unresolved_retry: Duration,
 }
 
 impl Options {
@@ -102,6 +107,7 @@ impl Options {
             refresh: Arc::new(Notify::new()),
             problems: None,
             policy: None,
+            unresolved_retry: Duration::from_secs(5),
         }
     }
 }
@@ -376,6 +382,8 @@ pub async fn run(client: Client, opts: Options, tx: channel::Sender<Inventory>) 
         state.set_mode_overrides(ModeOverrides::from(&*rx.borrow_and_update()));
     }
     let mut last_problems: Vec<Problem> = Vec::new();
+    // When to rebuild for pods whose netns is not known yet.
+    let mut retry_at: Option<tokio::time::Instant> = None;
     // The last watch failure of each kind, until that kind delivers again:
     // reported with the problems (a forbidden kind holds back the first
     // inventory, so this may be the only thing the daemon can show).
@@ -397,20 +405,15 @@ pub async fn run(client: Client, opts: Options, tx: channel::Sender<Inventory>) 
                 }
             }
             () = opts.refresh.notified() => changed = true,
-            more = async {
-                match &mut policy {
-                    Some(rx) => rx.changed().await.is_ok(),
-                    None => std::future::pending().await,
-                }
-            } => {
-                match &mut policy {
-                    Some(rx) if more => {
-                        changed |= state.set_mode_overrides(ModeOverrides::from(&*rx.borrow_and_update()));
-                    }
-                    // The policy watcher ended: keep its last modes.
-                    _ => policy = None,
-                }
+            () = sleep_until(retry_at) => {
+                retry_at = None;
+                changed = true;
             }
+            next = next_policy(&mut policy) => match next {
+                Some(overrides) => changed |= state.set_mode_overrides(overrides),
+                // The policy watcher ended: keep its last modes.
+                None => policy = None,
+            },
             () = tx.closed() => return,
         }
         if failing != last_failing {
@@ -421,6 +424,11 @@ pub async fn run(client: Client, opts: Options, tx: channel::Sender<Inventory>) 
             continue;
         }
         let (inv, problems) = state.inventory(opts.resolver.as_ref());
+        retry_at = opts
+            .node
+            .as_deref()
+            .filter(|n| has_unresolved(&inv, n))
+            .map(|_| tokio::time::Instant::now() + opts.unresolved_retry);
         if problems != last_problems {
             for p in &problems {
                 warn!(subject = %p.subject, problem = %p.message, "Kubernetes object not used as is");
@@ -440,6 +448,33 @@ pub async fn run(client: Client, opts: Options, tx: channel::Sender<Inventory>) 
             debug!("inventory updated from the Kubernetes API");
         }
     }
+}
+
+/// Completes at `at`; never without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The mode overrides of the next policy publication (`None`: the policy
+/// watcher ended); pending forever without a policy receiver.
+async fn next_policy(policy: &mut Option<channel::Receiver<MeshPolicy>>) -> Option<ModeOverrides> {
+    let Some(rx) = policy.as_mut() else { return std::future::pending().await };
+    rx.changed().await.ok()?;
+    Some(ModeOverrides::from(&*rx.borrow_and_update()))
+}
+
+/// Whether an enrolled pod of `node` has an address but no netns that
+/// exists (not found yet, or the process it was found through is gone).
+fn has_unresolved(inv: &Inventory, node: &str) -> bool {
+    inv.pods.values().any(|p| {
+        p.node == node
+            && p.mode.is_some()
+            && !p.ips.is_empty()
+            && p.netns.as_deref().is_none_or(|n| !n.exists())
+    })
 }
 
 /// Sends the object problems and the failing watches to `opts.problems`.

@@ -26,6 +26,7 @@ use crate::{
     mesh::{server::Inbound, Mesh},
     metrics::{self, Sources},
     pods::Reconciler,
+    policies::Policies,
     proxy::Proxy,
     scope::{Drain, Scope},
     state::{NodeState, ProblemSource, StateSettings},
@@ -98,15 +99,20 @@ pub async fn run(cfg: NodeConfig) -> Result<(), AppError> {
         Some(k) => (k.inventory.borrow().clone(), Vec::new()),
         None => inventory::load(&cfg.inventory)?,
     };
+    // The policy applies with or without the tunnel (local delivery,
+    // plaintext to permissive pods).
+    let mut policies = Policies::new(match &cfg.policy {
+        Some(p) => crate::policy::Policy::load(p)?,
+        None => crate::policy::Policy::default(),
+    });
+    if let Some(k) = &kube {
+        policies.set_objects(k.policy.borrow().clone());
+    }
     let mesh = if let Some(certs) =
         crate::certs::Certs::setup(&cfg.identity, &cfg.node, &inv).await?
     {
-        let policy = match &cfg.policy {
-            Some(p) => crate::policy::Policy::load(p)?,
-            None => crate::policy::Policy::default(),
-        };
-        info!(transport = ?cfg.transport, rules = policy.rules.len(), "tunnel enabled");
-        Some(Arc::new(Mesh::new(certs, cfg.transport, policy)?))
+        info!(transport = ?cfg.transport, "tunnel enabled");
+        Some(Arc::new(Mesh::new(certs, cfg.transport)?))
     } else {
         warn!("no CA configured (identity.ca_dir or identity.ca_addr): the tunnel is off; connections to enrolled pods on other nodes are refused");
         None
@@ -183,9 +189,11 @@ pub async fn run(cfg: NodeConfig) -> Result<(), AppError> {
     }
     install(&node_state, mesh.as_deref(), inv);
     node_state.set_problems(ProblemSource::Inventory, inv_problems);
+    policies.put_in_force(&node_state, &conns, &stats);
     reconciler.reconcile().await;
     let mut feed = kube.as_ref().map(|k| k.inventory.clone());
     let mut kube_problems = kube.as_ref().map(|k| k.problems.clone());
+    let mut kube_policy = kube.as_ref().map(|k| k.policy.clone());
     if let Some(k) = kube {
         crate::kube_source::serve_cni(&root, cfg.cni_socket.clone(), k, Arc::clone(&node_state));
     }
@@ -203,12 +211,19 @@ pub async fn run(cfg: NodeConfig) -> Result<(), AppError> {
                 if feed.is_none() {
                     files.reload_inventory(&node_state, mesh.as_deref(), false);
                 }
-                files.follow_policy_and_deny_list(mesh.as_deref());
+                if let Some(file) = files.follow_policy_and_deny_list(mesh.as_deref()) {
+                    policies.set_file(file);
+                    policies.put_in_force(&node_state, &conns, &stats);
+                }
                 // Also re-checks served pods' netns and retries failed ones.
                 reconciler.reconcile().await;
             }
             Some(p) = next_value(&mut kube_problems) => {
                 node_state.set_problems(ProblemSource::Kubernetes, p);
+            }
+            Some(objects) = next_value(&mut kube_policy) => {
+                policies.set_objects(objects);
+                policies.put_in_force(&node_state, &conns, &stats);
             }
             Some(inv) = next_value(&mut feed) => {
                 install(&node_state, mesh.as_deref(), inv);
@@ -285,26 +300,33 @@ impl Files {
         }
     }
 
-    /// Re-reads the policy file when it changed and the deny list; closes
-    /// tunnels of peers that are now revoked.
-    fn follow_policy_and_deny_list(&mut self, mesh: Option<&Mesh>) {
-        let Some(mesh) = mesh else { return };
-        if let Some(p) = &self.cfg.policy {
-            let m = mtime(p);
-            if m != self.policy {
-                self.policy = m;
-                match crate::policy::Policy::load(p) {
-                    Ok(pol) => {
-                        info!(rules = pol.rules.len(), "policy reloaded");
-                        mesh.set_policy(pol);
-                    }
-                    Err(e) => warn!(error = %e, "policy reload failed; keeping the previous rules"),
-                }
+    /// Re-reads the deny list (closing tunnels of peers that are now
+    /// revoked) and the policy file: its new rules when it changed.
+    fn follow_policy_and_deny_list(
+        &mut self,
+        mesh: Option<&Mesh>,
+    ) -> Option<crate::policy::Policy> {
+        if let Some(mesh) = mesh {
+            if mesh.certs.reload_deny_list() {
+                let closed = mesh.enforce_deny_list();
+                info!(closed, "deny list changed");
             }
         }
-        if mesh.certs.reload_deny_list() {
-            let closed = mesh.enforce_deny_list();
-            info!(closed, "deny list changed");
+        let p = self.cfg.policy.as_ref()?;
+        let m = mtime(p);
+        if m == self.policy {
+            return None;
+        }
+        self.policy = m;
+        match crate::policy::Policy::load(p) {
+            Ok(pol) => {
+                info!(rules = pol.rules.len(), "policy file reloaded");
+                Some(pol)
+            }
+            Err(e) => {
+                warn!(error = %e, "policy reload failed; keeping the previous rules");
+                None
+            }
         }
     }
 }

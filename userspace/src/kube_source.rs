@@ -3,16 +3,27 @@
 //! from the chained CNI plugin over a Unix socket, and publishes the same
 //! `Inventory` the static file gives. The CNI plugin's ADD is answered only
 //! once the pod is enrolled (listeners, `sk_lookup`, map entry in place), so no
-//! first packet leaks.
+//! first packet leaks. Pods that ran before tlsmesh (no ADD ever reached
+//! it) are found by their address in `/proc` (`ProcNetns`) and enrolled
+//! the same way. Beside it runs the policy-object watcher (`L4Policy`,
+//! Istio's `AuthorizationPolicy` and `PeerAuthentication`), whose modes the
+//! inventory applies and whose authorizations the daemon enforces.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use tlsmesh_cni::protocol::{Command, Request, Response};
-use tlsmesh_k8s::cni_server::{self, CniPods};
+use tlsmesh_k8s::{
+    cni_server::{self, CniPods},
+    policy::PolicyOptions,
+    proc_netns::{FirstOf, ProcNetns},
+};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::{config::NodeConfig, inventory::Inventory, scope::Scope, state::NodeState};
+use crate::{
+    config::NodeConfig, inventory::Inventory, policy::mesh::MeshPolicy, scope::Scope,
+    state::NodeState,
+};
 
 /// Errors starting the Kubernetes source.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +37,9 @@ pub enum KubeSourceError {
     /// The API never delivered a complete first inventory.
     #[error("no complete inventory from the Kubernetes API within {0:?}; check RBAC (list/watch pods, namespaces, services, endpointslices)")]
     Timeout(Duration),
+    /// The policy objects could not be listed.
+    #[error("the policy objects could not be listed within {0:?}; check RBAC (list/watch l4policies.tlsmesh.io, authorizationpolicies and peerauthentications.security.istio.io); the daemon does not serve with a half-known policy")]
+    PolicyTimeout(Duration),
 }
 
 /// A running Kubernetes source.
@@ -38,6 +52,8 @@ pub struct KubeSource {
     /// Problems of the Kubernetes source (watch failures, objects not
     /// used as they are), replaced as a whole each time.
     pub problems: watch::Receiver<Vec<crate::inventory::Problem>>,
+    /// The policy objects, compiled (their problems included).
+    pub policy: watch::Receiver<MeshPolicy>,
 }
 
 /// Starts the watchers and waits for the first complete inventory.
@@ -51,14 +67,19 @@ pub async fn start(cfg: &NodeConfig) -> Result<KubeSource, KubeSourceError> {
         kube::Client::try_default().await.map_err(|e| KubeSourceError::Client(e.to_string()))?;
     let (tx, mut rx) = watch::channel(Inventory::default());
     let (problems_tx, problems) = watch::channel(Vec::new());
+    let (policy_tx, mut policy) = watch::channel(MeshPolicy::default());
     let opts = tlsmesh_k8s::Options {
-        resolver: Arc::new(pods.clone()),
+        // The CNI plugin's record first; pods it never saw (running before
+        // tlsmesh) by their address in /proc.
+        resolver: Arc::new(FirstOf(pods.clone(), ProcNetns::new())),
         refresh: pods.changed(),
         problems: Some(problems_tx),
+        policy: Some(policy.clone()),
         ..tlsmesh_k8s::Options::new(Some(cfg.node.clone()), cfg.trust_domain.clone())
     };
-    // Owned by the inventory channel: `run` returns when the last receiver
+    // Owned by their channels: each `run` returns when the last receiver
     // (the daemon's `KubeSource`) is gone.
+    tokio::spawn(tlsmesh_k8s::policy::run(client.clone(), PolicyOptions::default(), policy_tx));
     tokio::spawn(tlsmesh_k8s::run(client, opts, tx));
     let limit = Duration::from_secs(60);
     tokio::time::timeout(limit, rx.changed())
@@ -66,7 +87,16 @@ pub async fn start(cfg: &NodeConfig) -> Result<KubeSource, KubeSourceError> {
         .map_err(|_| KubeSourceError::Timeout(limit))?
         .map_err(|_| KubeSourceError::Timeout(limit))?;
     info!(pods = rx.borrow().pods.len(), "first inventory from the Kubernetes API");
-    Ok(KubeSource { inventory: rx, pods, problems })
+    tokio::time::timeout(limit, policy.changed())
+        .await
+        .map_err(|_| KubeSourceError::PolicyTimeout(limit))?
+        .map_err(|_| KubeSourceError::PolicyTimeout(limit))?;
+    info!(
+        authorizations = policy.borrow().authorizations.len(),
+        problems = policy.borrow().problems.len(),
+        "policy objects listed"
+    );
+    Ok(KubeSource { inventory: rx, pods, problems, policy })
 }
 
 /// Serves the CNI plugin in `scope`: ADD waits until the pod is enrolled

@@ -8,11 +8,12 @@
 //!   denies, readiness), `scope` (task ownership, drain signal), `conns` (the
 //!   connection table), `pods` (reconcile: pure plan + ordered executor);
 //! - data path: `proxy` (captured outbound, inbound plaintext), `mesh`
-//!   (tunnel client, per-pod tunnel servers, authorization, registry),
-//!   `accept` (accept-loop backoff);
+//!   (tunnel client, per-pod tunnel servers, registry), `accept`
+//!   (accept-loop backoff);
 //! - kernel edges: `kernel` (the traits), `capture` (eBPF), `netns`,
 //!   `deliver` (transparent delivery into pods);
-//! - identity and policy: `certs`, `policy`;
+//! - identity and policy: `certs`, `policy` (the rules and objects),
+//!   `authz` (pure decisions), `policies` (the policy in force, re-checks);
 //! - operations: `admin`, `metrics`, `stats`, `logging`, `kube_source`;
 //! - CLI: `cli`, `status`, `ca_cmd`; `config` (the one typed config);
 //! - `testing`: loopback fakes of the kernel edges, for tests.
@@ -22,6 +23,7 @@
 pub mod accept;
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod ca_cmd;
 pub mod capture;
 pub mod certs;
@@ -37,6 +39,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod netns;
 pub mod pods;
+pub mod policies;
 pub use tlsmesh_policy as policy;
 pub mod proxy;
 pub mod scope;

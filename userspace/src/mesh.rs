@@ -9,13 +9,12 @@
 //! pod's netns. Pooling is per (source identity and certificate serial,
 //! destination identity, destination pod address).
 
-pub mod authz;
 pub mod registry;
 pub mod server;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{Arc, RwLock},
+    sync::Arc,
 };
 
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -27,8 +26,6 @@ use crate::{
     certs::{workload_id, Certs},
     config::Transport,
     inventory::Pod,
-    policy::Policy,
-    sync::{read, write},
 };
 use registry::Registry;
 use tlsmesh_common::{DAEMON_MARK, PORT_TUNNEL};
@@ -69,8 +66,6 @@ pub struct Mesh {
     pub client: tlsmesh_tunnel::Client,
     /// QUIC client endpoint in the node netns (when QUIC is the transport).
     pub quic_endpoint: Option<quinn::Endpoint>,
-    /// Authorization rules.
-    policy: RwLock<Arc<Policy>>,
     /// Open tunnels.
     pub registry: Arc<Registry>,
     /// Tunnel connection set-up time (TCP + TLS handshake), seconds.
@@ -85,7 +80,7 @@ impl std::fmt::Debug for Mesh {
 
 impl Mesh {
     /// Builds the tunnel side; `transport` decides whether a QUIC endpoint is made.
-    pub fn new(certs: Certs, transport: Transport, policy: Policy) -> Result<Self, MeshError> {
+    pub fn new(certs: Certs, transport: Transport) -> Result<Self, MeshError> {
         let quic_endpoint = match transport {
             Transport::Quic => {
                 let sock = std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))
@@ -110,20 +105,9 @@ impl Mesh {
             certs,
             client: tlsmesh_tunnel::Client::new(tlsmesh_tunnel::ClientConfig::default()),
             quic_endpoint,
-            policy: RwLock::new(Arc::new(policy)),
             registry: Arc::new(Registry::default()),
             handshake_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
         })
-    }
-
-    /// The authorization rules in force.
-    pub fn policy(&self) -> Arc<Policy> {
-        Arc::clone(&read(&self.policy))
-    }
-
-    /// Replaces the authorization rules (new connections see them).
-    pub fn set_policy(&self, p: Policy) {
-        *write(&self.policy) = Arc::new(p);
     }
 
     /// Closes tunnels whose peer the deny list now refuses: inbound tunnel

@@ -127,8 +127,14 @@ impl Collector for DaemonCollector {
         counter(
             &mut enc,
             "tlsmesh_policy_denied",
-            "Tunnel connections denied by L4 policy",
+            "Connections denied by L4 policy when they opened (tunnel, local, plaintext)",
             &[(&[], s.policy_denied)],
+        )?;
+        counter(
+            &mut enc,
+            "tlsmesh_policy_closed",
+            "Open connections closed because a new policy denies them",
+            &[(&[], s.policy_closed)],
         )?;
         counter(
             &mut enc,

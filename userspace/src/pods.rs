@@ -149,6 +149,17 @@ pub fn plan<S: std::hash::BuildHasher>(
     removes
 }
 
+/// Desired pods that have an address but no netns path yet (Kubernetes:
+/// neither the CNI plugin nor `/proc` told where they live): reported,
+/// not failed. Pods with no address yet are being set up by the runtime.
+pub fn waiting_for_netns(desired: &BTreeMap<String, Pod>) -> Vec<String> {
+    desired
+        .iter()
+        .filter(|(_, p)| p.netns.is_none() && !p.ips.is_empty())
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
 /// Runs reconciles: owns the record of failures, executes the plan.
 pub struct Reconciler {
     /// Node state (the served pods are inserted and removed here only).
@@ -164,6 +175,8 @@ pub struct Reconciler {
     /// Kubernetes: wait for the CNI plugin to report pods' netns.
     pub wait_for_netns: bool,
     failures: BTreeMap<String, Failure>,
+    /// Desired pods with an address whose netns is not known yet.
+    waiting: Vec<String>,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -182,7 +195,16 @@ impl Reconciler {
         root: Scope,
         wait_for_netns: bool,
     ) -> Self {
-        Self { state, capture, proxy, inbound, root, wait_for_netns, failures: BTreeMap::new() }
+        Self {
+            state,
+            capture,
+            proxy,
+            inbound,
+            root,
+            wait_for_netns,
+            failures: BTreeMap::new(),
+            waiting: Vec::new(),
+        }
     }
 
     /// One reconcile: plan from the current inventory, execute in order,
@@ -211,6 +233,7 @@ impl Reconciler {
             .collect();
         let actions =
             plan(&desired, &served, &self.failures, &present, Instant::now(), self.wait_for_netns);
+        self.waiting = if self.wait_for_netns { waiting_for_netns(&desired) } else { Vec::new() };
         for action in actions {
             match action {
                 Action::Remove { key, vanished } => {
@@ -276,6 +299,10 @@ impl Reconciler {
             .failures
             .iter()
             .map(|(k, f)| Problem { subject: k.clone(), message: f.error.clone() })
+            .chain(self.waiting.iter().map(|k| Problem {
+                subject: k.clone(),
+                message: "its network namespace is not known yet: no CNI ADD for it reached this daemon and no process on this node holds its address; it is enrolled once found (its traffic is not captured until then)".into(),
+            }))
             .collect();
         self.state.set_problems(ProblemSource::Enrollment, problems);
     }
@@ -491,6 +518,27 @@ mod tests {
 
     fn served(p: Pod) -> Served {
         Served { pod: p, vanished: false }
+    }
+
+    #[test]
+    fn pods_with_an_address_but_no_netns_are_waiting() {
+        let mut found = pod("found");
+        found.ips.clear();
+        found.netns = None; // no address yet: the runtime is setting it up
+        let mut lost = pod("lost");
+        lost.netns = None;
+        let desired = map(&[("a", pod("a")), ("found", found), ("lost", lost.clone())]);
+        assert_eq!(waiting_for_netns(&desired), ["ns/lost"]);
+        // ... and the plan leaves it for later instead of failing it.
+        let actions = plan(
+            &desired,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            &HashSet::new(),
+            Instant::now(),
+            true,
+        );
+        assert_eq!(actions, vec![Action::Add(pod("a"))]);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Node state: the current inventory (indexed by address), the pods this
-//! daemon serves, the problems to report, the most recent refusals, and the
-//! readiness inputs. Plain data behind short locks; the proxy, the mesh, the
+//! daemon serves, the authorization policy in force, the problems to
+//! report, the most recent refusals, and the readiness inputs. Plain data behind short locks; the proxy, the mesh, the
 //! admin API and metrics read it through the methods here, and only the
 //! reconcile (`pods`) and the wiring (`app`) change it.
 
@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::{
     inventory::{self, Inventory, Mode, Pod, Problem, ServicePicker},
     kernel::PodNet,
+    policy::mesh::MeshPolicy,
     scope::Scope,
     sync::{lock, read, write},
 };
@@ -98,6 +99,8 @@ pub enum ProblemSource {
     Enrollment,
     /// The Kubernetes API (watch failures, objects not used as they are).
     Kubernetes,
+    /// Policy objects not used as written.
+    Policy,
 }
 
 /// One refused connection, for `tlsmesh status`.
@@ -150,6 +153,7 @@ pub struct NodeState {
     settings: StateSettings,
     inventory: RwLock<Arc<InventoryIndex>>,
     pods: RwLock<BTreeMap<String, Arc<PodEntry>>>,
+    policy: RwLock<Arc<MeshPolicy>>,
     problems: Mutex<BTreeMap<ProblemSource, Vec<Problem>>>,
     denies: Mutex<VecDeque<DenyRecord>>,
     services: Mutex<ServicePicker>,
@@ -164,6 +168,7 @@ impl NodeState {
             settings,
             inventory: RwLock::new(Arc::new(InventoryIndex::default())),
             pods: RwLock::new(BTreeMap::new()),
+            policy: RwLock::new(Arc::new(MeshPolicy::default())),
             problems: Mutex::new(BTreeMap::new()),
             denies: Mutex::new(VecDeque::new()),
             services: Mutex::new(ServicePicker::new()),
@@ -190,6 +195,18 @@ impl NodeState {
         }
         lock(&self.services).retain_known(&inv);
         *write(&self.inventory) = Arc::new(InventoryIndex::new(inv, probes));
+    }
+
+    /// The authorization policy in force (policy objects and the TOML
+    /// rules together; default: allow everything).
+    pub fn policy(&self) -> Arc<MeshPolicy> {
+        Arc::clone(&read(&self.policy))
+    }
+
+    /// Puts a new policy in force (the wiring only; it re-checks the open
+    /// connections after).
+    pub fn set_policy(&self, p: MeshPolicy) {
+        *write(&self.policy) = Arc::new(p);
     }
 
     /// Resolves a Service address to one of its ready endpoints (round robin).

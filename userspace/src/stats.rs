@@ -48,8 +48,11 @@ counters! {
     inbound_tunnel_accepted,
     /// Tunnel streams refused (policy, identity, upstream).
     inbound_tunnel_refused,
-    /// Tunnel streams denied by L4 policy.
+    /// Connections denied by L4 policy when they opened (tunnel streams,
+    /// local delivery, plaintext to permissive pods).
     policy_denied,
+    /// Open connections closed because a new policy denies them.
+    policy_closed,
     /// Outbound tunnel streams that could not be opened.
     tunnel_failed,
     /// Bytes from pods into the daemon.

@@ -14,6 +14,8 @@ use tlsmesh::{
     conns::{ConnTable, Route},
     inventory::{Inventory, Mode},
     kernel::OrigDst,
+    policies::Policies,
+    policy::{Action, Policy, Rule},
     proxy::Proxy,
     scope::{Drain, Scope},
     state::{NodeState, StateSettings},
@@ -276,4 +278,113 @@ async fn close_where_ends_the_selected_open_connections() {
     let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b)).await.expect("closed");
     assert!(r.is_err() || matches!(r, Ok(0)), "{r:?}");
     until("the entry to go", || h.conns.is_empty()).await;
+}
+
+/// A deny rule for every source in namespace `ns` (the TOML form).
+fn deny_from_ns(ns: &str, to_ports: Vec<u16>) -> Policy {
+    Policy {
+        rules: vec![Rule {
+            name: "no-ns".into(),
+            action: Action::Deny,
+            to_namespace: "ns".into(),
+            to_service_accounts: vec![],
+            to_pods: vec![],
+            from_namespaces: vec![ns.into()],
+            from_identities: vec![],
+            ports: to_ports,
+        }],
+    }
+}
+
+/// Same-node delivery is decided by the same policy as the tunnel (it used
+/// to bypass policy entirely), and putting a policy in force that denies an
+/// open connection closes it (ztunnel's re-check).
+#[tokio::test]
+async fn local_delivery_obeys_policy_and_a_new_deny_closes_the_open_connection() {
+    let db_app = silent_app().await;
+    let h = harness(Arc::new(FixedOrigDst::to("10.0.0.3:5432".parse().unwrap())));
+    let mut inv = Inventory { trust_domain: TD.into(), ..Inventory::default() };
+    for (name, ip) in [("client", "10.0.0.2"), ("db", "10.0.0.3")] {
+        let p = testing::pod("ns", name, "n0", ip, Mode::Strict);
+        inv.pods.insert(p.key(), p);
+    }
+    h.state.set_inventory(inv);
+    let (_client, listen, _) = serve(&h, "client", "10.0.0.2", Mode::Strict, None).await;
+    let (db, _, _) = serve(&h, "db", "10.0.0.3", Mode::Strict, Some(db_app)).await;
+    h.state.insert_pod(db);
+
+    let mut policies = Policies::new(Policy::default());
+    assert_eq!(policies.put_in_force(&h.state, &h.conns, &h.stats), 0);
+    let mut open = TcpStream::connect(listen).await.unwrap();
+    open.write_all(b"select 1").await.unwrap();
+    until("the local connection to be open", || h.conns.len() == 1).await;
+    assert_eq!(h.conns.list()[0].info.route, Route::Local);
+
+    // A deny on another port leaves it; one that matches closes it.
+    policies.set_file(deny_from_ns("ns", vec![22]));
+    assert_eq!(policies.put_in_force(&h.state, &h.conns, &h.stats), 0);
+    policies.set_file(deny_from_ns("ns", vec![]));
+    assert_eq!(policies.put_in_force(&h.state, &h.conns, &h.stats), 1);
+    let mut b = [0u8; 4];
+    let r = tokio::time::timeout(Duration::from_secs(5), open.read(&mut b)).await.expect("closed");
+    assert!(r.is_err() || matches!(r, Ok(0)), "{r:?}");
+    until("the entry to go", || h.conns.is_empty()).await;
+    assert_eq!(h.stats.snapshot().policy_closed, 1);
+
+    // New connections are refused at once, and the refusal is recorded.
+    let mut c = TcpStream::connect(listen).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b)).await.expect("answered");
+    assert!(r.is_err() || matches!(r, Ok(0)), "refused: {r:?}");
+    until("the deny to be counted", || h.stats.snapshot().policy_denied == 1).await;
+    let d = h.state.denies();
+    assert!(
+        d.iter().any(|d| d.destination.contains("ns/db") && d.reason.contains("no-ns")),
+        "{d:?}"
+    );
+    assert_eq!(h.stats.snapshot().outbound_local, 1, "only the first was delivered");
+
+    // The deny removed: new connections pass again.
+    policies.set_file(Policy::default());
+    policies.put_in_force(&h.state, &h.conns, &h.stats);
+    let mut again = TcpStream::connect(listen).await.unwrap();
+    again.write_all(b"select 2").await.unwrap();
+    until("the new connection to be open", || h.conns.len() == 1).await;
+}
+
+/// Plaintext to a permissive pod has no principal: an allow policy naming
+/// principals refuses it, and a re-check closes the open ones.
+#[tokio::test]
+async fn plaintext_to_a_permissive_pod_is_decided_by_policy() {
+    let app_addr = silent_app().await;
+    let h = harness(Arc::new(FixedOrigDst::default()));
+    let (_pod, _, listen) =
+        serve(&h, "server", "127.0.0.1", Mode::Permissive, Some(app_addr)).await;
+    let mut open = TcpStream::connect(listen).await.unwrap();
+    open.write_all(b"x").await.unwrap();
+    until("the plaintext connection to be open", || h.conns.len() == 1).await;
+    let inv_pod = testing::pod("ns", "server", "n0", "127.0.0.1", Mode::Permissive);
+    let mut inv = Inventory { trust_domain: TD.into(), ..Inventory::default() };
+    inv.pods.insert(inv_pod.key(), inv_pod);
+    h.state.set_inventory(inv);
+    let only_mesh = Policy {
+        rules: vec![Rule {
+            name: "only-mesh".into(),
+            action: Action::Allow,
+            to_namespace: "ns".into(),
+            to_service_accounts: vec![],
+            to_pods: vec![],
+            from_namespaces: vec!["ns".into()],
+            from_identities: vec![],
+            ports: vec![],
+        }],
+    };
+    let closed = Policies::new(only_mesh).put_in_force(&h.state, &h.conns, &h.stats);
+    assert_eq!(closed, 1);
+    until("the entry to go", || h.conns.is_empty()).await;
+    let mut c = TcpStream::connect(listen).await.unwrap();
+    let mut b = [0u8; 4];
+    let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b)).await.expect("answered");
+    assert!(r.is_err() || matches!(r, Ok(0)), "refused: {r:?}");
+    until("the deny to be counted", || h.stats.snapshot().policy_denied == 1).await;
+    assert_eq!(h.stats.snapshot().inbound_plaintext_accepted, 1, "only the first");
 }

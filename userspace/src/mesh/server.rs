@@ -24,12 +24,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
-    authz::{self, Denial},
     registry::{Closer, Tracked, TunnelView},
     Mesh,
 };
 use crate::{
     accept::Backoff,
+    authz::{self, Denial},
     certs::workload_id,
     conns::{ConnInfo, ConnTable, Direction, Route, Transfer},
     scope::Drain,
@@ -318,10 +318,11 @@ async fn handle(
     let inv = ctx.state.inventory();
     let td = inv.inv.trust_domain.clone();
     let decision = authz::authorize(
-        &ctx.mesh.policy(),
+        &ctx.state.policy(),
         &pod.pod,
         req.authority,
         peer_id,
+        req.peer_addr,
         req.forwarded_for,
         |ip| inv.pod_by_ip(ip).map(|p| p.spiffe_id(&td)),
     );
@@ -346,16 +347,18 @@ async fn handle(
         Ok(up) => {
             let _ = up.set_nodelay(true);
             Stats::inc(&ctx.stats.inbound_tunnel_accepted);
-            let src = req.forwarded_for.unwrap_or(req.peer_addr);
+            // The source is what policy saw (a re-check decides on it too):
+            // the client pod when the peer owns the claimed address, else
+            // the peer node.
             let mut guard = ctx.conns.open(ConnInfo {
                 direction: Direction::Inbound,
                 route: Route::Tunnel,
                 pod: pod.key(),
-                src,
+                src: allowed.source,
                 dst: req.authority,
-                peer_pod: req
-                    .forwarded_for
-                    .and_then(|f| inv.pod_by_ip(f.ip()))
+                peer_pod: allowed
+                    .src_ip
+                    .and_then(|ip| inv.pod_by_ip(ip))
                     .map(crate::inventory::Pod::key),
                 src_identity: Some(peer_id.to_string()),
                 dst_identity: Some(pod.identity.clone()),

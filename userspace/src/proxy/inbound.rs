@@ -1,6 +1,6 @@
 //! Plaintext arriving at an enrolled pod (steered to its 15006 listener):
-//! refused for strict pods, relayed to the app for permissive pods and for
-//! node probes.
+//! refused for strict pods, relayed to the app for node probes and, when
+//! policy allows a source without a principal, for permissive pods.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -9,6 +9,7 @@ use tracing::{info, info_span, warn, Instrument};
 
 use super::{dropped, reset, Proxy};
 use crate::{
+    authz,
     conns::{ConnInfo, Direction, Route, Transfer},
     inventory::{self, InboundVerdict, Pod},
     state::PodEntry,
@@ -41,6 +42,15 @@ pub async fn serve(p: Proxy, pod: Arc<PodEntry>, mut client: TcpStream, peer: So
                 return;
             }
             InboundVerdict::AcceptPlaintext => {
+                if let Err(reason) =
+                    authz::authorize_plaintext(&p.state.policy(), &pod.pod, peer, dst)
+                {
+                    Stats::inc(&p.stats.policy_denied);
+                    info!(%reason, "plaintext connection denied by policy");
+                    p.state.record_deny(peer.to_string(), format!("{} {dst}", pod.key()), reason);
+                    reset(client);
+                    return;
+                }
                 Stats::inc(&p.stats.inbound_plaintext_accepted);
                 Route::Plaintext
             }

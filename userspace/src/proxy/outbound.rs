@@ -8,6 +8,7 @@ use tracing::{info_span, warn, Instrument};
 
 use super::{dropped, reset, Proxy};
 use crate::{
+    authz,
     conns::{ConnGuard, ConnInfo, Direction, Route, Transfer},
     inventory::{self, Pod},
     state::PodEntry,
@@ -57,6 +58,22 @@ pub async fn serve(p: Proxy, pod: Arc<PodEntry>, client: TcpStream, peer: Socket
             }
             inventory::Route::LocalPod(key) => {
                 if let Some(dst_pod) = p.state.pod(&key) {
+                    // The same policy as through the tunnel: the source
+                    // pod is known from the netns it was captured in.
+                    let policy = p.state.policy();
+                    if let Err(reason) =
+                        authz::authorize_local(&policy, &dst_pod.pod, &pod.identity, peer, dst)
+                    {
+                        Stats::inc(&p.stats.policy_denied);
+                        tracing::info!(dst_pod = %key, %reason, "local connection denied by policy");
+                        p.state.record_deny(
+                            pod.identity.clone(),
+                            format!("{key} {dst}"),
+                            reason,
+                        );
+                        reset(client);
+                        return;
+                    }
                     Stats::inc(&p.stats.outbound_local);
                     let up = dst_pod.net.deliver(src_ip, dst).await;
                     relay(&p, client, up, info(Route::Local, Some(&dst_pod.pod))).await;
