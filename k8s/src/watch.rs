@@ -90,10 +90,12 @@ pub struct Options {
     /// `PeerAuthentication` modes override enrolled namespaces' labels
     /// ([`ModeOverrides`]); `None`: labels only.
     pub policy: Option<channel::Receiver<MeshPolicy>>,
-    /// While an enrolled pod of this node has an address but no (existing)
-    /// netns, the inventory is rebuilt this often, so a resolver that looks
-    /// (e.g. [`ProcNetns`](crate::proc_netns::ProcNetns)) finds it without
-    /// an event from the API.
+    /// How often the published inventory is checked for enrolled pods of
+    /// this node with an address but no netns that exists (not found yet,
+    /// or the process it was found through is gone); while there are any,
+    /// it is rebuilt at this pace, so a resolver that looks (e.g.
+    /// [`ProcNetns`](crate::proc_netns::ProcNetns)) finds them without an
+    /// event from the API.
     pub unresolved_retry: Duration,
 }
 
@@ -382,8 +384,9 @@ pub async fn run(client: Client, opts: Options, tx: channel::Sender<Inventory>) 
         state.set_mode_overrides(ModeOverrides::from(&*rx.borrow_and_update()));
     }
     let mut last_problems: Vec<Problem> = Vec::new();
-    // When to rebuild for pods whose netns is not known yet.
-    let mut retry_at: Option<tokio::time::Instant> = None;
+    // Looks for pods whose netns is not known (or no longer exists).
+    let mut unresolved = tokio::time::interval(opts.unresolved_retry);
+    unresolved.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The last watch failure of each kind, until that kind delivers again:
     // reported with the problems (a forbidden kind holds back the first
     // inventory, so this may be the only thing the daemon can show).
@@ -405,9 +408,8 @@ pub async fn run(client: Client, opts: Options, tx: channel::Sender<Inventory>) 
                 }
             }
             () = opts.refresh.notified() => changed = true,
-            () = sleep_until(retry_at) => {
-                retry_at = None;
-                changed = true;
+            _ = unresolved.tick() => {
+                changed = opts.node.as_deref().is_some_and(|n| has_unresolved(&tx.borrow(), n));
             }
             next = next_policy(&mut policy) => match next {
                 Some(overrides) => changed |= state.set_mode_overrides(overrides),
@@ -424,11 +426,6 @@ pub async fn run(client: Client, opts: Options, tx: channel::Sender<Inventory>) 
             continue;
         }
         let (inv, problems) = state.inventory(opts.resolver.as_ref());
-        retry_at = opts
-            .node
-            .as_deref()
-            .filter(|n| has_unresolved(&inv, n))
-            .map(|_| tokio::time::Instant::now() + opts.unresolved_retry);
         if problems != last_problems {
             for p in &problems {
                 warn!(subject = %p.subject, problem = %p.message, "Kubernetes object not used as is");
@@ -447,14 +444,6 @@ pub async fn run(client: Client, opts: Options, tx: channel::Sender<Inventory>) 
         if published {
             debug!("inventory updated from the Kubernetes API");
         }
-    }
-}
-
-/// Completes at `at`; never without one.
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -10,13 +10,16 @@ mod real;
 
 use std::{path::Path, time::Duration};
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
-    api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
+    api::{DynamicObject, PostParams},
     Api, Client,
 };
-use real::{label_pod, namespace, node, pod, run_pod, service_account, WAIT};
-use serde_json::{json, Value};
+use real::{
+    authorization_policies, create_object as create, delete_object as delete, install_crds,
+    l4_policies, label_pod, merge_object as merge, namespace, node, peer_authentications, pod,
+    resource, run_pod, service_account, yaml_docs, WAIT,
+};
+use serde_json::json;
 use tlsmesh_inventory::{Inventory, Mode};
 use tlsmesh_k8s::{
     policy::{run, PolicyOptions},
@@ -29,85 +32,8 @@ use tlsmesh_policy::{
 };
 use tokio::sync::watch;
 
-fn yaml_docs(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| <Value as serde::Deserialize>::deserialize(d).expect("YAML"))
-        .filter(|v| !v.is_null())
-        .collect()
-}
-
 fn repo(path: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
-
-/// Creates the CRDs and waits until their first served version lists.
-async fn install_crds(c: &Client, crds: Vec<Value>) {
-    let api = Api::<CustomResourceDefinition>::all(c.clone());
-    for crd in crds {
-        let crd: CustomResourceDefinition = serde_json::from_value(crd).expect("a CRD");
-        let created = api.create(&PostParams::default(), &crd).await.expect("create CRD");
-        let spec = &created.spec;
-        let version = spec.versions.iter().find(|v| v.served).expect("a served version");
-        let ar = ApiResource {
-            group: spec.group.clone(),
-            version: version.name.clone(),
-            api_version: format!("{}/{}", spec.group, version.name),
-            kind: spec.names.kind.clone(),
-            plural: spec.names.plural.clone(),
-        };
-        let objs = Api::<DynamicObject>::all_with(c.clone(), &ar);
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while objs.list(&ListParams::default()).await.is_err() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "CRD {} never served",
-                spec.names.plural
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-fn ar(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
-    ApiResource {
-        group: group.into(),
-        version: version.into(),
-        api_version: format!("{group}/{version}"),
-        kind: kind.into(),
-        plural: plural.into(),
-    }
-}
-
-fn authorization_policies(c: &Client, ns: &str) -> Api<DynamicObject> {
-    let r = ar("security.istio.io", "v1", "AuthorizationPolicy", "authorizationpolicies");
-    Api::namespaced_with(c.clone(), ns, &r)
-}
-
-fn peer_authentications(c: &Client, ns: &str) -> Api<DynamicObject> {
-    let r = ar("security.istio.io", "v1", "PeerAuthentication", "peerauthentications");
-    Api::namespaced_with(c.clone(), ns, &r)
-}
-
-fn l4_policies(c: &Client, ns: &str) -> Api<DynamicObject> {
-    Api::namespaced_with(c.clone(), ns, &ar("tlsmesh.io", "v1alpha1", "L4Policy", "l4policies"))
-}
-
-async fn create(api: &Api<DynamicObject>, obj: Value) {
-    let o: DynamicObject = serde_json::from_value(obj).expect("an object");
-    api.create(&PostParams::default(), &o).await.unwrap_or_else(|e| panic!("create: {e}"));
-}
-
-async fn merge(api: &Api<DynamicObject>, name: &str, patch: Value) {
-    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap_or_else(|e| panic!("patch {name}: {e}"));
-}
-
-async fn delete(api: &Api<DynamicObject>, name: &str) {
-    api.delete(name, &DeleteParams::default())
-        .await
-        .unwrap_or_else(|e| panic!("delete {name}: {e}"));
 }
 
 async fn until(
@@ -318,7 +244,8 @@ async fn real_apiserver_policy_crds_not_installed_are_reported_then_picked_up() 
     istio[0]["spec"]["versions"][0]["storage"] = json!(false);
     istio[0]["spec"]["versions"][1]["storage"] = json!(true);
     install_crds(&c, istio).await;
-    let r = ar("security.istio.io", "v1beta1", "AuthorizationPolicy", "authorizationpolicies");
+    let r =
+        resource("security.istio.io", "v1beta1", "AuthorizationPolicy", "authorizationpolicies");
     create(
         &Api::namespaced_with(c.clone(), "shop", &r),
         json!({"apiVersion": "security.istio.io/v1beta1",

@@ -20,6 +20,7 @@
 //! Missing binaries are a failure, never a silent skip: the panic says to
 //! run `scripts/bootstrap.sh`.
 
+pub mod objects;
 pub mod pki;
 
 use std::{

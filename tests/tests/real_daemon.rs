@@ -1,0 +1,437 @@
+//! Node daemons with `--inventory-source kubernetes` against a real
+//! kube-apiserver (kubeharness/), in the netns topology: the pods are network
+//! namespaces with a process in them (the "sandbox", here `sleep`) and
+//! objects in the real API whose status the test writes, as a kubelet
+//! would. No CNI `ADD` ever reaches the daemons: these are pods that ran
+//! before tlsmesh was installed, found through `/proc`.
+//!
+//! - `real_apiserver_running_pods_are_enrolled_without_a_restart`: pods
+//!   running before the daemons start are enrolled and their traffic is
+//!   carried through the tunnel (the payload never crosses the LAN in the
+//!   clear); a namespace labelled later has its running pod enrolled too.
+//! - `real_apiserver_policy_objects_are_enforced_and_open_streams_rechecked`:
+//!   an Istio `AuthorizationPolicy` DENY applied while a stream is open
+//!   closes it; removed, new connections pass; a tlsmesh `L4Policy` ALLOW
+//!   makes the pod default-deny for others; an L7 field is reported and its
+//!   ALLOW rule matches nothing.
+//!
+//! The daemons reach the API server on the host's loopback through a small
+//! forwarder listening on 127.0.0.1 inside each node netns (same port, so
+//! the kubeconfig and the server certificate fit unchanged).
+//!
+//! The two tests take turns ([`ONE_AT_A_TIME`]): every topology gives its
+//! pods the same addresses, and `/proc` shows the processes of all of them,
+//! so two at once would find each other's pods (on a real node an address
+//! is in one netns only).
+
+#![allow(clippy::too_many_lines, reason = "test scenarios, told step by step")]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use kube::Client;
+use netkit::{
+    contains, echo_server, require_root, wait_for, Daemon, LinkCapture, Pod, Proc, Topology,
+};
+use serde_json::{json, Value};
+use tlsmesh_kube_harness::{
+    objects::{
+        authorization_policies, create_object, delete_object, install_crds, l4_policies,
+        label_namespace, namespace, node, pod, service_account, yaml_docs,
+    },
+    ControlPlane,
+};
+
+const PORT: u16 = 7000;
+
+/// Held by each test for its whole run (see the module docs).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+/// Forwards 127.0.0.1:`port` inside `netns` to 127.0.0.1:`port` of the
+/// host, until dropped.
+struct ApiForwarder {
+    stop: Arc<AtomicBool>,
+}
+
+impl ApiForwarder {
+    fn start(netns: &str, port: u16) -> Self {
+        let l = Topology::in_netns(netns, move || {
+            let l = TcpListener::bind(("127.0.0.1", port)).expect("bind the API forwarder");
+            l.set_nonblocking(true).expect("nonblocking");
+            l
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        // Spawned from the test's thread: the host netns, where it connects.
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((down, _)) => {
+                        let _ = down.set_nonblocking(false);
+                        let Ok(up) = TcpStream::connect(("127.0.0.1", port)) else { continue };
+                        for (mut from, mut to) in [
+                            (down.try_clone().expect("clone"), up.try_clone().expect("clone")),
+                            (up, down),
+                        ] {
+                            std::thread::spawn(move || {
+                                let _ = std::io::copy(&mut from, &mut to);
+                                let _ = to.shutdown(Shutdown::Write);
+                            });
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Self { stop }
+    }
+}
+
+impl Drop for ApiForwarder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The control plane, the topology and what ties them together.
+struct Cluster {
+    rt: tokio::runtime::Runtime,
+    cp: ControlPlane,
+    topo: Topology,
+    _forwarders: Vec<ApiForwarder>,
+    _sandboxes: Vec<Proc>,
+}
+
+impl Cluster {
+    fn start(pods_per_node: usize) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let cp = rt.block_on(ControlPlane::start());
+        let topo = Topology::build(2, pods_per_node).expect("topology");
+        let port: u16 =
+            cp.url().rsplit(':').next().and_then(|p| p.parse().ok()).expect("API server port");
+        let forwarders = topo.nodes().iter().map(|n| ApiForwarder::start(&n.netns, port)).collect();
+        let c = cp.client();
+        rt.block_on(async {
+            for n in topo.nodes() {
+                node(&c, &n.name, &n.ip4.to_string()).await;
+            }
+        });
+        Self { rt, cp, topo, _forwarders: forwarders, _sandboxes: Vec::new() }
+    }
+
+    fn client(&self) -> Client {
+        self.cp.client()
+    }
+
+    /// A pod object for the topology pod `p` (namespace `ns`, service account
+    /// `sa`), Running at its addresses, with a sandbox process in its netns.
+    fn running_pod(&mut self, ns: &str, p: &Pod, sa: &str) {
+        let c = self.client();
+        let node = format!("n{}", p.node);
+        let (ip4, ip6) = (p.ip4.to_string(), p.ip6.to_string());
+        let name = p.name.clone();
+        let ns2 = ns.to_string();
+        self.rt.block_on(async move {
+            service_account(&c, &ns2, sa).await;
+            pod(&c, &ns2, &name, &node, sa, json!({"app": name})).await;
+            let status = json!({"status": {
+                "phase": "Running",
+                "podIP": ip4,
+                "podIPs": [{"ip": ip4}, {"ip": ip6}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            }});
+            kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(c, &ns2)
+                .patch_status(
+                    &name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&status),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("pod {ns2}/{name} status: {e}"));
+        });
+        let sandbox = self.topo.spawn_in_pod(p, "sleep", &["600"]).expect("sandbox process");
+        self._sandboxes.push(sandbox);
+    }
+
+    fn daemon(&self, n: usize) -> Daemon {
+        let node = self.topo.node(n).clone();
+        let sock = self.topo.scratch_dir().join(format!("cni-n{n}.sock")).display().to_string();
+        let unused = self.topo.scratch_dir().join("unused-inventory.toml");
+        let kubeconfig = self.cp.kubeconfig().display().to_string();
+        Daemon::start_with_env(
+            &self.topo,
+            &node,
+            &self.topo.pin_dir(&node.name),
+            &unused,
+            &[
+                "--inventory-source",
+                "kubernetes",
+                "--trust-domain",
+                "cluster.local",
+                "--cni-socket",
+                &sock,
+            ],
+            &[("KUBECONFIG", kubeconfig.as_str())],
+        )
+    }
+}
+
+fn pod_keys(d: &Daemon) -> Vec<String> {
+    let mut keys: Vec<String> = d.config_dump()["pods"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["key"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    keys.sort();
+    keys
+}
+
+fn problems(d: &Daemon) -> Vec<String> {
+    d.config_dump()["problems"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+/// Waits until `d` serves exactly `keys`.
+fn until_served(d: &Daemon, keys: &[&str], what: &str) {
+    let ok = wait_for(Duration::from_secs(30), || (pod_keys(d) == keys).then_some(()));
+    assert!(
+        ok.is_some(),
+        "{what}: {} serves {:?}, not {keys:?}; problems {:?}\n{}",
+        d.node,
+        pod_keys(d),
+        problems(d),
+        d.log_text()
+    );
+}
+
+/// One echo round trip on a new connection from `netns` to `dst`.
+fn echo_once(netns: &str, dst: SocketAddr, payload: &'static [u8]) -> std::io::Result<Vec<u8>> {
+    Topology::in_netns(netns, move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(payload)?;
+        s.shutdown(Shutdown::Write)?;
+        let mut back = Vec::new();
+        s.read_to_end(&mut back)?;
+        Ok(back)
+    })
+}
+
+/// A connection from `netns` to `dst` that stays open: one round trip done.
+fn open_stream(netns: &str, dst: SocketAddr) -> TcpStream {
+    Topology::in_netns(netns, move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        s.write_all(b"ping").expect("write");
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).expect("the echo of the first round trip");
+        assert_eq!(&b, b"ping");
+        s
+    })
+}
+
+/// Whether an echo attempt was refused (reset, or closed with no echo).
+fn refused(r: std::io::Result<Vec<u8>>, payload: &[u8]) -> bool {
+    !matches!(r, Ok(b) if b == payload)
+}
+
+/// Whether the stream is closed: a write-then-read fails or reads EOF.
+fn is_closed(s: &mut TcpStream) -> bool {
+    let _ = s.write_all(b"more");
+    let mut b = [0u8; 4];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn real_apiserver_running_pods_are_enrolled_without_a_restart() {
+    if !require_root("real_apiserver_running_pods_are_enrolled_without_a_restart") {
+        return;
+    }
+    let _turn = one_at_a_time();
+    let mut cl = Cluster::start(2);
+    let (client, late, server) =
+        (cl.topo.pod(0, 0).clone(), cl.topo.pod(0, 1).clone(), cl.topo.pod(1, 0).clone());
+    let c = cl.client();
+    cl.rt.block_on(async {
+        namespace(&c, "shop", Some("strict")).await;
+        namespace(&c, "lab", None).await;
+    });
+    cl.running_pod("shop", &client, "web");
+    cl.running_pod("lab", &late, "exp");
+    cl.running_pod("shop", &server, "db");
+    echo_server(&server.netns, SocketAddr::new(server.ip4.into(), PORT));
+
+    // The daemons start after the pods: nothing told them where they live.
+    let d0 = cl.daemon(0);
+    let d1 = cl.daemon(1);
+    until_served(&d0, &["shop/n0p0"], "a pod running before the daemon");
+    until_served(&d1, &["shop/n1p0"], "a pod running before the daemon");
+    let view = d0.config_dump()["pods"][0].clone();
+    assert_eq!(view["identity"], "spiffe://cluster.local/ns/shop/sa/web", "{view}");
+    assert_eq!(view["mode"], "strict", "{view}");
+
+    // Its traffic is captured and carried through the tunnel: the payload
+    // never crosses the LAN in the clear.
+    let link = LinkCapture::start(&cl.topo).expect("capture");
+    let dst = SocketAddr::new(server.ip4.into(), PORT);
+    let payload: &'static [u8] = b"secret-from-a-pod-that-ran-before-tlsmesh";
+    let back = echo_once(&client.netns, dst, payload).expect("echo through the tunnel");
+    assert_eq!(back, payload);
+    let wire = link.finish();
+    assert!(!contains(&wire, payload), "the payload crossed the LAN in the clear");
+    assert!(d0.counter("outbound_tunnel") >= 1, "{}", d0.stats());
+    assert!(d1.counter("inbound_tunnel_accepted") >= 1, "{}", d1.stats());
+
+    // A namespace labelled later: its running pod is enrolled, no restart.
+    cl.rt.block_on(label_namespace(&c, "lab", Some("permissive")));
+    until_served(&d0, &["lab/n0p1", "shop/n0p0"], "a running pod of a namespace labelled later");
+
+    // Its sandbox gone (the pod's netns empty of processes, as after a
+    // crash the API has not seen yet): released, reported until found.
+    let mut sandbox = cl._sandboxes.remove(1);
+    sandbox.kill();
+    until_served(&d0, &["shop/n0p0"], "a pod whose netns holds no process");
+    let reported = wait_for(Duration::from_secs(15), || {
+        problems(&d0)
+            .iter()
+            .any(|p| p.contains("lab/n0p1") && p.contains("network namespace is not known yet"))
+            .then_some(())
+    });
+    assert!(reported.is_some(), "the unfound pod is reported: {:?}", problems(&d0));
+    // A process appears in it again: found on the daemon's next look.
+    cl._sandboxes.push(cl.topo.spawn_in_pod(&late, "sleep", &["600"]).expect("sandbox"));
+    until_served(&d0, &["lab/n0p1", "shop/n0p0"], "a pod found again");
+    drop(d0);
+    drop(d1);
+}
+
+fn policy_crds(c: &Client) -> impl std::future::Future<Output = ()> + '_ {
+    let mut crds = yaml_docs(&repo("deploy/manifests/crds.yaml"));
+    crds.extend(yaml_docs(&repo("k8s/tests/fixtures/istio-crds.yaml")));
+    install_crds(c, crds)
+}
+
+#[test]
+fn real_apiserver_policy_objects_are_enforced_and_open_streams_rechecked() {
+    if !require_root("real_apiserver_policy_objects_are_enforced_and_open_streams_rechecked") {
+        return;
+    }
+    let _turn = one_at_a_time();
+    let mut cl = Cluster::start(1);
+    let (client, server) = (cl.topo.pod(0, 0).clone(), cl.topo.pod(1, 0).clone());
+    let c = cl.client();
+    cl.rt.block_on(async {
+        policy_crds(&c).await;
+        namespace(&c, "shop", Some("strict")).await;
+    });
+    cl.running_pod("shop", &client, "web");
+    cl.running_pod("shop", &server, "db");
+    echo_server(&server.netns, SocketAddr::new(server.ip4.into(), PORT));
+    let d0 = cl.daemon(0);
+    let d1 = cl.daemon(1);
+    until_served(&d0, &["shop/n0p0"], "client");
+    until_served(&d1, &["shop/n1p0"], "server");
+    let dst = SocketAddr::new(server.ip4.into(), PORT);
+
+    // A stream is open when a DENY of its source is applied: closed.
+    let mut open = open_stream(&client.netns, dst);
+    let deny: Value = json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "no-web", "namespace": "shop"},
+        "spec": {"action": "DENY", "rules": [{"from": [{"source": {
+            "principals": ["cluster.local/ns/shop/sa/web"]}}]}]},
+    });
+    let aps = authorization_policies(&c, "shop");
+    cl.rt.block_on(create_object(&aps, deny));
+    let closed =
+        wait_for(Duration::from_secs(20), || (d1.counter("policy_closed") == 1).then_some(()));
+    assert!(
+        closed.is_some(),
+        "the open stream is re-checked and closed: n1 {}\n{}\nn0 {}\n{}",
+        d1.stats(),
+        d1.log_text(),
+        d0.stats(),
+        d0.log_text()
+    );
+    assert!(is_closed(&mut open), "the client sees its stream end");
+    assert!(
+        d1.log_text().contains("open connection denied by the new policy"),
+        "the closing is logged"
+    );
+    // New connections: refused, and recorded as a deny.
+    let again = echo_once(&client.netns, dst, b"again");
+    assert!(refused(again, b"again"), "a new connection is denied");
+    assert!(d1.counter("policy_denied") >= 1, "{}", d1.stats());
+
+    // Removed: new connections pass.
+    cl.rt.block_on(delete_object(&aps, "no-web"));
+    let passes = wait_for(Duration::from_secs(20), || {
+        echo_once(&client.netns, dst, b"after").ok().filter(|b| b == b"after")
+    });
+    assert!(passes.is_some(), "the deny removed, connections pass\n{}", d1.log_text());
+
+    // tlsmesh's own L4Policy: an allow for another namespace only makes the
+    // pod default-deny for everyone else.
+    let l4 = l4_policies(&c, "shop");
+    cl.rt.block_on(create_object(
+        &l4,
+        json!({"apiVersion": "tlsmesh.io/v1alpha1", "kind": "L4Policy",
+            "metadata": {"name": "only-lab", "namespace": "shop"},
+            "spec": {"action": "allow", "serviceAccounts": ["db"], "fromNamespaces": ["lab"]}}),
+    ));
+    let denied = wait_for(Duration::from_secs(20), || {
+        refused(echo_once(&client.netns, dst, b"l4"), b"l4").then_some(())
+    });
+    assert!(denied.is_some(), "L4Policy allow for lab only denies shop/web");
+    cl.rt.block_on(delete_object(&l4, "only-lab"));
+
+    // An ALLOW with an L7 field: reported (never silently ignored), and the
+    // rule matches nothing, as istiod makes it for ztunnel.
+    cl.rt.block_on(create_object(
+        &aps,
+        json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "get-only", "namespace": "shop"},
+            "spec": {"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}}),
+    ));
+    let reported = wait_for(Duration::from_secs(20), || {
+        problems(&d1).iter().any(|p| p.contains("get-only") && p.contains("methods")).then_some(())
+    });
+    assert!(reported.is_some(), "the L7 field is reported: {:?}", problems(&d1));
+    let denied = wait_for(Duration::from_secs(20), || {
+        refused(echo_once(&client.netns, dst, b"l7"), b"l7").then_some(())
+    });
+    assert!(denied.is_some(), "an ALLOW whose only rule has an L7 field allows nothing");
+    cl.rt.block_on(delete_object(&aps, "get-only"));
+    let passes = wait_for(Duration::from_secs(20), || {
+        echo_once(&client.netns, dst, b"end").ok().filter(|b| b == b"end")
+    });
+    assert!(passes.is_some(), "all policies gone, connections pass");
+    assert!(
+        problems(&d1).iter().all(|p| !p.contains("get-only")),
+        "the problem goes with the object: {:?}",
+        problems(&d1)
+    );
+    drop(d0);
+    drop(d1);
+}
