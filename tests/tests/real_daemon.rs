@@ -115,7 +115,7 @@ struct Cluster {
     cp: ControlPlane,
     topo: Topology,
     _forwarders: Vec<ApiForwarder>,
-    _sandboxes: Vec<Proc>,
+    sandboxes: Vec<Proc>,
 }
 
 impl Cluster {
@@ -136,7 +136,7 @@ impl Cluster {
                 node(&c, &n.name, &n.ip4.to_string()).await;
             }
         });
-        Self { rt, cp, topo, _forwarders: forwarders, _sandboxes: Vec::new() }
+        Self { rt, cp, topo, _forwarders: forwarders, sandboxes: Vec::new() }
     }
 
     fn client(&self) -> Client {
@@ -170,7 +170,7 @@ impl Cluster {
                 .unwrap_or_else(|e| panic!("pod {ns2}/{name} status: {e}"));
         });
         let sandbox = self.topo.spawn_in_pod(p, "sleep", &["600"]).expect("sandbox process");
-        self._sandboxes.push(sandbox);
+        self.sandboxes.push(sandbox);
     }
 
     fn daemon(&self, n: usize) -> Daemon {
@@ -309,7 +309,7 @@ fn real_apiserver_running_pods_are_enrolled_without_a_restart() {
 
     // Its sandbox gone (the pod's netns empty of processes, as after a
     // crash the API has not seen yet): released, reported until found.
-    let mut sandbox = cl._sandboxes.remove(1);
+    let mut sandbox = cl.sandboxes.remove(1);
     sandbox.kill();
     until_served(&d0, &["shop/n0p0"], "a pod whose netns holds no process");
     let reported = wait_for(Duration::from_secs(15), || {
@@ -320,7 +320,7 @@ fn real_apiserver_running_pods_are_enrolled_without_a_restart() {
     });
     assert!(reported.is_some(), "the unfound pod is reported: {:?}", problems(&d0));
     // A process appears in it again: found on the daemon's next look.
-    cl._sandboxes.push(cl.topo.spawn_in_pod(&late, "sleep", &["600"]).expect("sandbox"));
+    cl.sandboxes.push(cl.topo.spawn_in_pod(&late, "sleep", &["600"]).expect("sandbox"));
     until_served(&d0, &["lab/n0p1", "shop/n0p0"], "a pod found again");
     drop(d0);
     drop(d1);
