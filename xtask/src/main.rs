@@ -85,6 +85,75 @@ fn cleanup() -> Result<()> {
     run(cargo().args(["run", "--quiet", "-p", "tlsmesh-tests", "--bin", "netkit-cleanup"]))
 }
 
+/// Tests that spend minutes mostly waiting (a certificate lifetime, a
+/// five-minute stream) and little CPU: `(package, test target, test name)`.
+/// They run beside the rest of the suite instead of after it.
+const WAITING_TESTS: &[(&str, &str, &str)] = &[(
+    "tlsmesh-tests",
+    "identity",
+    "rotation_keeps_a_five_minute_stream_and_new_connections_use_the_new_serial",
+)];
+
+/// The built test executable of `package`'s test target `target`.
+fn test_executable(package: &str, target: &str) -> Result<PathBuf> {
+    let out = cargo()
+        .args(["test", "--no-run", "--message-format=json", "-p", package, "--test", target])
+        .current_dir(root())
+        .output()
+        .context("cannot run cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("cargo test --no-run -p {package} --test {target} failed");
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == target)
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("no test executable for {package} --test {target}"))
+}
+
+/// The whole suite: the waiting tests start first, each as its own process
+/// (output to a log under target/), the rest runs with them skipped; then
+/// the waiting ones are awaited and their output printed.
+fn test_suite() -> Result<()> {
+    let mut waiting = Vec::new();
+    for (package, target, name) in WAITING_TESTS {
+        let exe = test_executable(package, target)?;
+        let log = root().join(format!("target/xtask-{name}.log"));
+        let file = std::fs::File::create(&log).with_context(|| format!("{}", log.display()))?;
+        let dir = root().join(if *package == "tlsmesh-tests" { "tests" } else { package });
+        let child = Command::new(&exe)
+            .args(["--exact", name, "--nocapture"])
+            .current_dir(dir)
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("cannot start {}", exe.display()))?;
+        eprintln!("xtask: {name} runs beside the suite (log: {})", log.display());
+        waiting.push((name, log, child));
+    }
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--"]);
+    for (_, _, name) in WAITING_TESTS {
+        cmd.args(["--skip", name]);
+    }
+    let rest = run(&mut cmd);
+    let mut failed = Vec::new();
+    for (name, log, mut child) in waiting {
+        let st = child.wait().with_context(|| format!("waiting for {name}"))?;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        eprintln!("xtask: --- {name} ({st}) ---\n{text}");
+        if !st.success() {
+            failed.push(*name);
+        }
+    }
+    rest?;
+    if !failed.is_empty() {
+        bail!("failed beside the suite: {failed:?}");
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     match real_main() {
         Ok(()) => ExitCode::SUCCESS,
@@ -111,7 +180,11 @@ fn real_main() -> Result<()> {
             setup()?;
             cleanup()?;
             run(cargo().args(["build", "--workspace", "--all-targets"]))?;
-            run(cargo().args(["test", "--workspace"]).args(&args))?;
+            if args.is_empty() {
+                test_suite()?;
+            } else {
+                run(cargo().args(["test", "--workspace"]).args(&args))?;
+            }
             eprintln!("xtask: all tests passed in {:.0?}", t0.elapsed());
         }
         Cmd::Demo { transport } => {
