@@ -14,7 +14,7 @@
 //!   `deliver` (transparent delivery into pods);
 //! - identity and policy: `certs`, `policy`;
 //! - operations: `admin`, `metrics`, `stats`, `logging`, `kube_source`;
-//! - CLI: `cli`, `status`, `ca_cmd`; `config` (the one typed config);
+//! - CLI: `cli`, `status`, `check`, `ca_cmd`; `config` (the one typed config);
 //! - `testing`: loopback fakes of the kernel edges, for tests.
 
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -25,6 +25,7 @@ pub mod app;
 pub mod ca_cmd;
 pub mod capture;
 pub mod certs;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod conns;
