@@ -644,7 +644,7 @@ fn clock_check(f: &Facts) -> Check {
     if certs.is_empty() {
         return ok("clock is sane", format!("{} (no certificate to compare with)", rfc3339(f.now)));
     }
-    ok("clock is sane", format!("{} is within every certificate's notBefore", rfc3339(f.now)))
+    ok("clock is sane", format!("{} is after every certificate's notBefore", rfc3339(f.now)))
 }
 
 /// `(major, minor)` of a kernel release like `6.18.0-1-amd64`.
