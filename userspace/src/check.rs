@@ -396,9 +396,9 @@ fn daemon_checks(f: &Facts) -> Vec<Check> {
 }
 
 fn capture_checks(f: &Facts) -> Vec<Check> {
-    let p = &f.pins;
-    let dir = p.dir.display();
-    let mut v = vec![if p.bpffs {
+    let pins = &f.pins;
+    let dir = pins.dir.display();
+    let mut out = vec![if pins.bpffs {
         ok("pin dir is on bpffs", dir.to_string())
     } else {
         fail(
@@ -407,20 +407,20 @@ fn capture_checks(f: &Facts) -> Vec<Check> {
             "mount one (`mount -t bpf bpf /sys/fs/bpf`) or pass the daemon's --pin-dir",
         )
     }];
-    if let Some(e) = &p.error {
-        v.push(fail(
+    if let Some(e) = &pins.error {
+        out.push(fail(
             "cgroup programs attached",
             format!("cannot list {dir}: {e}"),
             "run tlsmesh check as root",
         ));
-        return v;
+        return out;
     }
     let missing: Vec<String> = crate::capture::CGROUP_PROGRAMS
         .iter()
         .map(|n| format!("link_{n}"))
-        .filter(|n| !p.names.contains(n))
+        .filter(|n| !pins.names.contains(n))
         .collect();
-    v.push(if missing.is_empty() {
+    out.push(if missing.is_empty() {
         ok(
             "cgroup programs attached",
             format!("{} links pinned in {dir}", crate::capture::CGROUP_PROGRAMS.len()),
@@ -433,14 +433,14 @@ fn capture_checks(f: &Facts) -> Vec<Check> {
              (check --pin-dir if the daemon uses another)",
         )
     });
-    let Ok(d) = &f.daemon else { return v };
+    let Ok(d) = &f.daemon else { return out };
     let unpinned: Vec<&str> = d
         .pods
         .iter()
-        .filter(|pod| !p.names.contains(&format!("sk_lookup_{:x}", pod.netns_cookie)))
+        .filter(|pod| !pins.names.contains(&format!("sk_lookup_{:x}", pod.netns_cookie)))
         .map(|pod| pod.key.as_str())
         .collect();
-    v.push(if unpinned.is_empty() {
+    out.push(if unpinned.is_empty() {
         ok("inbound capture attached", format!("{} enrolled pods", d.pods.len()))
     } else {
         fail(
@@ -449,7 +449,7 @@ fn capture_checks(f: &Facts) -> Vec<Check> {
             "inbound capture is off for those pods; the daemon log says why enrolling them failed",
         )
     });
-    v.push(match &d.ebpf_object {
+    out.push(match &d.ebpf_object {
         Some(o) if *o == f.build.ebpf_object => ok("daemon's programs are of this build", format!("eBPF object {o}")),
         Some(o) => warn(
             "daemon's programs are of this build",
@@ -468,7 +468,7 @@ fn capture_checks(f: &Facts) -> Vec<Check> {
         .filter(|(_, how)| how.as_str() != "Attached")
         .map(|(n, _)| n.as_str())
         .collect();
-    v.push(if kept.is_empty() {
+    out.push(if kept.is_empty() {
         ok("programs loaded by this daemon", "every cgroup program attached at start-up")
     } else {
         warn(
@@ -478,7 +478,7 @@ fn capture_checks(f: &Facts) -> Vec<Check> {
              reload them in a maintenance window (`tlsmesh node --uninstall`, then start the daemon)",
         )
     });
-    v
+    out
 }
 
 fn identity_checks(f: &Facts, t: &Thresholds) -> Vec<Check> {

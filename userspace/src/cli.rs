@@ -19,7 +19,6 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
-#[expect(clippy::large_enum_variant, reason = "parsed once at start-up")]
 pub enum Command {
     /// Run the node daemon (or remove its pinned state with --uninstall).
     Node(NodeArgs),

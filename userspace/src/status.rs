@@ -45,25 +45,21 @@ pub fn fetch(
 
 /// Runs the command.
 pub fn run(args: &StatusArgs) -> Result<(), StatusError> {
-    let (dump, stats, ready) = match &args.file {
-        Some(path) => {
-            let err =
-                |message: String| StatusError::File { path: path.display().to_string(), message };
-            let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-            let dump: Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-            // A `tlsmesh status --json` output holds the dump under `config_dump`.
-            match dump.get("config_dump") {
-                Some(d) => (d.clone(), dump["stats"].clone(), dump["ready"].clone()),
-                None => (dump, Value::Null, Value::Null),
-            }
+    let (dump, stats, ready) = if let Some(path) = &args.file {
+        let err = |message: String| StatusError::File { path: path.display().to_string(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let dump: Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        // A `tlsmesh status --json` output holds the dump under `config_dump`.
+        match dump.get("config_dump") {
+            Some(d) => (d.clone(), dump["stats"].clone(), dump["ready"].clone()),
+            None => (dump, Value::Null, Value::Null),
         }
-        None => {
-            let get =
-                |path| fetch(args.admin_addr, path).map_err(|e| StatusError::Admin(e.to_string()));
-            let dump = get("/config_dump")?;
-            let stats = get("/stats")?;
-            (dump, stats, get("/healthz/ready").unwrap_or_default())
-        }
+    } else {
+        let get =
+            |path| fetch(args.admin_addr, path).map_err(|e| StatusError::Admin(e.to_string()));
+        let dump = get("/config_dump")?;
+        let stats = get("/stats")?;
+        (dump, stats, get("/healthz/ready").unwrap_or_default())
     };
     let now = time::OffsetDateTime::now_utc();
     let out = match args.format() {
@@ -127,7 +123,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
             if i + 1 == cells.len() {
                 l.push_str(c);
             } else {
-                let _ = write!(l, "{c:<width$} ", width = w[i]);
+                let _ = write!(l, "{c:<width$}  ", width = w[i]);
             }
         }
         l.trim_end().to_string() + "\n"
