@@ -186,6 +186,8 @@ fn config_dump(a: &Admin) -> serde_json::Value {
     capture["deliveries_open"] = json!(a.kernel.deliveries_open());
     json!({
         "pid": std::process::id(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "ebpf_object": crate::capture::object_digest(),
         "config": &*a.cfg,
         "pods": a.state.pod_views(),
         "connections": a.conns.list(),

@@ -40,8 +40,8 @@ use crate::{
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tlsmesh-ebpf.o"));
 
-/// The cgroup programs and the file name of their pinned link.
-const CGROUP_PROGRAMS: [&str; 5] = [
+/// The cgroup programs; each one's link is pinned as `link_<name>`.
+pub const CGROUP_PROGRAMS: [&str; 5] = [
     programs::CONNECT4,
     programs::CONNECT6,
     programs::SOCK_OPS,
@@ -125,7 +125,19 @@ impl std::fmt::Debug for Capture {
     }
 }
 
-fn is_bpffs(path: &Path) -> bool {
+/// Short SHA-256 (hex, 16 chars) of the embedded eBPF object: which build's
+/// programs a daemon loads (`/config_dump`'s `ebpf_object`, `tlsmesh check`).
+pub fn object_digest() -> String {
+    use sha2::Digest as _;
+    use std::fmt::Write as _;
+    sha2::Sha256::digest(EBPF_OBJECT).iter().take(8).fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Whether `path` is on a bpffs mount.
+pub fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }

@@ -15,7 +15,7 @@
 //! - identity and policy: `certs`, `policy` (the rules and objects),
 //!   `authz` (pure decisions), `policies` (the policy in force, re-checks);
 //! - operations: `admin`, `metrics`, `stats`, `logging`, `kube_source`;
-//! - CLI: `cli`, `status`, `ca_cmd`; `config` (the one typed config);
+//! - CLI: `cli`, `status`, `check`, `ca_cmd`; `config` (the one typed config);
 //! - `testing`: loopback fakes of the kernel edges, for tests.
 
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -27,6 +27,7 @@ pub mod authz;
 pub mod ca_cmd;
 pub mod capture;
 pub mod certs;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod conns;

@@ -54,9 +54,19 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Command::Check(args) => {
+            let thresholds = tlsmesh::check::Thresholds {
+                min_cert_validity: args.min_cert_validity,
+                min_root_validity: args.min_root_validity,
+            };
+            match tlsmesh::check::run(&args, &thresholds) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
         Command::Status(args) => match tlsmesh::status::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(&*e),
+            Err(e) => fail(&e),
         },
     }
 }
