@@ -34,6 +34,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod cni;
+pub mod forward;
+
 /// Prefix of every namespace, cgroup and pin directory the kit creates.
 pub const PREFIX: &str = "tmk-";
 

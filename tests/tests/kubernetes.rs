@@ -27,8 +27,7 @@ use std::{
     io::{Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
-    sync::{mpsc as std_mpsc, Arc, Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
 
@@ -36,7 +35,10 @@ use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt as _, Full, StreamBody};
 use hyper::{body::Frame, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use netkit::{require_root, tlsmesh_bin, wait_for, Daemon, Pod, Topology};
+use netkit::{
+    cni::{cni_add, cni_add_sandbox, prev_result},
+    require_root, wait_for, Daemon, Pod, Topology,
+};
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
@@ -276,94 +278,6 @@ fn api_node(name: &str, ip: &str) -> Value {
 const VIP: &str = "10.96.0.10";
 const SERVICE_PORT: u16 = 80;
 const TARGET_PORT: u16 = 7000;
-
-fn cni_bin() -> PathBuf {
-    let p = tlsmesh_bin().with_file_name("tlsmesh-cni");
-    assert!(p.is_file(), "{} not found; build it with `cargo build -p tlsmesh-cni`", p.display());
-    p
-}
-
-#[derive(Debug)]
-struct CniRun {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn prev_result(pod: &Pod) -> Value {
-    let nn = pod.node + 1;
-    json!({
-        "cniVersion": "1.0.0",
-        "interfaces": [{"name": "eth0", "sandbox": pod.netns_path()}],
-        "ips": [
-            {"address": format!("{}/24", pod.ip4), "gateway": format!("10.77.{nn}.1"), "interface": 0},
-            {"address": format!("{}/64", pod.ip6), "gateway": format!("fd77:{nn:x}::1"), "interface": 0},
-        ],
-        "routes": [{"dst": "0.0.0.0/0"}],
-        "dns": {}
-    })
-}
-
-/// `CNI_COMMAND=ADD` for `ns/pod` against the daemon socket `socket`.
-fn cni_add(socket: &Path, ns: &str, pod: &Pod) -> CniRun {
-    cni_add_sandbox(socket, ns, pod, &pod.netns_path(), &format!("sandbox-{}", pod.name))
-}
-
-/// ADD for `ns/pod` with a given sandbox netns and container id.
-fn cni_add_sandbox(socket: &Path, ns: &str, pod: &Pod, netns: &Path, sandbox: &str) -> CniRun {
-    let conf = json!({
-        "cniVersion": "1.0.0",
-        "name": "k8s-pod-network",
-        "type": "tlsmesh-cni",
-        "socketPath": socket,
-        "timeoutSeconds": 30,
-        "prevResult": prev_result(pod),
-    });
-    let mut child = Command::new(cni_bin())
-        .env_clear()
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", sandbox)
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .env(
-            "CNI_ARGS",
-            format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={};K8S_POD_UID=uid-{}",
-                pod.name, pod.name
-            ),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tlsmesh-cni");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(conf.to_string().as_bytes())
-        .expect("write config");
-    let pid = child.id();
-    let (tx, rx) = std_mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let Ok(out) = rx.recv_timeout(Duration::from_secs(45)) else {
-        // Only the plugin process this function started.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        panic!("tlsmesh-cni ADD for {ns}/{} did not finish within 45 s", pod.name);
-    };
-    let out = out.expect("tlsmesh-cni output");
-    CniRun {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Apps and clients inside pods.

@@ -28,18 +28,15 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{Shutdown, SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
     time::Duration,
 };
 
 use kube::Client;
 use netkit::{
-    contains, echo_server, require_root, wait_for, Daemon, LinkCapture, Pod, Proc, Topology,
+    contains, echo_server, forward::LoopbackForwarder, require_root, wait_for, Daemon, LinkCapture,
+    Pod, Proc, Topology,
 };
 use serde_json::{json, Value};
 use tlsmesh_kube_harness::{
@@ -63,58 +60,12 @@ fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
 }
 
-/// Forwards 127.0.0.1:`port` inside `netns` to 127.0.0.1:`port` of the
-/// host, until dropped.
-struct ApiForwarder {
-    stop: Arc<AtomicBool>,
-}
-
-impl ApiForwarder {
-    fn start(netns: &str, port: u16) -> Self {
-        let l = Topology::in_netns(netns, move || {
-            let l = TcpListener::bind(("127.0.0.1", port)).expect("bind the API forwarder");
-            l.set_nonblocking(true).expect("nonblocking");
-            l
-        });
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = Arc::clone(&stop);
-        // Spawned from the test's thread: the host netns, where it connects.
-        std::thread::spawn(move || {
-            while !stopped.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((down, _)) => {
-                        let _ = down.set_nonblocking(false);
-                        let Ok(up) = TcpStream::connect(("127.0.0.1", port)) else { continue };
-                        for (mut from, mut to) in [
-                            (down.try_clone().expect("clone"), up.try_clone().expect("clone")),
-                            (up, down),
-                        ] {
-                            std::thread::spawn(move || {
-                                let _ = std::io::copy(&mut from, &mut to);
-                                let _ = to.shutdown(Shutdown::Write);
-                            });
-                        }
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        });
-        Self { stop }
-    }
-}
-
-impl Drop for ApiForwarder {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
 /// The control plane, the topology and what ties them together.
 struct Cluster {
     rt: tokio::runtime::Runtime,
     cp: ControlPlane,
     topo: Topology,
-    _forwarders: Vec<ApiForwarder>,
+    _forwarders: Vec<LoopbackForwarder>,
     sandboxes: Vec<Proc>,
 }
 
@@ -129,7 +80,8 @@ impl Cluster {
         let topo = Topology::build(2, pods_per_node).expect("topology");
         let port: u16 =
             cp.url().rsplit(':').next().and_then(|p| p.parse().ok()).expect("API server port");
-        let forwarders = topo.nodes().iter().map(|n| ApiForwarder::start(&n.netns, port)).collect();
+        let forwarders =
+            topo.nodes().iter().map(|n| LoopbackForwarder::start(&n.netns, port)).collect();
         let c = cp.client();
         rt.block_on(async {
             for n in topo.nodes() {

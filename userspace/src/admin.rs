@@ -184,8 +184,14 @@ fn config_dump(a: &Admin) -> serde_json::Value {
     let mesh = a.mesh.as_deref();
     let mut capture = a.capture.clone();
     capture["deliveries_open"] = json!(a.kernel.deliveries_open());
+    let inv = a.state.inventory();
     json!({
         "pid": std::process::id(),
+        "inventory": {
+            "nodes": inv.inv.nodes.len(),
+            "pods": inv.inv.pods.len(),
+            "service_ports": inv.inv.services.len(),
+        },
         "version": env!("CARGO_PKG_VERSION"),
         "ebpf_object": crate::capture::object_digest(),
         "config": &*a.cfg,

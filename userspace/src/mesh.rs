@@ -70,6 +70,9 @@ pub struct Mesh {
     pub registry: Arc<Registry>,
     /// Tunnel connection set-up time (TCP + TLS handshake), seconds.
     pub handshake_seconds: Histogram,
+    /// The mark on tunnel sockets (`DAEMON_MARK`: capture lets them pass);
+    /// `None` only where nothing captures (in-process tests, no root).
+    socket_mark: Option<u32>,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -107,7 +110,17 @@ impl Mesh {
             quic_endpoint,
             registry: Arc::new(Registry::default()),
             handshake_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
+            socket_mark: Some(DAEMON_MARK),
         })
+    }
+
+    /// The same, with unmarked tunnel sockets (setting a mark needs
+    /// `CAP_NET_ADMIN`): for running the mesh in a test process where no
+    /// capture program would see them anyway.
+    #[must_use]
+    pub fn without_socket_mark(mut self) -> Self {
+        self.socket_mark = None;
+        self
     }
 
     /// Closes tunnels whose peer the deny list now refuses: inbound tunnel
@@ -177,13 +190,16 @@ impl Mesh {
         });
         let sni = tls::sni_for(&dst_id);
         let histogram = self.handshake_seconds.clone();
+        let mark = self.socket_mark;
         let connector = move || async move {
             let sock = if tunnel_addr.is_ipv4() {
                 tokio::net::TcpSocket::new_v4()?
             } else {
                 tokio::net::TcpSocket::new_v6()?
             };
-            socket2::SockRef::from(&sock).set_mark(DAEMON_MARK)?;
+            if let Some(m) = mark {
+                socket2::SockRef::from(&sock).set_mark(m)?;
+            }
             sock.set_nodelay(true)?;
             let started = std::time::Instant::now();
             let tcp = sock.connect(tunnel_addr).await?;

@@ -1,4 +1,4 @@
-//! Developer workflows: `cargo xtask setup | test | demo | bench | cleanup | build`.
+//! Developer workflows: `cargo xtask setup | test | demo | bench | kube-scale | cleanup | build`.
 //!
 //! Each command first runs the idempotent bootstrap (scripts/bootstrap.sh:
 //! apt packages, bpf-linker, the Kubernetes control plane the
@@ -46,6 +46,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, build (release), and run the Kubernetes scale benchmark: one
+    /// node daemon against a real API server with a cluster's worth of objects.
+    KubeScale {
+        /// Extra arguments (--nodes N --pods N --services N --churn N --local N).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Remove namespaces, cgroups and pins a killed test run left behind.
     Cleanup,
     /// Set up and build the release binary.
@@ -85,6 +92,10 @@ fn cleanup() -> Result<()> {
     run(cargo().args(["run", "--quiet", "-p", "tlsmesh-tests", "--bin", "netkit-cleanup"]))
 }
 
+/// Features every build of the suite uses (so `cargo test` reuses what
+/// `cargo build` made, and the `kube-scale` benchmark is compiled too).
+const FEATURES: &[&str] = &["--features", "tlsmesh-tests/kube-scale"];
+
 /// Tests that spend minutes mostly waiting (a certificate lifetime, a
 /// five-minute stream) and little CPU: `(package, test target, test name)`.
 /// They run beside the rest of the suite instead of after it.
@@ -98,6 +109,7 @@ const WAITING_TESTS: &[(&str, &str, &str)] = &[(
 fn test_executable(package: &str, target: &str) -> Result<PathBuf> {
     let out = cargo()
         .args(["test", "--no-run", "--message-format=json", "-p", package, "--test", target])
+        .args(FEATURES)
         .current_dir(root())
         .output()
         .context("cannot run cargo test --no-run")?;
@@ -133,7 +145,7 @@ fn test_suite() -> Result<()> {
         waiting.push((name, log, child));
     }
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace", "--"]);
+    cmd.args(["test", "--workspace"]).args(FEATURES).arg("--");
     for (_, _, name) in WAITING_TESTS {
         cmd.args(["--skip", name]);
     }
@@ -179,11 +191,11 @@ fn real_main() -> Result<()> {
         Cmd::Test { args } => {
             setup()?;
             cleanup()?;
-            run(cargo().args(["build", "--workspace", "--all-targets"]))?;
+            run(cargo().args(["build", "--workspace", "--all-targets"]).args(FEATURES))?;
             if args.is_empty() {
                 test_suite()?;
             } else {
-                run(cargo().args(["test", "--workspace"]).args(&args))?;
+                run(cargo().args(["test", "--workspace"]).args(FEATURES).args(&args))?;
             }
             eprintln!("xtask: all tests passed in {:.0?}", t0.elapsed());
         }
@@ -191,6 +203,23 @@ fn real_main() -> Result<()> {
             setup()?;
             build_release_bins()?;
             run(Command::new(root().join("target/release/demo")).args(["--transport", &transport]))?;
+        }
+        Cmd::KubeScale { args } => {
+            setup()?;
+            run(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "tlsmesh",
+                "-p",
+                "tlsmesh-cni",
+                "-p",
+                "tlsmesh-tests",
+                "--features",
+                "tlsmesh-tests/kube-scale",
+                "--bins",
+            ]))?;
+            run(Command::new(root().join("target/release/kube-scale")).args(&args))?;
         }
         Cmd::Bench { args } => {
             setup()?;
