@@ -38,6 +38,10 @@ use crate::state::{ClusterState, Event, Kind, ModeOverrides, NetnsResolver, NoNe
 /// Most events applied before the inventory is rebuilt and published.
 const COALESCE: usize = 256;
 
+/// Least time between two inventory rebuilds (istiod's debounce is 100 ms
+/// too): a pod's enrollment waits at most this long for it.
+const REBUILD_EVERY: Duration = Duration::from_millis(100);
+
 /// Gathers a watcher's `Init`/`InitApply`/`InitDone` into one `Restarted`.
 #[derive(Debug)]
 pub struct InitBuffer<K> {
@@ -393,57 +397,92 @@ pub async fn run(client: Client, opts: Options, tx: channel::Sender<Inventory>) 
     let mut failing: BTreeMap<Kind, String> = BTreeMap::new();
     let mut last_failing = failing.clone();
     info!(node = ?opts.node, trust_domain = %opts.trust_domain, "watching the Kubernetes API");
+    // Changes not yet rebuilt into an inventory, the last rebuild, and when
+    // the next may be (rebuilds are debounced: at most one per
+    // `REBUILD_EVERY`, so an event stream of thousands of pods costs a few
+    // rebuilds a second, not one per event).
+    let mut dirty = false;
+    let mut last_build: Option<tokio::time::Instant> = None;
+    let mut rebuild_at: Option<tokio::time::Instant> = None;
     loop {
-        let mut changed = false;
         tokio::select! {
             item = events.next() => {
                 let Some(item) = item else { return };
-                changed |= handle(&mut state, &mut failing, item);
+                dirty |= handle(&mut state, &mut failing, item);
                 // Take what is already waiting before rebuilding.
                 for _ in 0..COALESCE {
                     match events.next().now_or_never() {
-                        Some(Some(item)) => changed |= handle(&mut state, &mut failing, item),
+                        Some(Some(item)) => dirty |= handle(&mut state, &mut failing, item),
                         _ => break,
                     }
                 }
             }
-            () = opts.refresh.notified() => changed = true,
+            () = opts.refresh.notified() => dirty = true,
             _ = unresolved.tick() => {
-                changed = opts.node.as_deref().is_some_and(|n| has_unresolved(&tx.borrow(), n));
+                dirty |= opts.node.as_deref().is_some_and(|n| has_unresolved(&tx.borrow(), n));
             }
             next = next_policy(&mut policy) => match next {
-                Some(overrides) => changed |= state.set_mode_overrides(overrides),
+                Some(overrides) => dirty |= state.set_mode_overrides(overrides),
                 // The policy watcher ended: keep its last modes.
                 None => policy = None,
             },
+            () = sleep_until(rebuild_at) => rebuild_at = None,
             () = tx.closed() => return,
         }
         if failing != last_failing {
             last_failing = failing.clone();
             publish_problems(&opts, &last_problems, &failing);
         }
-        if !changed || !state.is_synced() {
+        if !dirty || !state.is_synced() || rebuild_at.is_some() {
             continue;
         }
-        let (inv, problems) = state.inventory(opts.resolver.as_ref());
-        if problems != last_problems {
-            for p in &problems {
-                warn!(subject = %p.subject, problem = %p.message, "Kubernetes object not used as is");
+        if let Some(at) = last_build.map(|t| t + REBUILD_EVERY) {
+            if tokio::time::Instant::now() < at {
+                rebuild_at = Some(at);
+                continue;
             }
-            publish_problems(&opts, &problems, &failing);
-            last_problems = problems;
         }
-        let published = tx.send_if_modified(|cur| {
-            if *cur == inv {
-                false
-            } else {
-                *cur = inv;
-                true
-            }
-        });
-        if published {
-            debug!("inventory updated from the Kubernetes API");
+        dirty = false;
+        last_build = Some(tokio::time::Instant::now());
+        rebuild(&state, &opts, &tx, &mut last_problems, &failing);
+    }
+}
+
+/// Builds the inventory, reports changed problems, publishes it if it
+/// differs from the last one.
+fn rebuild(
+    state: &ClusterState,
+    opts: &Options,
+    tx: &channel::Sender<Inventory>,
+    last_problems: &mut Vec<Problem>,
+    failing: &BTreeMap<Kind, String>,
+) {
+    let (inv, problems) = state.inventory(opts.resolver.as_ref());
+    if problems != *last_problems {
+        for p in &problems {
+            warn!(subject = %p.subject, problem = %p.message, "Kubernetes object not used as is");
         }
+        publish_problems(opts, &problems, failing);
+        *last_problems = problems;
+    }
+    let published = tx.send_if_modified(|cur| {
+        if *cur == inv {
+            false
+        } else {
+            *cur = inv;
+            true
+        }
+    });
+    if published {
+        debug!("inventory updated from the Kubernetes API");
+    }
+}
+
+/// Completes at `at`; never without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -47,13 +47,31 @@ pub fn prev_result(pod: &Pod) -> Value {
     })
 }
 
-/// `CNI_COMMAND=ADD` for `ns/pod` against the daemon socket `socket`.
+/// `CNI_COMMAND=ADD` for `ns/pod` against the daemon socket `socket`, with
+/// the pod uid `uid-<name>` (what the fake API servers of the tests give).
 pub fn cni_add(socket: &Path, ns: &str, pod: &Pod) -> CniRun {
-    cni_add_sandbox(socket, ns, pod, &pod.netns_path(), &format!("sandbox-{}", pod.name))
+    cni_add_uid(socket, ns, pod, &format!("uid-{}", pod.name))
+}
+
+/// ADD for `ns/pod` whose API object has `uid` (a real API server's).
+pub fn cni_add_uid(socket: &Path, ns: &str, pod: &Pod, uid: &str) -> CniRun {
+    let sandbox = format!("sandbox-{}", pod.name);
+    cni_add_sandbox_uid(socket, ns, pod, &pod.netns_path(), &sandbox, uid)
 }
 
 /// ADD for `ns/pod` with a given sandbox netns and container id.
 pub fn cni_add_sandbox(socket: &Path, ns: &str, pod: &Pod, netns: &Path, sandbox: &str) -> CniRun {
+    cni_add_sandbox_uid(socket, ns, pod, netns, sandbox, &format!("uid-{}", pod.name))
+}
+
+fn cni_add_sandbox_uid(
+    socket: &Path,
+    ns: &str,
+    pod: &Pod,
+    netns: &Path,
+    sandbox: &str,
+    uid: &str,
+) -> CniRun {
     let conf = json!({
         "cniVersion": "1.0.0",
         "name": "k8s-pod-network",
@@ -72,8 +90,8 @@ pub fn cni_add_sandbox(socket: &Path, ns: &str, pod: &Pod, netns: &Path, sandbox
         .env(
             "CNI_ARGS",
             format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={};K8S_POD_UID=uid-{}",
-                pod.name, pod.name
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={};K8S_POD_UID={uid}",
+                pod.name
             ),
         )
         .stdin(Stdio::piped())

@@ -29,7 +29,7 @@ use std::{
 
 use futures::{stream, StreamExt as _};
 use kube::Client;
-use netkit::{cni::cni_add, forward::LoopbackForwarder, require_root, Daemon, Topology};
+use netkit::{cni::cni_add_uid, forward::LoopbackForwarder, require_root, Daemon, Topology};
 use serde_json::json;
 use tlsmesh_kube_harness::{
     objects::{delete_pod, namespace, node, pod, run_pod, service, service_account},
@@ -267,8 +267,9 @@ fn main() {
     let mut enroll = Vec::new();
     for p in &topo.node(0).pods {
         let t = Instant::now();
-        rt.block_on(pod(&c, "local", &p.name, "n0", "app", json!({"app": "local"})));
-        let run = cni_add(&sock, "local", p);
+        let created = rt.block_on(pod(&c, "local", &p.name, "n0", "app", json!({"app": "local"})));
+        let uid = created.metadata.uid.unwrap_or_default();
+        let run = cni_add_uid(&sock, "local", p, &uid);
         assert_eq!(run.code, Some(0), "CNI ADD for {}: {run:?}\n{}", p.name, d.log_text());
         enroll.push(t.elapsed());
         rt.block_on(run_pod(&c, "local", &p.name, &p.ip4.to_string()));
