@@ -118,9 +118,11 @@ fn usage(pid: u32) -> (u64, f64) {
     // Fields after the command name (which may hold spaces): utime is the
     // 12th, stime the 13th.
     let after = stat.rsplit_once(") ").map_or("", |x| x.1);
-    let f: Vec<u64> = after.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    let field = |i: usize| -> u64 {
+        after.split_whitespace().nth(i).and_then(|x| x.parse().ok()).unwrap_or(0)
+    };
     // In USER_HZ clock ticks, 100 per second on Linux.
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    let ticks = field(11) + field(12);
     (rss, ticks as f64 / 100.0)
 }
 
