@@ -64,7 +64,8 @@ pub fn cni_add_sandbox(socket: &Path, ns: &str, pod: &Pod, netns: &Path, sandbox
     cni_add_sandbox_uid(socket, ns, pod, netns, sandbox, &format!("uid-{}", pod.name))
 }
 
-fn cni_add_sandbox_uid(
+/// ADD for `ns/pod` with a given sandbox netns, container id and pod uid.
+pub fn cni_add_sandbox_uid(
     socket: &Path,
     ns: &str,
     pod: &Pod,

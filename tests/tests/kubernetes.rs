@@ -1,283 +1,62 @@
 //! The daemon with `--inventory-source kubernetes`, end to end in the netns
-//! topology: its pods, namespaces, node, Services and `EndpointSlices` come
-//! from a fake Kubernetes API server on loopback (list + chunked watch, the
-//! way kube-rs's watcher asks), each pod's netns from the real
+//! topology against a real kube-apiserver (kubeharness/: v1.20.2, etcd,
+//! controller-manager — which makes the Service's `EndpointSlice` from the
+//! Ready pod, as in a cluster): its pods, namespaces, node, Services and
+//! slices come from the real API, each pod's netns from the real
 //! `tlsmesh-cni` binary run the way a container runtime runs it. A client
 //! pod connects to a Service `ClusterIP`; the daemon resolves it to the
 //! server pod on the other node and carries it through the tunnel. Then a
 //! re-created sandbox is answered only once its new netns is enrolled, a
 //! namespace label flip releases the pods, and the CNI plugin fails closed
-//! (code 999) when the daemon is down.
+//! (code 999) when the daemon is down. The daemons reach the API server on
+//! the host's loopback through `netkit::forward::LoopbackForwarder`.
 
 #![allow(
     clippy::similar_names,
     clippy::many_single_char_names,
-    clippy::cast_possible_truncation,
-    clippy::format_push_string,
-    clippy::items_after_statements,
-    clippy::large_stack_arrays,
     clippy::too_many_lines,
-    clippy::format_collect,
     reason = "test scenarios: long, explicit, with throwaway names"
 )]
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    convert::Infallible,
     io::{Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
 
-use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt as _, Full, StreamBody};
-use hyper::{body::Frame, service::service_fn, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::{Pod as ApiPod, Service};
+use kube::{
+    api::{Patch, PatchParams, PostParams},
+    Api,
+};
 use netkit::{
-    cni::{cni_add, cni_add_sandbox, prev_result},
+    cni::{cni_add_sandbox_uid, cni_add_uid, prev_result},
+    forward::LoopbackForwarder,
     require_root, wait_for, Daemon, Pod, Topology,
 };
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
-use tokio::sync::mpsc;
+use tlsmesh_kube_harness::{
+    objects::{label_namespace, namespace, node, pod, service_account},
+    ControlPlane,
+};
 
-// ---------------------------------------------------------------------------
-// A fake Kubernetes API server (after k8s/tests/support): list, and
-// `?watch=true` as chunked JSON lines replaying history after the asked
-// resourceVersion. One shared state, served on several listeners (one per
-// node netns, all on 127.0.0.1:<port>).
-
-const NAMESPACES: &str = "/api/v1/namespaces";
-const PODS: &str = "/api/v1/pods";
-const NODES: &str = "/api/v1/nodes";
-const SERVICES: &str = "/api/v1/services";
-const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
-const RESOURCES: [&str; 5] = [NAMESPACES, PODS, NODES, SERVICES, SLICES];
-
-fn kind_of(path: &str) -> (&'static str, &'static str) {
-    match path {
-        NAMESPACES => ("v1", "Namespace"),
-        PODS => ("v1", "Pod"),
-        NODES => ("v1", "Node"),
-        SERVICES => ("v1", "Service"),
-        SLICES => ("discovery.k8s.io/v1", "EndpointSlice"),
-        _ => unreachable!("unknown resource {path}"),
-    }
-}
-
-type Body = BoxBody<Bytes, Infallible>;
-
-struct Watcher {
-    path: String,
-    field: Option<String>,
-    tx: mpsc::UnboundedSender<Bytes>,
-}
-
-#[derive(Default)]
-struct Inner {
-    rv: u64,
-    items: HashMap<String, BTreeMap<String, Value>>,
-    history: Vec<(u64, String, &'static str, Value)>,
-    watchers: Vec<Watcher>,
-    requests: Vec<String>,
-}
-
-#[derive(Clone, Default)]
-struct FakeApi {
-    inner: Arc<Mutex<Inner>>,
-}
-
-fn obj_key(o: &Value) -> String {
-    let m = &o["metadata"];
-    format!("{}/{}", m["namespace"].as_str().unwrap_or_default(), m["name"].as_str().expect("name"))
-}
-
-fn matches_field(o: &Value, field: Option<&str>) -> bool {
-    match field.and_then(|f| f.strip_prefix("metadata.name=")) {
-        Some(name) => o["metadata"]["name"] == name,
-        None => true,
-    }
-}
-
-fn decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).expect("ascii");
-                out.push(u8::from_str_radix(hex, 16).expect("hex escape"));
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).expect("utf-8 query")
-}
-
-fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
-    Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(v.to_string())).boxed())
-        .expect("response")
-}
-
-fn line(v: &Value) -> Bytes {
-    let mut s = v.to_string();
-    s.push('\n');
-    Bytes::from(s)
-}
-
-impl FakeApi {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Serves `listener` (a std listener, possibly bound in another netns)
-    /// on the current tokio runtime.
-    fn serve(&self, listener: TcpListener) {
-        listener.set_nonblocking(true).expect("nonblocking");
-        let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-        let api = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
-                let api = api.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let api = api.clone();
-                        async move { Ok::<_, Infallible>(api.handle(&req)) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-    }
-
-    fn handle(&self, req: &Request<hyper::body::Incoming>) -> Response<Body> {
-        let path = req.uri().path().to_owned();
-        let q: HashMap<String, String> = req
-            .uri()
-            .query()
-            .unwrap_or_default()
-            .split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_owned(), decode(v)))
-            .collect();
-        let mut inner = self.lock();
-        inner.requests.push(format!("{} {}", req.method(), req.uri()));
-        let Some(res) = RESOURCES.iter().find(|r| **r == path) else {
-            let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": format!("no route {path}"), "reason": "NotFound", "code": 404});
-            return json_response(StatusCode::NOT_FOUND, &status);
-        };
-        let field = q.get("fieldSelector").cloned().filter(|f| !f.is_empty());
-        if q.get("watch").map(String::as_str) == Some("true") {
-            let from: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
-            let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
-            for (rv, p, ty, o) in &inner.history {
-                if *rv > from && p == res && matches_field(o, field.as_deref()) {
-                    let _ = tx.send(line(&json!({"type": ty, "object": o})));
-                }
-            }
-            inner.watchers.push(Watcher { path: (*res).to_owned(), field, tx });
-            let body = StreamBody::new(futures::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
-            }));
-            return Response::builder()
-                .status(StatusCode::OK)
-                .header("content-type", "application/json")
-                .body(body.boxed())
-                .expect("watch response");
-        }
-        let (api_version, kind) = kind_of(res);
-        let items: Vec<Value> = inner
-            .items
-            .get(*res)
-            .map(|m| m.values().filter(|o| matches_field(o, field.as_deref())).cloned().collect())
-            .unwrap_or_default();
-        let list = json!({"apiVersion": api_version, "kind": format!("{kind}List"),
-            "metadata": {"resourceVersion": inner.rv.to_string()}, "items": items});
-        json_response(StatusCode::OK, &list)
-    }
-
-    /// Creates or replaces an object; watchers see ADDED or MODIFIED.
-    fn apply(&self, path: &str, mut obj: Value) {
-        let mut inner = self.lock();
-        inner.rv += 1;
-        let (api_version, kind) = kind_of(path);
-        obj["apiVersion"] = json!(api_version);
-        obj["kind"] = json!(kind);
-        obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
-        let old =
-            inner.items.entry(path.to_owned()).or_default().insert(obj_key(&obj), obj.clone());
-        let ty = if old.is_some() { "MODIFIED" } else { "ADDED" };
-        let rv = inner.rv;
-        inner.history.push((rv, path.to_owned(), ty, obj.clone()));
-        let ev = line(&json!({"type": ty, "object": obj}));
-        inner.watchers.retain(|w| {
-            w.path != path
-                || !matches_field(&obj, w.field.as_deref())
-                || w.tx.send(ev.clone()).is_ok()
-        });
-    }
-
-    /// Open watches on a resource.
-    fn watches(&self, path: &str) -> usize {
-        self.lock().watchers.iter().filter(|w| w.path == path && !w.tx.is_closed()).count()
-    }
-
-    fn requests(&self) -> Vec<String> {
-        self.lock().requests.clone()
-    }
-}
-
-fn namespace(name: &str, mode: Option<&str>) -> Value {
-    let labels = mode.map_or(json!({}), |m| json!({"tlsmesh.io/mode": m}));
-    json!({"metadata": {"name": name, "uid": format!("ns-{name}"), "labels": labels}})
-}
-
-/// A pod as the API shows it: scheduled to `node`; `Running` with its
-/// addresses once `running` (before that `Pending`, no address yet — what
-/// the API says while the CNI plugins run).
-fn api_pod(ns: &str, pod: &Pod, node: &str, running: bool) -> Value {
-    let status = if running {
-        json!({"phase": "Running", "podIP": pod.ip4.to_string(),
-            "podIPs": [{"ip": pod.ip4.to_string()}, {"ip": pod.ip6.to_string()}]})
-    } else {
-        json!({"phase": "Pending"})
-    };
-    json!({
-        "metadata": {"name": pod.name, "namespace": ns, "uid": format!("uid-{}", pod.name), "labels": {"app": pod.name}},
-        "spec": {"nodeName": node, "serviceAccountName": format!("sa-{}", pod.name),
-            "containers": [{"name": "app", "image": "app"}]},
-        "status": status,
-    })
-}
-
-fn api_node(name: &str, ip: &str) -> Value {
-    json!({"metadata": {"name": name}, "status": {"addresses": [{"type": "InternalIP", "address": ip}]}})
-}
-
-// ---------------------------------------------------------------------------
-// The CNI plugin, run like a container runtime runs it.
-
-const VIP: &str = "10.96.0.10";
 const SERVICE_PORT: u16 = 80;
 const TARGET_PORT: u16 = 7000;
+
+/// Plays the kubelet: `pod` Running and Ready at both its addresses.
+async fn run_pod(c: &kube::Client, ns: &str, p: &Pod) {
+    let status = json!({"status": {
+        "phase": "Running",
+        "podIP": p.ip4.to_string(),
+        "podIPs": [{"ip": p.ip4.to_string()}, {"ip": p.ip6.to_string()}],
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }});
+    Api::<ApiPod>::namespaced(c.clone(), ns)
+        .patch_status(&p.name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap_or_else(|e| panic!("pod {ns}/{} status: {e}", p.name));
+}
 
 // ---------------------------------------------------------------------------
 // Apps and clients inside pods.
@@ -376,63 +155,53 @@ fn pod_keys(d: &Daemon) -> Vec<String> {
     keys
 }
 
-fn write_kubeconfig(dir: &Path, port: u16) -> PathBuf {
-    let path = dir.join("kubeconfig");
-    let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{port}\n\
-         contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\n\
-         current-context: fake\nusers:\n- name: fake\n  user: {{}}\n"
-    );
-    std::fs::write(&path, text).expect("write kubeconfig");
-    path
-}
-
 #[test]
-#[expect(clippy::too_many_lines, reason = "one scenario, told step by step")]
-fn daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_ip() {
-    if !require_root("daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_ip") {
+fn real_apiserver_daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_ip() {
+    if !require_root(
+        "real_apiserver_daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_ip",
+    ) {
         return;
     }
-    let topo = Topology::build(2, 2).expect("topology");
-    let (client, other, server) =
-        (topo.pod(0, 0).clone(), topo.pod(0, 1).clone(), topo.pod(1, 0).clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
+    let cp = rt.block_on(ControlPlane::start());
+    let c = cp.client();
+    let topo = Topology::build(2, 2).expect("topology");
+    let (client, other, server) =
+        (topo.pod(0, 0).clone(), topo.pod(0, 1).clone(), topo.pod(1, 0).clone());
+    let port: u16 =
+        cp.url().rsplit(':').next().and_then(|p| p.parse().ok()).expect("API server port");
+    let _forwarders: Vec<LoopbackForwarder> =
+        topo.nodes().iter().map(|n| LoopbackForwarder::start(&n.netns, port)).collect();
 
     // The cluster: `shop` enrolled (strict), `lab` not, a Service.
-    let api = FakeApi::default();
-    api.apply(NAMESPACES, namespace("shop", Some("strict")));
-    api.apply(NAMESPACES, namespace("lab", None));
-    for n in topo.nodes() {
-        api.apply(NODES, api_node(&n.name, &n.ip4.to_string()));
-    }
-    api.apply(
-        SERVICES,
-        json!({"metadata": {"name": "web", "namespace": "shop"},
-            "spec": {"type": "ClusterIP", "clusterIP": VIP, "clusterIPs": [VIP], "selector": {"app": server.name},
-                "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": TARGET_PORT, "protocol": "TCP"}]}}),
-    );
+    let vip: String = rt.block_on(async {
+        namespace(&c, "shop", Some("strict")).await;
+        namespace(&c, "lab", None).await;
+        for (ns, p) in [("shop", &client), ("lab", &other), ("shop", &server)] {
+            service_account(&c, ns, &format!("sa-{}", p.name)).await;
+        }
+        for n in topo.nodes() {
+            node(&c, &n.name, &n.ip4.to_string()).await;
+        }
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"selector": {"app": server.name},
+                "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": TARGET_PORT, "protocol": "TCP"}]}}))
+        .expect("a Service");
+        let svc = Api::<Service>::namespaced(c.clone(), "shop")
+            .create(&PostParams::default(), &svc)
+            .await
+            .expect("create Service");
+        svc.spec.and_then(|s| s.cluster_ip).expect("a ClusterIP")
+    });
 
-    // One listener per node netns, the same port in each, one shared state.
-    let l0 = Topology::in_netns(&topo.node(0).netns, || {
-        TcpListener::bind("127.0.0.1:0").expect("bind api n0")
-    });
-    let port = l0.local_addr().expect("addr").port();
-    let l1 = Topology::in_netns(&topo.node(1).netns, move || {
-        TcpListener::bind(("127.0.0.1", port)).expect("bind api n1")
-    });
-    {
-        let _guard = rt.enter();
-        api.serve(l0);
-        api.serve(l1);
-    }
-    let kubeconfig = write_kubeconfig(&topo.scratch_dir(), port);
-    let kubeconfig = kubeconfig.to_str().expect("utf-8 path");
     let unused_inventory = topo.scratch_dir().join("unused-inventory.toml");
     let socket = |n: usize| topo.scratch_dir().join(format!("cni-n{n}.sock"));
+    let kubeconfig = cp.kubeconfig().display().to_string();
     let start = |n: usize| {
         let node = topo.node(n).clone();
         let sock = socket(n).display().to_string();
@@ -444,40 +213,31 @@ fn daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_ip() {
             "--cni-socket",
             &sock,
         ];
-        let env = [("KUBECONFIG", kubeconfig)];
         Daemon::start_with_env(
             &topo,
             &node,
             &topo.pin_dir(&node.name),
             &unused_inventory,
             &args,
-            &env,
+            &[("KUBECONFIG", kubeconfig.as_str())],
         )
     };
     let d0 = start(0);
     let mut d1 = start(1);
-    for r in RESOURCES {
-        let ok = wait_for(Duration::from_secs(10), || (api.watches(r) >= 2).then_some(()));
-        assert!(
-            ok.is_some(),
-            "both daemons watch {r}; requests: {:#?}\nn0 log:\n{}",
-            api.requests(),
-            d0.log_text()
-        );
-    }
-    // The node watch is this node's only.
-    assert!(
-        api.requests().iter().any(|r| r.contains("/api/v1/nodes?") && r.contains("fieldSelector=metadata.name%3Dn0")),
-        "{:#?}",
-        api.requests()
-    );
 
     // Pods are scheduled (created after the daemons are up, so their
     // readiness wait does not depend on them) but have no address yet, as
     // while their sandboxes are being set up.
-    api.apply(PODS, api_pod("shop", &client, "n0", false));
-    api.apply(PODS, api_pod("lab", &other, "n0", false));
-    api.apply(PODS, api_pod("shop", &server, "n1", false));
+    let uids: Vec<String> = rt.block_on(async {
+        let mut uids = Vec::new();
+        for (ns, p, n) in [("shop", &client, "n0"), ("lab", &other, "n0"), ("shop", &server, "n1")]
+        {
+            let labels = json!({"app": p.name});
+            let created = pod(&c, ns, &p.name, n, &format!("sa-{}", p.name), labels).await;
+            uids.push(created.metadata.uid.unwrap_or_default());
+        }
+        uids
+    });
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         pod_keys(&d0).is_empty() && pod_keys(&d1).is_empty(),
@@ -486,8 +246,10 @@ fn daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_ip() {
 
     // The runtime runs the chained plugin for each new sandbox; ADD is
     // answered (prevResult unchanged) only once the pod is enrolled.
-    for (d, n, ns, pod) in [(&d0, 0, "shop", &client), (&d1, 1, "shop", &server)] {
-        let run = cni_add(&socket(n), ns, pod);
+    for (d, n, ns, pod, uid) in
+        [(&d0, 0, "shop", &client, &uids[0]), (&d1, 1, "shop", &server, &uids[2])]
+    {
+        let run = cni_add_uid(&socket(n), ns, pod, uid);
         assert_eq!(
             run.code,
             Some(0),
@@ -515,38 +277,33 @@ fn daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_ip() {
         );
     }
     // A pod of an unlabelled namespace: ADD succeeds, nothing enrolled.
-    let run = cni_add(&socket(0), "lab", &other);
+    let run = cni_add_uid(&socket(0), "lab", &other, &uids[1]);
     assert_eq!(run.code, Some(0), "{run:?}");
     assert!(run.stderr.contains("not enrolled"), "{run:?}");
     assert_eq!(pod_keys(&d0), ["shop/n0p0"]);
 
-    // The kubelet reports the addresses; the Service gets its endpoint.
-    for (ns, pod, node) in [("shop", &client, "n0"), ("lab", &other, "n0"), ("shop", &server, "n1")]
-    {
-        api.apply(PODS, api_pod(ns, pod, node, true));
-    }
-    api.apply(
-        SLICES,
-        json!({"metadata": {"name": "web-abc", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
-            "addressType": "IPv4",
-            "endpoints": [{"addresses": [server.ip4.to_string()], "conditions": {"ready": true},
-                "nodeName": "n1", "targetRef": {"kind": "Pod", "namespace": "shop", "name": server.name}}],
-            "ports": [{"name": "http", "port": TARGET_PORT, "protocol": "TCP"}]}),
-    );
+    // The kubelet reports the addresses; the controller-manager gives the
+    // Service its endpoint (a real EndpointSlice).
+    rt.block_on(async {
+        for (ns, p) in [("shop", &client), ("lab", &other), ("shop", &server)] {
+            run_pod(&c, ns, p).await;
+        }
+    });
 
     // ClusterIP from the client pod: resolved by node 0's daemon to the
     // server pod on node 1, carried through the tunnel. No route to the
     // ClusterIP is needed (no kube-proxy here): the connect is rewritten
     // before routing, so even an `unreachable` route does not stop it.
-    netkit::sh(&["ip", "-n", &client.netns, "route", "add", "unreachable", "10.96.0.0/12"])
+    let vip_route = format!("{vip}/32");
+    netkit::sh(&["ip", "-n", &client.netns, "route", "add", "unreachable", &vip_route])
         .expect("unreachable route");
     whoami_echo_server(&server.netns, SocketAddr::new(server.ip4.into(), TARGET_PORT));
-    let vip: SocketAddr = SocketAddr::new(VIP.parse().expect("vip"), SERVICE_PORT);
+    let vip: SocketAddr = SocketAddr::new(vip.parse().expect("vip"), SERVICE_PORT);
     let tunnel_before = d0.counter("outbound_tunnel");
     let accepted_before = d1.counter("inbound_tunnel_accepted");
     // The daemons learn the addresses and the slice a moment after the
     // API has them; until then the connection is not tunnelled.
-    let seen = wait_for(Duration::from_secs(15), || exchange(&client.netns, vip, 1 << 20).ok());
+    let seen = wait_for(Duration::from_secs(30), || exchange(&client.netns, vip, 1 << 20).ok());
     let seen = seen.unwrap_or_else(|| {
         panic!(
             "ClusterIP {vip} never answered through the tunnel: {:?}\nn0 log:\n{}\nn1 log:\n{}",
@@ -565,9 +322,9 @@ fn daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_ip() {
         d1.stats()
     );
 
-    // The sandbox is re-created (new netns; here the spare pod's, unused
-    // by the API) and its DEL never reached the daemon: ADD must answer
-    // only once the new netns is enrolled, not on the strength of the old.
+    // The sandbox is re-created (new netns; here the spare pod's) and its
+    // DEL never reached the daemon: ADD must answer only once the new netns
+    // is enrolled, not on the strength of the old.
     let cookie = |d: &Daemon, key: &str| {
         d.config_dump()["pods"]
             .as_array()
@@ -575,7 +332,14 @@ fn daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_ip() {
             .and_then(|p| p["netns_cookie"].as_u64())
     };
     let old_cookie = cookie(&d0, "shop/n0p0").expect("client enrolled");
-    let run = cni_add_sandbox(&socket(0), "shop", &client, &other.netns_path(), "sandbox-2");
+    let run = cni_add_sandbox_uid(
+        &socket(0),
+        "shop",
+        &client,
+        &other.netns_path(),
+        "sandbox-2",
+        &uids[0],
+    );
     assert_eq!(run.code, Some(0), "{run:?}");
     let new_cookie = cookie(&d0, "shop/n0p0");
     assert!(
@@ -585,8 +349,8 @@ fn daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_ip() {
     );
 
     // Removing the namespace label releases the pods on both nodes.
-    api.apply(NAMESPACES, namespace("shop", None));
-    let released = wait_for(Duration::from_secs(5), || {
+    rt.block_on(label_namespace(&c, "shop", None));
+    let released = wait_for(Duration::from_secs(15), || {
         (pod_keys(&d0).is_empty() && pod_keys(&d1).is_empty()).then_some(())
     });
     assert!(
@@ -609,7 +373,7 @@ fn daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_ip() {
 
     // Daemon down: the plugin fails closed, naming the socket.
     d1.proc.kill();
-    let run = cni_add(&socket(1), "shop", &server);
+    let run = cni_add_uid(&socket(1), "shop", &server, &uids[2]);
     assert_eq!(run.code, Some(1), "{run:?}");
     let err: Value = serde_json::from_str(run.stdout.trim()).expect("CNI error JSON on stdout");
     assert_eq!(err["code"], 999, "{err}");
@@ -619,5 +383,7 @@ fn daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_ip() {
 
     drop(d0);
     drop(d1);
+    drop(topo);
+    drop(cp);
     rt.shutdown_background();
 }
