@@ -21,6 +21,7 @@
 //! release (≥ 5.9, where `BPF_PROG_TYPE_SK_LOOKUP` appeared) — a cheap
 //! probe that needs no BPF load.
 
+use crate::status::human;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
@@ -292,22 +293,6 @@ fn fail(name: impl Into<String>, detail: impl Into<String>, hint: impl Into<Stri
         detail: detail.into(),
         hint: Some(hint.into()),
     }
-}
-
-/// `1d2h`, `3h4m`, `5m6s`, `7s`; negative as `-…`.
-pub fn human(secs: i64) -> String {
-    let sign = if secs < 0 { "-" } else { "" };
-    let s = secs.unsigned_abs();
-    let body = if s >= 86_400 {
-        format!("{}d{}h", s / 86_400, (s % 86_400) / 3600)
-    } else if s >= 3600 {
-        format!("{}h{}m", s / 3600, (s % 3600) / 60)
-    } else if s >= 60 {
-        format!("{}m{}s", s / 60, s % 60)
-    } else {
-        format!("{s}s")
-    };
-    format!("{sign}{body}")
 }
 
 fn secs(d: Duration) -> i64 {

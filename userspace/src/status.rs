@@ -174,8 +174,7 @@ pub fn render_certificates(dump: &Value, now: time::OffsetDateTime) -> String {
                 }
                 Some(_) => "Available".to_string(),
             };
-            let left = not_after
-                .map_or_else(String::new, |t| crate::check::human((t - now).whole_seconds()));
+            let left = not_after.map_or_else(String::new, |t| human((t - now).whole_seconds()));
             vec![
                 s(&c["identity"]),
                 "Leaf".into(),
@@ -236,7 +235,7 @@ pub fn render_connections(dump: &Value) -> String {
                 (Some(tx), Some(rx)) => format!("{tx}/{rx}"),
                 _ => "-".into(),
             };
-            let age = c["age_s"].as_i64().map_or_else(String::new, crate::check::human);
+            let age = c["age_s"].as_i64().map_or_else(String::new, human);
             vec![
                 s(&c["pod"]),
                 s(&c["direction"]),
@@ -447,6 +446,22 @@ pub fn render(
         let _ = writeln!(o, "  kernel.{k:<21} {v}");
     }
     o
+}
+
+/// `1d2h`, `3h4m`, `5m6s`, `7s`; negative as `-…`.
+pub fn human(secs: i64) -> String {
+    let sign = if secs < 0 { "-" } else { "" };
+    let s = secs.unsigned_abs();
+    let body = if s >= 86_400 {
+        format!("{}d{}h", s / 86_400, (s % 86_400) / 3600)
+    } else if s >= 3600 {
+        format!("{}h{}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    };
+    format!("{sign}{body}")
 }
 
 #[cfg(test)]
