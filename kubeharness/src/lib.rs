@@ -450,6 +450,11 @@ impl ControlPlane {
         &self.url
     }
 
+    /// The API server's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("the URL ends in a port")
+    }
+
     /// The CA that signed the API server's serving certificate (PEM file).
     pub fn server_ca(&self) -> PathBuf {
         self.dir.join(pki::SERVER_CA)

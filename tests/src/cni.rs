@@ -47,25 +47,15 @@ pub fn prev_result(pod: &Pod) -> Value {
     })
 }
 
-/// `CNI_COMMAND=ADD` for `ns/pod` against the daemon socket `socket`, with
-/// the pod uid `uid-<name>` (what the fake API servers of the tests give).
-pub fn cni_add(socket: &Path, ns: &str, pod: &Pod) -> CniRun {
-    cni_add_uid(socket, ns, pod, &format!("uid-{}", pod.name))
-}
-
-/// ADD for `ns/pod` whose API object has `uid` (a real API server's).
-pub fn cni_add_uid(socket: &Path, ns: &str, pod: &Pod, uid: &str) -> CniRun {
+/// `CNI_COMMAND=ADD` for `ns/pod` (API object `uid`) against the daemon
+/// socket `socket`, in the pod's own netns.
+pub fn cni_add(socket: &Path, ns: &str, pod: &Pod, uid: &str) -> CniRun {
     let sandbox = format!("sandbox-{}", pod.name);
-    cni_add_sandbox_uid(socket, ns, pod, &pod.netns_path(), &sandbox, uid)
-}
-
-/// ADD for `ns/pod` with a given sandbox netns and container id.
-pub fn cni_add_sandbox(socket: &Path, ns: &str, pod: &Pod, netns: &Path, sandbox: &str) -> CniRun {
-    cni_add_sandbox_uid(socket, ns, pod, netns, sandbox, &format!("uid-{}", pod.name))
+    cni_add_sandbox(socket, ns, pod, &pod.netns_path(), &sandbox, uid)
 }
 
 /// ADD for `ns/pod` with a given sandbox netns, container id and pod uid.
-pub fn cni_add_sandbox_uid(
+pub fn cni_add_sandbox(
     socket: &Path,
     ns: &str,
     pod: &Pod,

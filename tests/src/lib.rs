@@ -897,6 +897,46 @@ impl Daemon {
         d
     }
 
+    /// Starts node `n`'s daemon with `--inventory-source kubernetes`
+    /// (trust domain `cluster.local`), the API from `kubeconfig`, its CNI
+    /// socket at [`Daemon::cni_socket`].
+    pub fn start_kubernetes(topo: &Topology, n: usize, kubeconfig: &Path) -> Self {
+        let node = topo.node(n).clone();
+        let sock = Self::cni_socket(topo, n).display().to_string();
+        let unused = topo.scratch_dir().join("unused-inventory.toml");
+        let kubeconfig = kubeconfig.display().to_string();
+        Self::start_with_env(
+            topo,
+            &node,
+            &topo.pin_dir(&node.name),
+            &unused,
+            &[
+                "--inventory-source",
+                "kubernetes",
+                "--trust-domain",
+                "cluster.local",
+                "--cni-socket",
+                &sock,
+            ],
+            &[("KUBECONFIG", kubeconfig.as_str())],
+        )
+    }
+
+    /// Where [`Daemon::start_kubernetes`] puts node `n`'s CNI socket.
+    pub fn cni_socket(topo: &Topology, n: usize) -> PathBuf {
+        topo.scratch_dir().join(format!("cni-n{n}.sock"))
+    }
+
+    /// The keys of the pods it serves, sorted.
+    pub fn pod_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.config_dump()["pods"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|p| p["key"].as_str().map(str::to_owned)).collect())
+            .unwrap_or_default();
+        keys.sort();
+        keys
+    }
+
     /// Waits until this daemon is ready: it logged that it serves its pods,
     /// and the admin API answers ready — this daemon's, or, while an older
     /// daemon still holds the admin port, that one's (the port has one

@@ -30,7 +30,7 @@ use kube::{
     Api,
 };
 use netkit::{
-    cni::{cni_add_sandbox_uid, cni_add_uid, prev_result},
+    cni::{cni_add, cni_add_sandbox, prev_result},
     forward::LoopbackForwarder,
     require_root, wait_for, Daemon, Pod, Topology,
 };
@@ -146,15 +146,6 @@ fn exchange(netns: &str, dst: SocketAddr, len: usize) -> std::io::Result<Seen> {
     })
 }
 
-fn pod_keys(d: &Daemon) -> Vec<String> {
-    let mut keys: Vec<String> = d.config_dump()["pods"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|p| p["key"].as_str().map(str::to_owned)).collect())
-        .unwrap_or_default();
-    keys.sort();
-    keys
-}
-
 #[test]
 fn real_apiserver_daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_ip() {
     if !require_root(
@@ -172,8 +163,7 @@ fn real_apiserver_daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_i
     let topo = Topology::build(2, 2).expect("topology");
     let (client, other, server) =
         (topo.pod(0, 0).clone(), topo.pod(0, 1).clone(), topo.pod(1, 0).clone());
-    let port: u16 =
-        cp.url().rsplit(':').next().and_then(|p| p.parse().ok()).expect("API server port");
+    let port = cp.port();
     let _forwarders: Vec<LoopbackForwarder> =
         topo.nodes().iter().map(|n| LoopbackForwarder::start(&n.netns, port)).collect();
 
@@ -199,29 +189,8 @@ fn real_apiserver_daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_i
         svc.spec.and_then(|s| s.cluster_ip).expect("a ClusterIP")
     });
 
-    let unused_inventory = topo.scratch_dir().join("unused-inventory.toml");
-    let socket = |n: usize| topo.scratch_dir().join(format!("cni-n{n}.sock"));
-    let kubeconfig = cp.kubeconfig().display().to_string();
-    let start = |n: usize| {
-        let node = topo.node(n).clone();
-        let sock = socket(n).display().to_string();
-        let args = [
-            "--inventory-source",
-            "kubernetes",
-            "--trust-domain",
-            "cluster.local",
-            "--cni-socket",
-            &sock,
-        ];
-        Daemon::start_with_env(
-            &topo,
-            &node,
-            &topo.pin_dir(&node.name),
-            &unused_inventory,
-            &args,
-            &[("KUBECONFIG", kubeconfig.as_str())],
-        )
-    };
+    let socket = |n: usize| Daemon::cni_socket(&topo, n);
+    let start = |n: usize| Daemon::start_kubernetes(&topo, n, cp.kubeconfig());
     let d0 = start(0);
     let mut d1 = start(1);
 
@@ -240,7 +209,7 @@ fn real_apiserver_daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_i
     });
     std::thread::sleep(Duration::from_millis(500));
     assert!(
-        pod_keys(&d0).is_empty() && pod_keys(&d1).is_empty(),
+        d0.pod_keys().is_empty() && d1.pod_keys().is_empty(),
         "no netns known before the CNI plugin ran"
     );
 
@@ -249,7 +218,7 @@ fn real_apiserver_daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_i
     for (d, n, ns, pod, uid) in
         [(&d0, 0, "shop", &client, &uids[0]), (&d1, 1, "shop", &server, &uids[2])]
     {
-        let run = cni_add_uid(&socket(n), ns, pod, uid);
+        let run = cni_add(&socket(n), ns, pod, uid);
         assert_eq!(
             run.code,
             Some(0),
@@ -260,7 +229,11 @@ fn real_apiserver_daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_i
         let out: Value = serde_json::from_str(run.stdout.trim()).expect("ADD prints a result");
         assert_eq!(out, prev_result(pod), "ADD prints prevResult unchanged");
         let key = format!("{ns}/{}", pod.name);
-        assert!(pod_keys(d).contains(&key), "{key} enrolled when ADD returns: {}", d.config_dump());
+        assert!(
+            d.pod_keys().contains(&key),
+            "{key} enrolled when ADD returns: {}",
+            d.config_dump()
+        );
         let dump = d.config_dump();
         let view = dump["pods"]
             .as_array()
@@ -277,10 +250,10 @@ fn real_apiserver_daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_i
         );
     }
     // A pod of an unlabelled namespace: ADD succeeds, nothing enrolled.
-    let run = cni_add_uid(&socket(0), "lab", &other, &uids[1]);
+    let run = cni_add(&socket(0), "lab", &other, &uids[1]);
     assert_eq!(run.code, Some(0), "{run:?}");
     assert!(run.stderr.contains("not enrolled"), "{run:?}");
-    assert_eq!(pod_keys(&d0), ["shop/n0p0"]);
+    assert_eq!(d0.pod_keys(), ["shop/n0p0"]);
 
     // The kubelet reports the addresses; the controller-manager gives the
     // Service its endpoint (a real EndpointSlice).
@@ -332,14 +305,8 @@ fn real_apiserver_daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_i
             .and_then(|p| p["netns_cookie"].as_u64())
     };
     let old_cookie = cookie(&d0, "shop/n0p0").expect("client enrolled");
-    let run = cni_add_sandbox_uid(
-        &socket(0),
-        "shop",
-        &client,
-        &other.netns_path(),
-        "sandbox-2",
-        &uids[0],
-    );
+    let run =
+        cni_add_sandbox(&socket(0), "shop", &client, &other.netns_path(), "sandbox-2", &uids[0]);
     assert_eq!(run.code, Some(0), "{run:?}");
     let new_cookie = cookie(&d0, "shop/n0p0");
     assert!(
@@ -351,13 +318,13 @@ fn real_apiserver_daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_i
     // Removing the namespace label releases the pods on both nodes.
     rt.block_on(label_namespace(&c, "shop", None));
     let released = wait_for(Duration::from_secs(15), || {
-        (pod_keys(&d0).is_empty() && pod_keys(&d1).is_empty()).then_some(())
+        (d0.pod_keys().is_empty() && d1.pod_keys().is_empty()).then_some(())
     });
     assert!(
         released.is_some(),
         "label removed: pods released; n0 {:?} n1 {:?}",
-        pod_keys(&d0),
-        pod_keys(&d1)
+        d0.pod_keys(),
+        d1.pod_keys()
     );
     // Not captured any more: the pods talk plaintext, directly.
     let tunnel_before = d0.counter("outbound_tunnel");
@@ -373,7 +340,7 @@ fn real_apiserver_daemon_follows_the_api_enrolls_via_cni_and_tunnels_a_cluster_i
 
     // Daemon down: the plugin fails closed, naming the socket.
     d1.proc.kill();
-    let run = cni_add_uid(&socket(1), "shop", &server, &uids[2]);
+    let run = cni_add(&socket(1), "shop", &server, &uids[2]);
     assert_eq!(run.code, Some(1), "{run:?}");
     let err: Value = serde_json::from_str(run.stdout.trim()).expect("CNI error JSON on stdout");
     assert_eq!(err["code"], 999, "{err}");

@@ -78,8 +78,7 @@ impl Cluster {
             .expect("runtime");
         let cp = rt.block_on(ControlPlane::start());
         let topo = Topology::build(2, pods_per_node).expect("topology");
-        let port: u16 =
-            cp.url().rsplit(':').next().and_then(|p| p.parse().ok()).expect("API server port");
+        let port = cp.port();
         let forwarders =
             topo.nodes().iter().map(|n| LoopbackForwarder::start(&n.netns, port)).collect();
         let c = cp.client();
@@ -126,35 +125,8 @@ impl Cluster {
     }
 
     fn daemon(&self, n: usize) -> Daemon {
-        let node = self.topo.node(n).clone();
-        let sock = self.topo.scratch_dir().join(format!("cni-n{n}.sock")).display().to_string();
-        let unused = self.topo.scratch_dir().join("unused-inventory.toml");
-        let kubeconfig = self.cp.kubeconfig().display().to_string();
-        Daemon::start_with_env(
-            &self.topo,
-            &node,
-            &self.topo.pin_dir(&node.name),
-            &unused,
-            &[
-                "--inventory-source",
-                "kubernetes",
-                "--trust-domain",
-                "cluster.local",
-                "--cni-socket",
-                &sock,
-            ],
-            &[("KUBECONFIG", kubeconfig.as_str())],
-        )
+        Daemon::start_kubernetes(&self.topo, n, self.cp.kubeconfig())
     }
-}
-
-fn pod_keys(d: &Daemon) -> Vec<String> {
-    let mut keys: Vec<String> = d.config_dump()["pods"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|p| p["key"].as_str().map(str::to_owned)).collect())
-        .unwrap_or_default();
-    keys.sort();
-    keys
 }
 
 fn problems(d: &Daemon) -> Vec<String> {
@@ -166,12 +138,12 @@ fn problems(d: &Daemon) -> Vec<String> {
 
 /// Waits until `d` serves exactly `keys`.
 fn until_served(d: &Daemon, keys: &[&str], what: &str) {
-    let ok = wait_for(Duration::from_secs(30), || (pod_keys(d) == keys).then_some(()));
+    let ok = wait_for(Duration::from_secs(30), || (d.pod_keys() == keys).then_some(()));
     assert!(
         ok.is_some(),
         "{what}: {} serves {:?}, not {keys:?}; problems {:?}\n{}",
         d.node,
-        pod_keys(d),
+        d.pod_keys(),
         problems(d),
         d.log_text()
     );

@@ -126,3 +126,13 @@ pub fn served_with(
     });
     (entry, net)
 }
+
+/// Waits (at most 10 s, polling every 10 ms) until `cond` holds; panics
+/// naming `what` otherwise.
+pub async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

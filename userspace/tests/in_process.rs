@@ -4,11 +4,7 @@
 
 #![allow(clippy::similar_names, clippy::many_single_char_names, reason = "short names in tests")]
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tlsmesh::{
     conns::{ConnTable, Route},
@@ -20,7 +16,7 @@ use tlsmesh::{
     scope::{Drain, Scope},
     state::{NodeState, StateSettings},
     stats::Stats,
-    testing::{self, FixedOrigDst},
+    testing::{self, until, FixedOrigDst},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -103,14 +99,6 @@ async fn silent_app() -> SocketAddr {
         }
     });
     addr
-}
-
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// Sends `n` bytes, half-closes, reads to the end.

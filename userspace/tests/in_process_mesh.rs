@@ -7,12 +7,7 @@
 
 #![allow(clippy::similar_names, reason = "short names in tests")]
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use tlsmesh::{
     certs::Certs,
@@ -26,7 +21,7 @@ use tlsmesh::{
     scope::{Drain, Scope},
     state::{NodeState, PodEntry, StateSettings},
     stats::Stats,
-    testing::{self, FixedOrigDst, LoopbackPod},
+    testing::{self, until, FixedOrigDst, LoopbackPod},
 };
 use tlsmesh_identity::ca::{CaFiles, Overwrite};
 use tokio::{
@@ -157,14 +152,6 @@ async fn echo_app() -> SocketAddr {
         }
     });
     addr
-}
-
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// A connection through the client pod that has done one round trip.

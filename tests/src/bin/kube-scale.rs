@@ -29,7 +29,7 @@ use std::{
 
 use futures::{stream, StreamExt as _};
 use kube::Client;
-use netkit::{cni::cni_add_uid, forward::LoopbackForwarder, require_root, Daemon, Topology};
+use netkit::{cni::cni_add, forward::LoopbackForwarder, require_root, Daemon, Topology};
 use serde_json::json;
 use tlsmesh_kube_harness::{
     objects::{delete_pod, namespace, node, pod, run_pod, service, service_account},
@@ -165,7 +165,6 @@ fn sample(stage: &str, d: &Daemon, fwd: &LoopbackForwarder, took: Duration) -> S
     }
 }
 
-#[expect(clippy::too_many_lines, reason = "the benchmark's stages, in order")]
 fn main() {
     if !require_root("kube-scale") {
         std::process::exit(1);
@@ -179,8 +178,7 @@ fn main() {
     let cp = rt.block_on(ControlPlane::start());
     let c = cp.client();
     let topo = Topology::build(1, a.local).expect("topology");
-    let port: u16 =
-        cp.url().rsplit(':').next().and_then(|p| p.parse().ok()).expect("API server port");
+    let port = cp.port();
     let fwd = LoopbackForwarder::start(&topo.node(0).netns, port);
     let first = a.pods / 5;
     let t_pop = Instant::now();
@@ -218,26 +216,9 @@ fn main() {
         t_pop.elapsed()
     );
 
-    let sock = topo.scratch_dir().join("cni.sock");
-    let sock_s = sock.display().to_string();
-    let unused = topo.scratch_dir().join("unused-inventory.toml");
-    let kubeconfig = cp.kubeconfig().display().to_string();
+    let sock = Daemon::cni_socket(&topo, 0);
     let t_start = Instant::now();
-    let d = Daemon::start_with_env(
-        &topo,
-        topo.node(0),
-        &topo.pin_dir("n0"),
-        &unused,
-        &[
-            "--inventory-source",
-            "kubernetes",
-            "--trust-domain",
-            "cluster.local",
-            "--cni-socket",
-            &sock_s,
-        ],
-        &[("KUBECONFIG", kubeconfig.as_str())],
-    );
+    let d = Daemon::start_kubernetes(&topo, 0, cp.kubeconfig());
     let mut samples = vec![sample("A: started (ready)", &d, &fwd, t_start.elapsed())];
     std::thread::sleep(Duration::from_secs(10));
     samples.push(sample("A: 10 s idle", &d, &fwd, Duration::from_secs(10)));
@@ -271,7 +252,7 @@ fn main() {
         let t = Instant::now();
         let created = rt.block_on(pod(&c, "local", &p.name, "n0", "app", json!({"app": "local"})));
         let uid = created.metadata.uid.unwrap_or_default();
-        let run = cni_add_uid(&sock, "local", p, &uid);
+        let run = cni_add(&sock, "local", p, &uid);
         assert_eq!(run.code, Some(0), "CNI ADD for {}: {run:?}\n{}", p.name, d.log_text());
         enroll.push(t.elapsed());
         rt.block_on(run_pod(&c, "local", &p.name, &p.ip4.to_string()));
