@@ -43,6 +43,19 @@ fn main() {
         return;
     }
 
+    build(&root, &ebpf_dir, &out, "ebpf", &[]);
+    // The test variant: the same programs plus one counter (see
+    // `tlsmesh_common::counter::VARIANT_CAPTURED`), a second object for the
+    // program-replacement test. Built only with the `ebpf-variant` feature.
+    if env::var_os("CARGO_FEATURE_EBPF_VARIANT").is_some() {
+        let variant = out.with_file_name("tlsmesh-ebpf-variant.o");
+        build(&root, &ebpf_dir, &variant, "ebpf-variant", &["--cfg=tlsmesh_variant"]);
+        println!("cargo:rustc-env=TLSMESH_EBPF_VARIANT={}", variant.display());
+    }
+}
+
+/// Builds the eBPF crate into `target/<subdir>` and copies the object to `out`.
+fn build(root: &Path, ebpf_dir: &Path, out: &Path, subdir: &str, extra_flags: &[&str]) {
     let home = env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
     let mut path = OsString::from(home.join(".cargo/bin"));
     path.push(":");
@@ -59,7 +72,7 @@ fn main() {
 
     let target_dir = env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| root.join("target"), PathBuf::from)
-        .join("ebpf");
+        .join(subdir);
     // The child cargo must not inherit the outer build's settings.
     for (k, _) in env::vars_os() {
         let k = k.to_string_lossy().into_owned();
@@ -78,11 +91,16 @@ fn main() {
             cmd.env("RUSTC_BOOTSTRAP", "1");
         }
     }
-    cmd.current_dir(&ebpf_dir)
+    cmd.current_dir(ebpf_dir)
         .env("PATH", &path)
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
-            ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
+            ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"]
+                .iter()
+                .chain(extra_flags)
+                .copied()
+                .collect::<Vec<_>>()
+                .join("\x1f"),
         )
         .args(["build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .arg("--target-dir")
@@ -94,7 +112,7 @@ fn main() {
         fail(&format!("the eBPF build failed ({status}); see the compiler output above"));
     }
     let built = target_dir.join("bpfel-unknown-none/release/tlsmesh-ebpf");
-    std::fs::copy(&built, &out).unwrap_or_else(|e| {
+    std::fs::copy(&built, out).unwrap_or_else(|e| {
         fail(&format!("eBPF object {} missing after build: {e}", built.display()))
     });
 }

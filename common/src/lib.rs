@@ -148,8 +148,36 @@ pub mod counter {
     pub const INBOUND_DELIVERY: u32 = 7;
     /// sock_ops recorded one of the daemon's deliveries into a pod.
     pub const DELIVERY_RECORDED: u32 = 8;
-    /// Number of counters.
+    /// Only the test variant object (built with `--cfg tlsmesh_variant`,
+    /// for the program-replacement test) bumps this, on every captured
+    /// connect: which programs run is observable from outside.
+    pub const VARIANT_CAPTURED: u32 = 63;
+    /// Number of named counters.
     pub const COUNT: u32 = 9;
+    /// Slots of the counter map. Those past `COUNT` are reserved so a later
+    /// object can count more without changing the map's layout.
+    pub const SLOTS: u32 = 64;
+}
+
+/// Version of the maps' meaning. The daemon refuses to run new programs
+/// against pinned maps of another version (or of another shape: type, key,
+/// value, size, flags), because old programs and new maps must never mix
+/// silently. Version 1 was the layout before `TLSMESH_META` existed.
+/// Bump it when a map keeps its shape but its contents change meaning.
+pub const MAP_LAYOUT_VERSION: u32 = 2;
+
+/// The one value of `TLSMESH_META`: what the daemon last put in place
+/// (written by the daemon after attaching or replacing the programs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ObjectMeta {
+    /// `MAP_LAYOUT_VERSION` of the maps.
+    pub layout: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+    /// The first 8 bytes of the SHA-256 of the object whose programs are
+    /// attached (all zero before the first daemon wrote it).
+    pub digest: [u8; 8],
 }
 
 /// Names of the maps in the eBPF object (the daemon opens them by name).
@@ -171,8 +199,11 @@ pub mod maps {
     /// `LruHashMap<DeliveryKey, u32>`: the daemon's open deliveries into
     /// pods (sk_lookup leaves them alone); maintained by sock_ops.
     pub const DELIVERIES: &str = "TLSMESH_DELIVERIES";
-    /// `PerCpuArray<u64>` of `counter::COUNT`.
+    /// `PerCpuArray<u64>` of `counter::SLOTS`.
     pub const COUNTERS: &str = "TLSMESH_COUNTERS";
+    /// `Array<ObjectMeta>` of one element: layout version and the digest of
+    /// the object whose programs are attached.
+    pub const META: &str = "TLSMESH_META";
 }
 
 /// Names of the programs in the eBPF object.
@@ -208,6 +239,8 @@ mod pod {
     unsafe impl aya::Pod for super::CidrKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CaptureConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ObjectMeta {}
 }
 
 /// The capture decisions the eBPF programs make on addresses, as plain
@@ -294,6 +327,7 @@ mod tests {
         assert_eq!(size_of::<IpKey>(), 20);
         assert_eq!(size_of::<CidrKey>(), 16);
         assert_eq!(size_of::<CaptureConfig>(), 16);
+        assert_eq!(size_of::<ObjectMeta>(), 16);
     }
 
     #[test]

@@ -5,7 +5,9 @@ use aya_ebpf::{
     macros::map,
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
-use tlsmesh_common::{CaptureConfig, CidrKey, ConnKey, DeliveryKey, Enrollment, IpKey, SockAddr};
+use tlsmesh_common::{
+    CaptureConfig, CidrKey, ConnKey, DeliveryKey, Enrollment, IpKey, ObjectMeta, SockAddr,
+};
 
 #[map(name = "TLSMESH_ENROLLED")]
 pub static ENROLLED: HashMap<u64, Enrollment> = HashMap::pinned(16_384, 0);
@@ -34,7 +36,11 @@ pub static INBOUND: SockHash<IpKey> = SockHash::pinned(16_384, 0);
 pub static DELIVERIES: LruHashMap<DeliveryKey, u32> = LruHashMap::pinned(65_536, 0);
 
 #[map(name = "TLSMESH_COUNTERS")]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(tlsmesh_common::counter::COUNT, 0);
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(tlsmesh_common::counter::SLOTS, 0);
+
+/// Written and read by the daemon only (layout version, object digest).
+#[map(name = "TLSMESH_META")]
+pub static META: Array<ObjectMeta> = Array::pinned(1, 0);
 
 /// Adds one to counter `idx`.
 #[inline(always)]

@@ -750,6 +750,91 @@ pub fn echo_server(netns: &str, addr: std::net::SocketAddr) {
     });
 }
 
+/// One connection to the echo server at `dst` from `netns`: sends `len`
+/// patterned bytes, half-closes, and checks every byte came back.
+pub fn echo_exchange(netns: &str, dst: std::net::SocketAddr, len: usize) -> io::Result<()> {
+    use std::io::{Read as _, Write as _};
+    Topology::in_netns(netns, move || {
+        let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let data: Vec<u8> = (0..len).map(|i| u8::try_from(i % 251).unwrap_or(0)).collect();
+        let mut r = s.try_clone()?;
+        let reader = std::thread::spawn(move || {
+            let mut back = Vec::new();
+            r.read_to_end(&mut back).map(|_| back)
+        });
+        s.write_all(&data)?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let back = reader.join().map_err(|_| io::Error::other("reader panicked"))??;
+        if back == data {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!("got {} of {} bytes back", back.len(), data.len())))
+        }
+    })
+}
+
+/// A client that makes one short echo exchange every `every` from a pod
+/// (bounded: at most 20,000), counting the ones that worked and failed.
+pub struct ConnectLoop {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ConnectLoop {
+    /// Starts the loop: 1 KiB echoed to `dst` from `netns` every `every`.
+    pub fn start(netns: &str, dst: std::net::SocketAddr, every: Duration) -> Self {
+        use std::sync::{atomic::Ordering, Arc};
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let thread = {
+            let (stop, ok, failed, netns) =
+                (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed), netns.to_string());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) && n < 20_000 {
+                    n += 1;
+                    match echo_exchange(&netns, dst, 1024) {
+                        Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            eprintln!("connect loop: connection {n} failed: {e}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    std::thread::sleep(every);
+                }
+            })
+        };
+        Self { stop, ok, failed, thread: Some(thread) }
+    }
+
+    /// Exchanges that worked so far.
+    pub fn ok(&self) -> u64 {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops the loop and returns (worked, failed).
+    pub fn stop(mut self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        (self.ok(), self.failed.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl Drop for ConnectLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// True when `needle` occurs in `hay`.
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)

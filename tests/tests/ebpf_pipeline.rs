@@ -75,6 +75,7 @@ fn connect4_rewrites_only_enrolled_pods() {
         daemon_mark: DAEMON_MARK,
         bypass_ports: vec![],
         bypass_cidrs: vec![],
+        object: None,
     })
     .expect("install capture");
     let cookie = Netns::open(enrolled.netns_path()).unwrap().cookie().unwrap();

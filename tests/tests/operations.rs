@@ -19,15 +19,12 @@ use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
     process::{Command, Stdio},
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
     time::Duration,
 };
 
 use netkit::{
-    echo_server, require_root, tlsmesh_bin, wait_for, write_inventory, Daemon, Role, Topology,
+    echo_server, require_root, tlsmesh_bin, wait_for, write_inventory, ConnectLoop, Daemon, Role,
+    Topology,
 };
 
 fn http_get(netns: &str, addr: &str, path: &str) -> Option<(u16, String)> {
@@ -52,24 +49,7 @@ fn http_req(netns: &str, method: &str, addr: &str, path: &str) -> Option<(u16, S
 }
 
 fn exchange(netns: &str, dst: SocketAddr, len: usize) -> std::io::Result<()> {
-    Topology::in_netns(netns, move || {
-        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let data: Vec<u8> = (0..len).map(|i| u8::try_from(i % 251).unwrap_or(0)).collect();
-        let mut r = s.try_clone()?;
-        let reader = std::thread::spawn(move || {
-            let mut back = Vec::new();
-            r.read_to_end(&mut back).map(|_| back)
-        });
-        s.write_all(&data)?;
-        s.shutdown(Shutdown::Write)?;
-        let back = reader.join().map_err(|_| std::io::Error::other("reader panicked"))??;
-        if back == data {
-            Ok(())
-        } else {
-            Err(std::io::Error::other(format!("got {} of {} bytes back", back.len(), data.len())))
-        }
-    })
+    netkit::echo_exchange(netns, dst, len)
 }
 
 /// The value of one sample line `name{labels} value` in a metrics page.
@@ -235,26 +215,7 @@ fn rolling_restart_refuses_no_connection_and_drains_long_transfers() {
     echo_server(&server.netns, dst);
     exchange(&client.netns, dst, 1000).expect("warm-up");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let looper = {
-        let (stop, ok, failed, netns) =
-            (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed), client.netns.clone());
-        std::thread::spawn(move || {
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) && n < 20_000 {
-                n += 1;
-                match exchange(&netns, dst, 1024) {
-                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        eprintln!("connection failed across the restart: {e}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        })
-    };
+    let looper = ConnectLoop::start(&client.netns, dst, Duration::from_millis(10));
     // A long transfer through the old daemon, paced so it outlives SIGTERM.
     let long = {
         let netns = client.netns.clone();
@@ -306,10 +267,9 @@ fn rolling_restart_refuses_no_connection_and_drains_long_transfers() {
     let exited = old.proc.wait_timeout(Duration::from_secs(30));
     assert!(exited.is_some(), "the old daemon exits once drained, not at the 60 s deadline");
     std::thread::sleep(Duration::from_millis(1500));
-    stop.store(true, Ordering::Relaxed);
-    looper.join().unwrap();
-    assert!(ok.load(Ordering::Relaxed) > 50, "the loop ran ({} ok)", ok.load(Ordering::Relaxed));
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "no connection failed across the replacement");
+    let (ok, failed) = looper.stop();
+    assert!(ok > 50, "the loop ran ({ok} ok)");
+    assert_eq!(failed, 0, "no connection failed across the replacement");
     assert!(new.counter("outbound_accepted") > 0, "the new daemon took connections");
 }
 

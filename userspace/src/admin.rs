@@ -184,6 +184,7 @@ fn config_dump(a: &Admin) -> serde_json::Value {
     let mesh = a.mesh.as_deref();
     let mut capture = a.capture.clone();
     capture["deliveries_open"] = json!(a.kernel.deliveries_open());
+    capture["reserved_counters"] = json!(a.kernel.reserved_counters());
     let inv = a.state.inventory();
     json!({
         "pid": std::process::id(),
@@ -193,7 +194,7 @@ fn config_dump(a: &Admin) -> serde_json::Value {
             "service_ports": inv.inv.services.len(),
         },
         "version": env!("CARGO_PKG_VERSION"),
-        "ebpf_object": crate::capture::object_digest(),
+        "ebpf_object": capture["object"],
         "config": &*a.cfg,
         "pods": a.state.pod_views(),
         "connections": a.conns.list(),
@@ -215,6 +216,11 @@ fn config_dump(a: &Admin) -> serde_json::Value {
 /// The static part of `/config_dump`'s `capture`: pin dir and programs.
 pub fn capture_info(capture: &crate::capture::Capture) -> serde_json::Value {
     let programs: BTreeMap<String, String> =
-        capture.adoption().iter().map(|(k, v)| ((*k).to_string(), format!("{v:?}"))).collect();
-    json!({ "pin_dir": capture.pin_dir(), "programs": programs })
+        capture.adoption().iter().map(|(k, v)| ((*k).to_string(), v.to_string())).collect();
+    json!({
+        "pin_dir": capture.pin_dir(),
+        "object": capture.digest(),
+        "previous_object": capture.previous(),
+        "programs": programs,
+    })
 }

@@ -87,9 +87,10 @@ pub async fn run(cfg: NodeConfig) -> Result<(), AppError> {
         daemon_mark: DAEMON_MARK,
         bypass_ports: cfg.bypass_ports.clone(),
         bypass_cidrs: cfg.cidrs(),
+        object: cfg.ebpf_object.clone(),
     })?);
     for (prog, how) in capture.adoption() {
-        info!(program = prog, adoption = ?how, "cgroup program in place");
+        info!(program = prog, adoption = %how, object = capture.digest(), "eBPF program in place");
     }
     let kube = match cfg.inventory_source {
         InventorySource::Kubernetes => Some(crate::kube_source::start(&cfg).await?),

@@ -8,27 +8,42 @@
 //! listener in the socket map (dropped). A restarted daemon finds the pinned
 //! links and re-adopts them instead of attaching twice. `uninstall` removes
 //! every pinned object, which detaches everything.
+//!
+//! Upgrades: a new daemon first checks that the pinned maps fit its object
+//! (`layout_verdict`: same type, key, value, size and flags for every map,
+//! same `MAP_LAYOUT_VERSION`) and refuses to start otherwise, so old programs
+//! and new maps never mix. It then loads its programs against the pinned
+//! maps and, for each pinned link whose program's kernel tag differs from
+//! the new one's, swaps the program in place with `BPF_LINK_UPDATE`
+//! (compare-and-swap on the old program): capture never has a gap. A link
+//! whose program is the same code is re-adopted. `TLSMESH_META` records the
+//! layout version and the digest of the object in place, so the next daemon
+//! reports `replaced (old → new)`.
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     fs, io,
     net::{IpAddr, Ipv6Addr, SocketAddr},
-    os::fd::AsRawFd,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
 use aya::{
-    maps::{lpm_trie::Key as LpmKey, Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash},
+    maps::{
+        lpm_trie::Key as LpmKey, Array, HashMap, LpmTrie, MapData, MapInfo, MapType, PerCpuArray,
+        SockHash,
+    },
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
+        CgroupAttachMode, CgroupSockAddr, ProgramInfo, SkLookup, SockOps,
     },
     Ebpf, EbpfLoader,
 };
 use tlsmesh_common::{
     counter, maps, programs, CaptureConfig, CidrKey, ConnKey, DeliveryKey, Enrollment, IpKey,
-    SockAddr, FAMILY_V4, FAMILY_V6,
+    ObjectMeta, SockAddr, FAMILY_V4, FAMILY_V6, MAP_LAYOUT_VERSION,
 };
 
 use crate::{
@@ -39,6 +54,11 @@ use crate::{
 /// The eBPF object built from `ebpf/` by build.rs.
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tlsmesh-ebpf.o"));
+
+/// Where the build left the test variant of the object (feature
+/// `ebpf-variant`; `None` when the build copied a prebuilt object).
+#[cfg(feature = "ebpf-variant")]
+pub const EBPF_VARIANT_OBJECT: Option<&str> = option_env!("TLSMESH_EBPF_VARIANT");
 
 /// The cgroup programs; each one's link is pinned as `link_<name>`.
 pub const CGROUP_PROGRAMS: [&str; 5] = [
@@ -79,6 +99,24 @@ pub enum CaptureError {
     /// Filesystem error on the pin directory.
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    /// The eBPF object file given instead of the embedded one is unreadable.
+    #[error("eBPF object {path}: {source}")]
+    ObjectFile { path: PathBuf, source: io::Error },
+    /// The object cannot be parsed.
+    #[error("eBPF object does not parse: {0}")]
+    Parse(String),
+    /// The pinned maps do not fit this object's programs.
+    #[error(
+        "the maps pinned under {pin_dir} do not fit this build's eBPF programs ({problems}); \
+         old programs and new maps must not mix, so capture was left as it is. To move across this \
+         change: stop the running daemon, run `tlsmesh node --uninstall --pin-dir {pin_dir}` \
+         (connections captured on this node are reset, new ones refused until a daemon is back), \
+         then start this daemon"
+    )]
+    Layout { pin_dir: PathBuf, problems: String },
+    /// Swapping a pinned link's program failed.
+    #[error("replacing the program behind {path}: {source} (the link keeps its old program)")]
+    Replace { path: PathBuf, source: io::Error },
 }
 
 /// What `install` needs to know.
@@ -96,20 +134,267 @@ pub struct CaptureSettings {
     pub bypass_ports: Vec<u16>,
     /// Destination CIDRs never captured.
     pub bypass_cidrs: Vec<(IpAddr, u8)>,
+    /// An eBPF object file to load instead of the embedded one (tests of
+    /// program replacement; a hotfix build of the programs).
+    pub object: Option<PathBuf>,
 }
 
 /// How an attachment came to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Adoption {
     /// Attached by this process.
     Attached,
-    /// Found pinned by an earlier daemon and kept.
+    /// Found pinned by an earlier daemon running the same program code, and kept.
     Readopted,
+    /// Found pinned with other program code, and swapped in place to this
+    /// daemon's (`from`: the digest of the object that was in place, or
+    /// `unknown` when the earlier daemon did not record it).
+    Replaced { from: String, to: String },
+}
+
+impl std::fmt::Display for Adoption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Adoption::Attached => f.write_str("attached"),
+            Adoption::Readopted => f.write_str("re-adopted"),
+            Adoption::Replaced { from, to } => write!(f, "replaced ({from} → {to})"),
+        }
+    }
+}
+
+/// One map's shape: what must match between a pinned map and the map the
+/// programs were compiled against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapSpec {
+    /// Pinned name.
+    pub name: String,
+    /// The map type (`Debug` name, e.g. `LruHash`).
+    pub map_type: String,
+    /// Key size in bytes.
+    pub key_size: u32,
+    /// Value size in bytes.
+    pub value_size: u32,
+    /// Capacity.
+    pub max_entries: u32,
+    /// Creation flags.
+    pub flags: u32,
+}
+
+/// Whether programs compiled against `wanted` may run on the `pinned` maps
+/// (pure; `pinned_version`: the layout version the pins record, `None` when
+/// unknown). Maps not pinned yet are created fresh and always fit. Returns
+/// every problem found.
+pub fn layout_verdict(
+    wanted: &[MapSpec],
+    pinned: &[MapSpec],
+    pinned_version: Option<u32>,
+    our_version: u32,
+) -> Result<(), Vec<String>> {
+    let mut problems = Vec::new();
+    if let Some(v) = pinned_version {
+        if v != our_version {
+            problems.push(format!("map layout version {v}, this build needs {our_version}"));
+        }
+    }
+    for w in wanted {
+        let Some(p) = pinned.iter().find(|p| p.name == w.name) else { continue };
+        let mut diff = Vec::new();
+        if p.map_type != w.map_type {
+            diff.push(format!("type {} ≠ {}", p.map_type, w.map_type));
+        }
+        for (what, have, want) in [
+            ("key size", p.key_size, w.key_size),
+            ("value size", p.value_size, w.value_size),
+            ("max entries", p.max_entries, w.max_entries),
+            ("flags", p.flags, w.flags),
+        ] {
+            if have != want {
+                diff.push(format!("{what} {have}, needs {want}"));
+            }
+        }
+        if !diff.is_empty() {
+            problems.push(format!("{}: {}", w.name, diff.join(", ")));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+/// The pinned maps' layout version: what `TLSMESH_META` records, 1 when
+/// other pins exist without it (the layout before it existed), `None` when
+/// there is nothing to go by.
+pub fn pinned_layout_version(meta: Option<ObjectMeta>, other_pins: bool) -> Option<u32> {
+    match meta {
+        Some(m) => Some(m.layout).filter(|&v| v != 0),
+        None => other_pins.then_some(1),
+    }
+}
+
+/// The shapes of the pinned maps an object wants (pinned by name).
+fn object_maps(object: &[u8]) -> Result<Vec<MapSpec>, CaptureError> {
+    let obj = aya_obj::Object::parse(object).map_err(|e| CaptureError::Parse(e.to_string()))?;
+    let mut v: Vec<MapSpec> = obj
+        .maps
+        .iter()
+        .filter(|(_, m)| m.pinning() == aya_obj::maps::PinningType::ByName)
+        .map(|(name, m)| MapSpec {
+            name: name.clone(),
+            map_type: aya_obj::generated::bpf_map_type::try_from(m.map_type())
+                .ok()
+                .and_then(|t| MapType::try_from(t).ok())
+                .map_or_else(|| format!("#{}", m.map_type()), |t| format!("{t:?}")),
+            key_size: m.key_size(),
+            value_size: m.value_size(),
+            max_entries: m.max_entries(),
+            flags: m.map_flags(),
+        })
+        .collect();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(v)
+}
+
+/// The shapes of those of `wanted` that are pinned under `pin_dir`.
+fn pinned_maps(pin_dir: &Path, wanted: &[MapSpec]) -> Vec<MapSpec> {
+    wanted
+        .iter()
+        .filter_map(|w| {
+            let info = MapInfo::from_pin(pin_dir.join(&w.name)).ok()?;
+            Some(MapSpec {
+                name: w.name.clone(),
+                map_type: info.map_type().map_or_else(|_| "unknown".into(), |t| format!("{t:?}")),
+                key_size: info.key_size(),
+                value_size: info.value_size(),
+                max_entries: info.max_entries(),
+                flags: info.map_flags(),
+            })
+        })
+        .collect()
+}
+
+/// What the pinned `TLSMESH_META` says, if it is pinned.
+fn pinned_meta(pin_dir: &Path) -> Option<ObjectMeta> {
+    let data = MapData::from_pin(pin_dir.join(maps::META)).ok()?;
+    let arr: Array<MapData, ObjectMeta> = Array::try_from(aya::maps::Map::Array(data)).ok()?;
+    arr.get(&0, 0).ok()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// The program the link pinned at `path` runs now.
+fn link_program(path: &Path) -> Option<ProgramInfo> {
+    let link = FdLink::from(PinnedLink::from_pin(path).ok()?);
+    let id = link.info().ok()?.program_id();
+    aya::programs::loaded_programs().flatten().find(|p| p.id() == id)
+}
+
+/// `BPF_OBJ_GET`: a file descriptor of the object pinned at `path` (aya's
+/// links do not lend theirs).
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    /// `union bpf_attr`'s `obj_pin`/`obj_get` member.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let attr = ObjGet { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
+    // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed; the
+    // path string outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            std::ptr::from_ref(&attr),
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(rc).map_err(|_| io::Error::other("fd out of range"))?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `BPF_LINK_UPDATE` with `BPF_F_REPLACE`: the link runs `new` from now on,
+/// provided it still ran `old` (another daemon may have swapped it).
+fn link_update(link: BorrowedFd<'_>, new: BorrowedFd<'_>, old: BorrowedFd<'_>) -> io::Result<()> {
+    /// `union bpf_attr`'s `link_update` member.
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    const BPF_F_REPLACE: u32 = 1 << 2;
+    let fd = |f: BorrowedFd<'_>| u32::try_from(f.as_raw_fd()).unwrap_or(u32::MAX);
+    let attr = LinkUpdate {
+        link_fd: fd(link),
+        new_prog_fd: fd(new),
+        flags: BPF_F_REPLACE,
+        old_prog_fd: fd(old),
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed (the
+    // kernel zero-fills the rest); the fds are borrowed, so open for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            std::ptr::from_ref(&attr),
+            std::mem::size_of::<LinkUpdate>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Keeps the pinned link at `path` running `prog` (tag `tag`): re-adopted
+/// when it runs the same code, swapped in place otherwise.
+fn adopt_link(
+    path: &Path,
+    prog: BorrowedFd<'_>,
+    tag: u64,
+    from: &str,
+    to: &str,
+) -> Result<Adoption, CaptureError> {
+    let err = |source| CaptureError::Replace { path: path.to_path_buf(), source };
+    let old = link_program(path)
+        .ok_or_else(|| err(io::Error::other("cannot find the program the link runs")))?;
+    if old.tag() == tag {
+        return Ok(Adoption::Readopted);
+    }
+    let old_fd = old
+        .fd()
+        .map_err(|e| err(io::Error::other(format!("cannot open the link's program: {e}"))))?;
+    let link = obj_get(path).map_err(err)?;
+    link_update(link.as_fd(), prog, old_fd.as_fd()).map_err(err)?;
+    Ok(Adoption::Replaced { from: from.to_string(), to: to.to_string() })
 }
 
 /// The loaded capture plane.
 pub struct Capture {
     pin_dir: PathBuf,
+    /// Digest of the object this daemon loaded.
+    digest: String,
+    /// Kernel tag of the loaded `sk_lookup` program.
+    sk_lookup_tag: u64,
     ebpf: Mutex<Ebpf>,
     enrolled: Mutex<HashMap<MapData, u64, Enrollment>>,
     orig_by_addr: Mutex<HashMap<MapData, ConnKey, SockAddr>>,
@@ -117,6 +402,8 @@ pub struct Capture {
     deliveries: Mutex<HashMap<MapData, DeliveryKey, u32>>,
     counters: PerCpuArray<MapData, u64>,
     adoption: BTreeMap<&'static str, Adoption>,
+    /// Digest of the object that was in place before this daemon, if recorded.
+    previous: Option<String>,
 }
 
 impl std::fmt::Debug for Capture {
@@ -128,12 +415,15 @@ impl std::fmt::Debug for Capture {
 /// Short SHA-256 (hex, 16 chars) of the embedded eBPF object: which build's
 /// programs a daemon loads (`/config_dump`'s `ebpf_object`, `tlsmesh check`).
 pub fn object_digest() -> String {
+    hex(&digest_bytes(EBPF_OBJECT))
+}
+
+fn digest_bytes(object: &[u8]) -> [u8; 8] {
     use sha2::Digest as _;
-    use std::fmt::Write as _;
-    sha2::Sha256::digest(EBPF_OBJECT).iter().take(8).fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    let d = sha2::Sha256::digest(object);
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&d[..8]);
+    out
 }
 
 /// Whether `path` is on a bpffs mount.
@@ -151,8 +441,10 @@ where
 }
 
 impl Capture {
-    /// Loads the object, attaches (or re-adopts) the cgroup programs at the
-    /// cgroup-v2 root and writes the configuration.
+    /// Checks that the pinned maps fit the object, loads it, attaches (or
+    /// re-adopts, or replaces in place) the cgroup programs at the cgroup-v2
+    /// root and the pinned `sk_lookup` links, and writes the configuration.
+    #[expect(clippy::too_many_lines, reason = "one start-up sequence, in order")]
     pub fn install(settings: &CaptureSettings) -> Result<Self, CaptureError> {
         let pin_dir = settings.pin_dir.clone();
         let parent = pin_dir.parent().unwrap_or(Path::new("/"));
@@ -161,7 +453,30 @@ impl Capture {
         }
         fs::create_dir_all(&pin_dir)
             .map_err(|source| CaptureError::Io { path: pin_dir.clone(), source })?;
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&pin_dir).load(EBPF_OBJECT)?;
+        let object: Cow<'_, [u8]> = match &settings.object {
+            None => Cow::Borrowed(EBPF_OBJECT),
+            Some(p) => Cow::Owned(
+                fs::read(p)
+                    .map_err(|source| CaptureError::ObjectFile { path: p.clone(), source })?,
+            ),
+        };
+        let digest_raw = digest_bytes(&object);
+        let digest = hex(&digest_raw);
+
+        // Old programs and new maps must never mix: check before loading,
+        // because the loader reuses pinned maps by name whatever their shape.
+        let wanted = object_maps(&object)?;
+        let pinned = pinned_maps(&pin_dir, &wanted);
+        let meta = pinned_meta(&pin_dir);
+        let other_pins = pinned.iter().any(|m| m.name != maps::META);
+        let version = pinned_layout_version(meta, other_pins);
+        layout_verdict(&wanted, &pinned, version, MAP_LAYOUT_VERSION).map_err(|problems| {
+            CaptureError::Layout { pin_dir: pin_dir.clone(), problems: problems.join("; ") }
+        })?;
+        let previous = meta.filter(|m| m.digest != [0; 8]).map(|m| hex(&m.digest));
+        let from = previous.clone().unwrap_or_else(|| "unknown".into());
+
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&pin_dir).load(&object)?;
         let cgroup = fs::File::open(&settings.cgroup_root).map_err(|source| {
             CaptureError::Cgroup { path: settings.cgroup_root.clone(), source }
         })?;
@@ -171,41 +486,42 @@ impl Capture {
         let mut adoption = BTreeMap::new();
         for name in CGROUP_PROGRAMS {
             let link_path = pin_dir.join(format!("link_{name}"));
-            if link_path.exists() && PinnedLink::from_pin(&link_path).is_ok() {
-                adoption.insert(name, Adoption::Readopted);
-                continue;
-            }
-            let _ = fs::remove_file(&link_path);
             let err = |source| CaptureError::Program { name, source };
+            let pin_err = |e: &dyn std::fmt::Display| CaptureError::Pin {
+                path: link_path.clone(),
+                message: e.to_string(),
+            };
             let prog = ebpf.program_mut(name).ok_or(CaptureError::MissingProgram(name))?;
-            let link: FdLink = if name == programs::SOCK_OPS {
+            let is_sock_ops = name == programs::SOCK_OPS;
+            if is_sock_ops {
                 let p: &mut SockOps = prog.try_into().map_err(err)?;
                 p.load().map_err(err)?;
-                let id = p.attach(&cgroup, CgroupAttachMode::Single).map_err(err)?;
-                p.take_link(id).map_err(err)?.try_into().map_err(
-                    |e: aya::programs::links::LinkError| CaptureError::Pin {
-                        path: link_path.clone(),
-                        message: e.to_string(),
-                    },
-                )?
             } else {
                 let p: &mut CgroupSockAddr = prog.try_into().map_err(err)?;
                 p.load().map_err(err)?;
+            }
+            let prog = ebpf.program_mut(name).ok_or(CaptureError::MissingProgram(name))?;
+            let tag = prog.info().map_err(err)?.tag();
+            if link_path.exists() && PinnedLink::from_pin(&link_path).is_ok() {
+                let prog_fd = prog.fd().map_err(err)?.as_fd();
+                let how = adopt_link(&link_path, prog_fd, tag, &from, &digest)?;
+                adoption.insert(name, how);
+                continue;
+            }
+            let _ = fs::remove_file(&link_path);
+            let link: FdLink = if is_sock_ops {
+                let p: &mut SockOps = prog.try_into().map_err(err)?;
                 let id = p.attach(&cgroup, CgroupAttachMode::Single).map_err(err)?;
-                p.take_link(id).map_err(err)?.try_into().map_err(
-                    |e: aya::programs::links::LinkError| CaptureError::Pin {
-                        path: link_path.clone(),
-                        message: e.to_string(),
-                    },
-                )?
+                p.take_link(id).map_err(err)?.try_into().map_err(|e| pin_err(&e))?
+            } else {
+                let p: &mut CgroupSockAddr = prog.try_into().map_err(err)?;
+                let id = p.attach(&cgroup, CgroupAttachMode::Single).map_err(err)?;
+                p.take_link(id).map_err(err)?.try_into().map_err(|e| pin_err(&e))?
             };
-            link.pin(&link_path).map_err(|e| CaptureError::Pin {
-                path: link_path.clone(),
-                message: e.to_string(),
-            })?;
+            link.pin(&link_path).map_err(|e| pin_err(&e))?;
             adoption.insert(name, Adoption::Attached);
         }
-        {
+        let sk_lookup_tag = {
             let err = |source| CaptureError::Program { name: programs::SK_LOOKUP, source };
             let p: &mut SkLookup = ebpf
                 .program_mut(programs::SK_LOOKUP)
@@ -213,11 +529,34 @@ impl Capture {
                 .try_into()
                 .map_err(err)?;
             p.load().map_err(err)?;
-        }
+            let tag = p.info().map_err(err)?.tag();
+            // Every pod's pinned inbound link runs this daemon's program too.
+            let mut found = Vec::new();
+            for path in pins_with_prefix(&pin_dir, "sk_lookup_") {
+                if PinnedLink::from_pin(&path).is_ok() {
+                    found.push(adopt_link(
+                        &path,
+                        p.fd().map_err(err)?.as_fd(),
+                        tag,
+                        &from,
+                        &digest,
+                    )?);
+                }
+            }
+            let how = found
+                .iter()
+                .find(|h| matches!(h, Adoption::Replaced { .. }))
+                .or(found.first())
+                .cloned()
+                .unwrap_or(Adoption::Attached);
+            adoption.insert(programs::SK_LOOKUP, how);
+            tag
+        };
 
         let mut config: Array<MapData, CaptureConfig> = take(&mut ebpf, maps::CONFIG)?;
         let mut ports: HashMap<MapData, u32, u32> = take(&mut ebpf, maps::BYPASS_PORTS)?;
         let mut cidrs: LpmTrie<MapData, CidrKey, u32> = take(&mut ebpf, maps::BYPASS_CIDRS)?;
+        let mut meta_map: Array<MapData, ObjectMeta> = take(&mut ebpf, maps::META)?;
         let enrolled = take(&mut ebpf, maps::ENROLLED)?;
         let orig_by_addr = take(&mut ebpf, maps::ORIG_BY_ADDR)?;
         let inbound = take(&mut ebpf, maps::INBOUND)?;
@@ -248,9 +587,14 @@ impl Capture {
             flags: 0,
         };
         config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))?;
+        // Every program now runs this object's code: record it.
+        let meta = ObjectMeta { layout: MAP_LAYOUT_VERSION, flags: 0, digest: digest_raw };
+        meta_map.set(0, meta, 0).map_err(map_err(maps::META))?;
 
         Ok(Self {
             pin_dir,
+            digest,
+            sk_lookup_tag,
             ebpf: Mutex::new(ebpf),
             enrolled: Mutex::new(enrolled),
             orig_by_addr: Mutex::new(orig_by_addr),
@@ -258,7 +602,19 @@ impl Capture {
             deliveries: Mutex::new(deliveries),
             counters,
             adoption,
+            previous,
         })
+    }
+
+    /// The digest of the object this daemon loaded.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// The digest of the object that was in place before this daemon
+    /// started, when the earlier daemon recorded it.
+    pub fn previous(&self) -> Option<&str> {
+        self.previous.as_deref()
     }
 
     /// How each cgroup program came to be attached.
@@ -301,10 +657,6 @@ impl Capture {
     /// Attaches inbound capture to a pod netns (re-adopts a pinned attachment).
     pub fn attach_inbound(&self, netns: &Netns, cookie: u64) -> Result<Adoption, CaptureError> {
         let path = self.sk_lookup_pin(cookie);
-        if path.exists() && PinnedLink::from_pin(&path).is_ok() {
-            return Ok(Adoption::Readopted);
-        }
-        let _ = fs::remove_file(&path);
         let mut ebpf = self.ebpf.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let err = |source| CaptureError::Program { name: programs::SK_LOOKUP, source };
         let p: &mut SkLookup = ebpf
@@ -312,6 +664,14 @@ impl Capture {
             .ok_or(CaptureError::MissingProgram(programs::SK_LOOKUP))?
             .try_into()
             .map_err(err)?;
+        if path.exists() && PinnedLink::from_pin(&path).is_ok() {
+            // Pinned by an earlier daemon (or by the old daemon beside us
+            // during an upgrade, with its own program): ours runs from now on.
+            let from = self.previous.as_deref().unwrap_or("unknown");
+            let prog = p.fd().map_err(err)?.as_fd();
+            return adopt_link(&path, prog, self.sk_lookup_tag, from, &self.digest);
+        }
+        let _ = fs::remove_file(&path);
         let id = p.attach(netns.fd()).map_err(err)?;
         let link: FdLink = p.take_link(id).map_err(err)?.into();
         link.pin(&path)
@@ -371,9 +731,10 @@ impl Capture {
         socket_addr(&v)
     }
 
-    /// The kernel-side counters, summed over CPUs, indexed by `counter::*`.
-    pub fn counters(&self) -> [u64; counter::COUNT as usize] {
-        let mut out = [0u64; counter::COUNT as usize];
+    /// The kernel-side counters, summed over CPUs, indexed by `counter::*`
+    /// (every slot, named or reserved).
+    pub fn counters(&self) -> [u64; counter::SLOTS as usize] {
+        let mut out = [0u64; counter::SLOTS as usize];
         for (i, slot) in out.iter_mut().enumerate() {
             let idx = u32::try_from(i).expect("few counters");
             if let Ok(v) = self.counters.get(&idx, 0) {
@@ -400,6 +761,15 @@ impl Capture {
         ]
     }
 
+    /// The reserved counter slots (past `counter::COUNT`) that are not zero:
+    /// counted by an object newer than this daemon, or by the test variant.
+    pub fn reserved_counters(&self) -> BTreeMap<u32, u64> {
+        let c = self.counters();
+        (counter::COUNT..counter::SLOTS)
+            .filter_map(|i| Some((i, c[i as usize])).filter(|(_, v)| *v != 0))
+            .collect()
+    }
+
     /// Removes every pinned object under `pin_dir`: links (detaching the
     /// programs) and maps. Safe to call when nothing is installed.
     pub fn uninstall(pin_dir: &Path) -> Result<usize, CaptureError> {
@@ -418,6 +788,16 @@ impl Capture {
             .map_err(|source| CaptureError::Io { path: pin_dir.to_path_buf(), source })?;
         Ok(n)
     }
+}
+
+/// The pins under `dir` whose names start with `prefix`.
+fn pins_with_prefix(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| e.path())
+        .collect()
 }
 
 fn is_enoent(e: &aya::maps::MapError) -> bool {
@@ -505,6 +885,10 @@ impl KernelCounters for Capture {
     fn deliveries_open(&self) -> usize {
         Capture::deliveries_open(self)
     }
+
+    fn reserved_counters(&self) -> BTreeMap<u32, u64> {
+        Capture::reserved_counters(self)
+    }
 }
 
 #[cfg(test)]
@@ -537,6 +921,75 @@ mod tests {
         assert_eq!(len6, 128);
     }
 
+    fn spec(name: &str, max_entries: u32) -> MapSpec {
+        MapSpec {
+            name: name.into(),
+            map_type: "Hash".into(),
+            key_size: 8,
+            value_size: 8,
+            max_entries,
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn pinned_maps_of_the_same_shape_and_version_fit() {
+        let wanted = vec![spec("A", 10), spec("B", 5)];
+        assert_eq!(layout_verdict(&wanted, &wanted, Some(2), 2), Ok(()));
+        // A map not pinned yet is created fresh: fits.
+        assert_eq!(layout_verdict(&wanted, &wanted[..1], Some(2), 2), Ok(()));
+        // Nothing pinned at all.
+        assert_eq!(layout_verdict(&wanted, &[], None, 2), Ok(()));
+    }
+
+    #[test]
+    fn another_shape_or_version_is_refused_naming_each_problem() {
+        let wanted = vec![spec("A", 10), spec("B", 5)];
+        let mut pinned = vec![spec("A", 9), spec("B", 5)];
+        pinned[1].value_size = 4;
+        let problems = layout_verdict(&wanted, &pinned, Some(1), 2).unwrap_err();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].contains("version 1, this build needs 2"), "{problems:?}");
+        assert!(problems[1].contains("A: max entries 9, needs 10"), "{problems:?}");
+        assert!(problems[2].contains("B: value size 4, needs 8"), "{problems:?}");
+        let mut other_type = spec("A", 10);
+        other_type.map_type = "LruHash".into();
+        let p = layout_verdict(&wanted, &[other_type], None, 2).unwrap_err();
+        assert!(p[0].contains("type LruHash ≠ Hash"), "{p:?}");
+    }
+
+    #[test]
+    fn pins_without_meta_are_the_first_layout() {
+        assert_eq!(pinned_layout_version(None, true), Some(1));
+        assert_eq!(pinned_layout_version(None, false), None);
+        let m = ObjectMeta { layout: 2, flags: 0, digest: [1; 8] };
+        assert_eq!(pinned_layout_version(Some(m), true), Some(2));
+        // Created but never written (a daemon died before the end of start-up).
+        assert_eq!(pinned_layout_version(Some(ObjectMeta::default()), true), None);
+    }
+
+    #[test]
+    fn the_embedded_object_declares_every_pinned_map() {
+        let names: Vec<String> =
+            object_maps(EBPF_OBJECT).unwrap().into_iter().map(|m| m.name).collect();
+        for m in [maps::ENROLLED, maps::COUNTERS, maps::META, maps::INBOUND, maps::DELIVERIES] {
+            assert!(names.iter().any(|n| n == m), "{m} in {names:?}");
+        }
+        let counters = object_maps(EBPF_OBJECT)
+            .unwrap()
+            .into_iter()
+            .find(|m| m.name == maps::COUNTERS)
+            .unwrap();
+        assert_eq!(counters.max_entries, counter::SLOTS);
+    }
+
+    #[test]
+    fn adoption_reads_as_operators_expect() {
+        let r = Adoption::Replaced { from: "aa".into(), to: "bb".into() };
+        assert_eq!(r.to_string(), "replaced (aa → bb)");
+        assert_eq!(Adoption::Readopted.to_string(), "re-adopted");
+    }
+
     #[test]
     fn own_ports_are_always_bypassed() {
         let s = CaptureSettings {
@@ -546,6 +999,7 @@ mod tests {
             daemon_mark: 1,
             bypass_ports: vec![22, 15008],
             bypass_cidrs: vec![],
+            object: None,
         };
         let p = bypass_ports(&s);
         assert!(p.contains(&22) && p.contains(&15008) && p.contains(&15021));

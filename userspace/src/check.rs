@@ -159,7 +159,7 @@ pub struct DaemonFacts {
     pub version: Option<String>,
     /// Digest of the eBPF object the daemon embeds.
     pub ebpf_object: Option<String>,
-    /// Cgroup program → `Attached` / `Readopted`.
+    /// Program → `attached` / `re-adopted` / `replaced (a → b)`.
     pub programs: BTreeMap<String, String>,
     /// Enrolled pods.
     pub pods: Vec<PodFact>,
@@ -447,20 +447,25 @@ fn capture_checks(f: &Facts) -> Vec<Check> {
             "upgrade the daemon",
         ),
     });
-    let kept: Vec<&str> = d
+    // Re-adopted (same program code) and replaced in place are both fine:
+    // the programs running are this daemon's. Anything else says why not.
+    let odd: Vec<String> = d
         .programs
         .iter()
-        .filter(|(_, how)| how.as_str() != "Attached")
-        .map(|(n, _)| n.as_str())
+        .filter(|(_, how)| {
+            !(how.as_str() == "attached"
+                || how.as_str() == "re-adopted"
+                || how.starts_with("replaced"))
+        })
+        .map(|(n, how)| format!("{n}: {how}"))
         .collect();
-    out.push(if kept.is_empty() {
-        ok("programs loaded by this daemon", "every cgroup program attached at start-up")
+    out.push(if odd.is_empty() {
+        ok("programs are the daemon's own", "attached, re-adopted or replaced in place at start-up")
     } else {
         warn(
-            "programs loaded by this daemon",
-            format!("re-adopted from an earlier daemon's pins: {}", kept.join(", ")),
-            "a restart keeps pinned programs so capture never gaps; if the earlier daemon ran an older build, \
-             reload them in a maintenance window (`tlsmesh node --uninstall`, then start the daemon)",
+            "programs are the daemon's own",
+            odd.join(", "),
+            "the daemon reports programs it did not put in place; restart it (it replaces them in place)",
         )
     });
     out
@@ -1140,7 +1145,7 @@ mod tests {
                 ebpf_object: Some("abcd".into()),
                 programs: crate::capture::CGROUP_PROGRAMS
                     .iter()
-                    .map(|n| ((*n).to_string(), "Attached".to_string()))
+                    .map(|n| ((*n).to_string(), "attached".to_string()))
                     .collect(),
                 pods: vec![PodFact {
                     key: "shop/web".into(),
@@ -1311,14 +1316,14 @@ mod tests {
     }
 
     #[test]
-    fn another_build_or_readopted_programs_warn() {
+    fn another_build_or_foreign_programs_warn() {
         let mut f = healthy();
         f.daemon.as_mut().unwrap().ebpf_object = Some("ffff".into());
         assert_eq!(find(&f, "of this build").status, Status::Warn);
         let mut f = healthy();
         let first = crate::capture::CGROUP_PROGRAMS[0];
-        f.daemon.as_mut().unwrap().programs.insert(first.into(), "Readopted".into());
-        let c = find(&f, "loaded by this daemon");
+        f.daemon.as_mut().unwrap().programs.insert(first.into(), "detached".into());
+        let c = find(&f, "the daemon's own");
         assert_eq!(c.status, Status::Warn);
         assert!(c.detail.contains(first));
         assert_eq!(failures(&checks(&f, &Thresholds::default())), 0, "warnings do not fail");
@@ -1409,13 +1414,13 @@ mod tests {
             "pods": [{"key": "shop/web", "identity": ID, "netns_cookie": 42}],
             "certificates": [{"identity": ID, "serial": "1", "not_before": "2030-06-01T00:00:00Z",
                               "not_after": "2030-06-02T00:00:00Z", "failures": 0, "last_error": null}],
-            "capture": {"programs": {"tlsmesh_connect4": "Attached"}},
+            "capture": {"programs": {"tlsmesh_connect4": "attached"}},
             "problems": ["x: y"],
         });
         let d = daemon_facts(&dump, Ok(()));
         assert_eq!(d.pods[0].netns_cookie, 42);
         assert_eq!(d.certificates[0], leaf(ID, "2030-06-02T00:00:00Z"));
-        assert_eq!(d.programs["tlsmesh_connect4"], "Attached");
+        assert_eq!(d.programs["tlsmesh_connect4"], "attached");
         assert_eq!(d.problems, ["x: y"]);
         assert_eq!(daemon_facts(&serde_json::json!({}), Ok(())), DaemonFacts::default());
     }

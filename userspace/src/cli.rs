@@ -94,6 +94,9 @@ pub struct NodeArgs {
     /// Threads of the proxy's async runtime (default 1).
     #[arg(long)]
     pub worker_threads: Option<usize>,
+    /// Load this eBPF object instead of the built-in one.
+    #[arg(long)]
+    pub ebpf_object: Option<PathBuf>,
     /// Remove every pinned program, link and map, then exit.
     #[arg(long)]
     pub uninstall: bool,
@@ -160,6 +163,9 @@ impl NodeArgs {
         }
         if let Some(v) = self.drain_timeout {
             c.drain_timeout_secs = v;
+        }
+        if let Some(v) = &self.ebpf_object {
+            c.ebpf_object = Some(v.clone());
         }
         if let Some(v) = self.worker_threads {
             c.worker_threads = v;

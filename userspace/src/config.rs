@@ -97,6 +97,9 @@ pub struct NodeConfig {
     pub pin_dir: PathBuf,
     /// cgroup-v2 root (empty: found from /proc/mounts).
     pub cgroup_root: PathBuf,
+    /// An eBPF object file to load instead of the one built in (a hotfix
+    /// build of the programs; the replacement test). Unset: the built-in one.
+    pub ebpf_object: Option<PathBuf>,
     /// Admin API (localhost).
     pub admin_addr: SocketAddr,
     /// Prometheus metrics (`/metrics`).
@@ -142,6 +145,7 @@ impl Default for NodeConfig {
             cni_state: None,
             pin_dir: PathBuf::from("/sys/fs/bpf/tlsmesh"),
             cgroup_root: PathBuf::new(),
+            ebpf_object: None,
             admin_addr: SocketAddr::from(([127, 0, 0, 1], tlsmesh_common::PORT_ADMIN)),
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], tlsmesh_common::PORT_METRICS)),
             readiness_addr: SocketAddr::from(([0, 0, 0, 0], tlsmesh_common::PORT_READY)),

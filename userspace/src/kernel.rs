@@ -51,4 +51,9 @@ pub trait KernelCounters: Send + Sync {
     fn enrolled_netns(&self) -> usize;
     /// Delivery records open (entries of the deliveries map).
     fn deliveries_open(&self) -> usize;
+    /// Reserved counter slots that are not zero (index → value): counted by
+    /// programs newer than this daemon, or by the test variant.
+    fn reserved_counters(&self) -> std::collections::BTreeMap<u32, u64> {
+        std::collections::BTreeMap::new()
+    }
 }
