@@ -29,9 +29,9 @@ mod helm_mini;
 use std::path::Path;
 
 use helm_mini::{
-    check_ca_args, check_node_config, container, manifest_objects, mount_path, object,
-    parse_ca_args, parse_node_config, render_chart, resolve_node_args, strings, CUSTOM_VALUES,
-    NAMESPACE,
+    check_ca_args, check_node_config, check_surge_upgrade, container, manifest_objects, mount_path,
+    object, parse_ca_args, parse_node_config, render_chart, resolve_node_args, strings,
+    CUSTOM_VALUES, NAMESPACE,
 };
 use tlsmesh::config::{LogFormat, Transport};
 
@@ -48,6 +48,7 @@ fn static_manifests_match_the_cli_and_config() {
     assert_eq!(cfg.log_format, LogFormat::Json);
     assert_eq!(cfg.transport, parsed.transport);
     check_node_config(&cfg, node, &ds["spec"]["template"]["spec"]["volumes"], "manifests");
+    check_surge_upgrade(ds, &cfg, "manifests");
     // The config is mounted where --config says.
     let args = strings(&node["args"]);
     let at = args.iter().position(|a| a == "--config").unwrap();

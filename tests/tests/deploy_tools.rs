@@ -22,8 +22,8 @@ use std::{
 };
 
 use helm_mini::{
-    check_ca_args, check_node_config, container, manifest_objects, read, render_chart,
-    resolve_node_args, strings, CUSTOM_VALUES, NAMESPACE, RELEASE,
+    check_ca_args, check_node_config, check_surge_upgrade, container, manifest_objects, read,
+    render_chart, resolve_node_args, strings, CUSTOM_VALUES, NAMESPACE, RELEASE,
 };
 use serde_yaml::Value;
 
@@ -244,6 +244,7 @@ fn real_helm_renders_what_the_test_renderer_renders() {
         // Real Helm's DaemonSet passes deploy_config.rs's checks.
         let cfg = resolve_node_args(&strings(&node["args"]), node_toml, &format!("helm-{tag}"));
         check_node_config(&cfg, node, &pod["volumes"], &format!("real Helm, {tag}"));
+        check_surge_upgrade(ds, &cfg, &format!("real Helm, {tag}"));
         assert_eq!(pod["serviceAccountName"], "tlsmesh-node", "{tag}");
         let args = strings(&node["args"]);
         let at = args.iter().position(|a| a == "--config").expect("--config");

@@ -45,8 +45,10 @@ const UNSERVED_ON_1_20: &[(&str, &str, &str)] = &[(
 /// the schema: "field not declared in schema"), and why: `(field name, the
 /// version it arrived in)`. The test expects exactly these rejections, then
 /// applies the objects without those fields to go on.
-const NEWER_THAN_1_20: &[(&str, &str)] =
-    &[("appArmorProfile", "securityContext.appArmorProfile is Kubernetes 1.30+")];
+const NEWER_THAN_1_20: &[(&str, &str)] = &[
+    ("appArmorProfile", "securityContext.appArmorProfile is Kubernetes 1.30+"),
+    ("maxSurge", "a DaemonSet's rollingUpdate.maxSurge is Kubernetes 1.22+ (1.21 alpha)"),
+];
 
 fn manifests() -> Vec<Value> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/manifests");
@@ -101,14 +103,21 @@ fn gvk(obj: &Value) -> GroupVersionKind {
 }
 
 /// `obj` without the fields named in [`NEWER_THAN_1_20`], anywhere.
+/// A `rollingUpdate` that loses `maxSurge` gets `maxUnavailable: 1` (0 is
+/// valid only beside a surge): the one-at-a-time update of old clusters.
 fn without_newer_fields(v: &Value) -> Value {
     match v {
-        Value::Object(m) => Value::Object(
-            m.iter()
+        Value::Object(m) => {
+            let mut out: serde_json::Map<String, Value> = m
+                .iter()
                 .filter(|(k, _)| !NEWER_THAN_1_20.iter().any(|(f, _)| f == k))
                 .map(|(k, v)| (k.clone(), without_newer_fields(v)))
-                .collect(),
-        ),
+                .collect();
+            if m.contains_key("maxSurge") {
+                out.insert("maxUnavailable".into(), Value::from(1));
+            }
+            Value::Object(out)
+        }
         Value::Array(a) => Value::Array(a.iter().map(without_newer_fields).collect()),
         other => other.clone(),
     }
@@ -237,7 +246,9 @@ async fn real_apiserver_manifests_apply_and_their_rbac_is_what_the_code_needs() 
             .iter()
             .map(|(v, k, _)| ((*v).to_owned(), (*k).to_owned()))
             .collect(),
-        rejected: [("DaemonSet/tlsmesh-node".to_owned(), "appArmorProfile".to_owned())].into(),
+        rejected: ["appArmorProfile", "maxSurge"]
+            .map(|f| ("DaemonSet/tlsmesh-node".to_owned(), f.to_owned()))
+            .into(),
     };
     assert_eq!(
         applied, expected,

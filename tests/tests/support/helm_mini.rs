@@ -123,6 +123,46 @@ pub fn parse_ca_args(args: &[String], tag: &str) -> ServeArgs {
 
 /// What both the manifests and the chart must agree on: `node` is the node
 /// container, `volumes` the pod's volumes.
+/// The DaemonSet's update starts the new daemon beside the old one on each
+/// node (issue 14): `maxSurge: 1`, `maxUnavailable: 0`; with `hostNetwork`
+/// no container declares ports (each would imply a `hostPort`, and the
+/// scheduler would never place the surge pod beside the old one); the run
+/// directory both daemons share is a hostPath.
+pub fn check_surge_upgrade(ds: &Value, cfg: &NodeConfig, tag: &str) {
+    let strategy = &ds["spec"]["updateStrategy"];
+    assert_eq!(strategy["type"].as_str(), Some("RollingUpdate"), "{tag}: {strategy:?}");
+    let rolling = &strategy["rollingUpdate"];
+    assert_eq!(rolling["maxSurge"].as_u64(), Some(1), "{tag}: maxSurge: {rolling:?}");
+    assert_eq!(rolling["maxUnavailable"].as_u64(), Some(0), "{tag}: maxUnavailable: {rolling:?}");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"].as_bool(), Some(true), "{tag}");
+    for c in pod["containers"].as_sequence().expect("containers") {
+        assert!(
+            c["ports"].is_null(),
+            "{tag}: container {:?} declares ports: with hostNetwork each is a hostPort and blocks the surge pod",
+            c["name"]
+        );
+    }
+    let run_dir = cfg.cni_socket.parent().expect("cni_socket has a directory");
+    let node = container(ds, "node");
+    let volume = node["volumeMounts"]
+        .as_sequence()
+        .expect("volumeMounts")
+        .iter()
+        .find(|m| m["mountPath"].as_str().map(Path::new) == Some(run_dir))
+        .and_then(|m| m["name"].as_str())
+        .unwrap_or_else(|| {
+            panic!("{tag}: nothing mounted at the run directory {}", run_dir.display())
+        });
+    let v = pod["volumes"]
+        .as_sequence()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"].as_str() == Some(volume))
+        .expect("the run directory's volume");
+    assert!(v["hostPath"]["path"].is_string(), "{tag}: the run directory is not a hostPath: {v:?}");
+}
+
 pub fn check_node_config(cfg: &NodeConfig, node: &Value, volumes: &Value, tag: &str) {
     assert_eq!(cfg.inventory_source, InventorySource::Kubernetes, "{tag}");
     assert_eq!(cfg.node, "$(NODE_NAME)", "{tag}: --node comes from the downward API");
