@@ -20,6 +20,7 @@ mod error;
 mod handler;
 pub mod hbone;
 pub mod quic;
+pub mod resume;
 mod splice;
 mod usage;
 
