@@ -296,6 +296,24 @@ fn link_program(path: &Path) -> Option<ProgramInfo> {
     aya::programs::loaded_programs().flatten().find(|p| p.id() == id)
 }
 
+/// The `bpf(2)` system call with one `union bpf_attr` member.
+///
+/// # Safety
+/// `attr` must be the `bpf_attr` member that `cmd` reads, with every pointer
+/// and fd in it valid for the call.
+unsafe fn bpf<A>(cmd: libc::c_long, attr: &A) -> io::Result<libc::c_long> {
+    // SAFETY: per the contract; the kernel reads `size_of::<A>()` bytes of
+    // `attr` and zero-fills the rest of its `bpf_attr`.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_ref(attr), std::mem::size_of::<A>())
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
 /// `BPF_OBJ_GET`: a file descriptor of the object pinned at `path` (aya's
 /// links do not lend theirs).
 fn obj_get(path: &Path) -> io::Result<OwnedFd> {
@@ -310,19 +328,9 @@ fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let attr = ObjGet { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
-    // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed; the
-    // path string outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            std::ptr::from_ref(&attr),
-            std::mem::size_of::<ObjGet>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: `obj_get` is the member BPF_OBJ_GET reads; the path string
+    // outlives the call.
+    let rc = unsafe { bpf(BPF_OBJ_GET, &attr)? };
     let fd = i32::try_from(rc).map_err(|_| io::Error::other("fd out of range"))?;
     // SAFETY: the kernel just returned this fd to us; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -348,21 +356,9 @@ fn link_update(link: BorrowedFd<'_>, new: BorrowedFd<'_>, old: BorrowedFd<'_>) -
         flags: BPF_F_REPLACE,
         old_prog_fd: fd(old),
     };
-    // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed (the
-    // kernel zero-fills the rest); the fds are borrowed, so open for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            std::ptr::from_ref(&attr),
-            std::mem::size_of::<LinkUpdate>(),
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    // SAFETY: `link_update` is the member BPF_LINK_UPDATE reads; the fds are
+    // borrowed, so open for the call.
+    unsafe { bpf(BPF_LINK_UPDATE, &attr) }.map(|_| ())
 }
 
 /// Keeps the pinned link at `path` running `prog` (tag `tag`): re-adopted
