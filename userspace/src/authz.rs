@@ -196,6 +196,7 @@ mod tests {
             ips: vec!["10.0.1.2".parse().unwrap(), "fd00::1:2".parse().unwrap()],
             netns: None,
             mode: Some(Mode::Strict),
+            workload: None,
         }
     }
 
