@@ -404,6 +404,9 @@ mod tests {
             src_identity: Some(id("lab", "exp").to_string()),
             dst_identity: None,
             transport: None,
+            workload: None,
+            peer_workload: None,
+            dst_service: None,
         }
     }
 

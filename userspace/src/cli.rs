@@ -94,6 +94,9 @@ pub struct NodeArgs {
     /// Threads of the proxy's async runtime (default 1).
     #[arg(long)]
     pub worker_threads: Option<usize>,
+    /// Names and labels of the workload-pair metrics (`metrics.compat`).
+    #[arg(long, value_enum)]
+    pub metrics_compat: Option<crate::config::MetricsCompat>,
     /// Remove every pinned program, link and map, then exit.
     #[arg(long)]
     pub uninstall: bool,
@@ -137,6 +140,9 @@ impl NodeArgs {
         }
         if let Some(v) = self.log_format {
             c.log_format = v;
+        }
+        if let Some(v) = self.metrics_compat {
+            c.metrics.compat = v;
         }
         let id = &mut c.identity;
         for (dst, src) in [
