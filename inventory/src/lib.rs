@@ -183,7 +183,7 @@ pub struct Pod {
     pub netns: Option<PathBuf>,
     /// Effective mode: `None` when not enrolled.
     pub mode: Option<Mode>,
-    /// The workload it belongs to (Deployment, StatefulSet, … or the
+    /// The workload it belongs to (Deployment, `StatefulSet`, … or the
     /// inventory's `workload`), for metrics; `None`: the pod name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,

@@ -2,7 +2,7 @@
 //! by scripts/bootstrap.sh): it scrapes both daemons of the two-node netns
 //! topology while known traffic runs — tunnelled exchanges, a policy deny, a
 //! refused plaintext connection, a garbled tunnel handshake — and then every
-//! PromQL expression of the Grafana dashboard and of the alert rules shipped
+//! `PromQL` expression of the Grafana dashboard and of the alert rules shipped
 //! in the Helm chart is evaluated through Prometheus' HTTP API, its result
 //! compared with the traffic. An expression that matches no exported metric
 //! returns nothing and fails. With `metrics.compat = "istio"`, the
@@ -17,7 +17,9 @@
 #![allow(
     clippy::too_many_lines,
     clippy::cast_precision_loss,
-    reason = "test scenarios: long, explicit"
+    clippy::many_single_char_names,
+    clippy::float_cmp,
+    reason = "test scenarios: long, explicit, with throwaway names; the values compared exactly are counts"
 )]
 
 use std::{
@@ -82,11 +84,13 @@ impl Prometheus {
         let rules = chart_file("tlsmesh-alerts.yaml");
         let config = format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  evaluation_interval: 1s\n\
-             rule_files: [{rules:?}]\n\
+             rule_files: [\"{}\"]\n\
              scrape_configs:\n  - job_name: tlsmesh\n    static_configs:\n\
              \x20     - targets: [\"{N0}\"]\n        labels: {{{}}}\n\
              \x20     - targets: [\"{N1}\"]\n        labels: {{{}}}\n",
-            target_labels[0], target_labels[1],
+            rules.display(),
+            target_labels[0],
+            target_labels[1],
         );
         let cfg = dir.join("prometheus.yml");
         std::fs::write(&cfg, config).unwrap();
@@ -251,7 +255,7 @@ fn refused(netns: &str, dst: SocketAddr) {
     assert!(matches!(got, Ok(0) | Err(_)), "connection to {dst} was not refused: {got:?}");
 }
 
-/// Garbage (not a TLS ClientHello) to a pod's tunnel port, from the node:
+/// Garbage (not a TLS `ClientHello`) to a pod's tunnel port, from the node:
 /// the destination daemon's handshake fails.
 fn garbled_handshake(netns: &str, pod_ip: std::net::Ipv4Addr) {
     let dst = SocketAddr::from((pod_ip, 15008));
@@ -387,7 +391,7 @@ fn dashboard_exprs() -> Vec<(String, String)> {
 }
 
 /// Grafana's variables as a person would set them on this dashboard;
-/// `label_values(m, l)` (Grafana's, not PromQL) as the query it stands for.
+/// `label_values(m, l)` (Grafana's, not `PromQL`) as the query it stands for.
 fn grafana(expr: &str, vars: &[(&str, &str)]) -> String {
     let mut e = expr.replace("$__rate_interval", "2m");
     for (k, v) in vars {
@@ -782,11 +786,11 @@ fn prometheus_evaluates_istio_dashboards_with_metrics_compat_istio() {
         };
         match e.id.as_str() {
             "ztunnel-dashboard#1" | "ztunnel-dashboard#3" | "ztunnel-dashboard#4" => {
-                both_pods(&|v| v > 0.0)
+                both_pods(&|v| v > 0.0);
             }
             "ztunnel-dashboard#2" => both_pods(&|v| v < 0.0),
             "ztunnel-dashboard#5" | "ztunnel-dashboard#6" => {
-                both_pods(&|v| (0.0..=2.0).contains(&v))
+                both_pods(&|v| (0.0..=2.0).contains(&v));
             }
             "istio-workload-dashboard#1" | "istio-workload-dashboard#2" => {
                 assert_eq!(r.len(), 1, "{what}: {r:#?}");

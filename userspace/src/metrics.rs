@@ -373,6 +373,10 @@ impl ProcessStats {
     }
 
     /// Pure: the figures from the files' text.
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "CPU ticks and the clock rate stay far below 2^52"
+    )]
     fn parse(
         stat: &str,
         statm: &str,

@@ -343,6 +343,10 @@ fn track_quic_inbound(mesh: &Arc<Mesh>, pod: &PodEntry) -> quic::OnConnection {
 
 /// The decision for one tunnelled connection arriving at `pod`, and the
 /// delivery when it is allowed.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the steps of the decision in order, each refusal counted where it happens"
+)]
 async fn handle(
     ctx: &Inbound,
     pod: &PodEntry,
