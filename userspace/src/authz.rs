@@ -404,8 +404,6 @@ mod tests {
             src_identity: Some(id("lab", "exp").to_string()),
             dst_identity: None,
             transport: None,
-            workload: None,
-            peer_workload: None,
             dst_service: None,
         }
     }

@@ -110,12 +110,6 @@ pub struct ConnInfo {
     pub dst_identity: Option<String>,
     /// `tcp` (HBONE) or `quic` for tunnel connections.
     pub transport: Option<String>,
-    /// The workload of `pod` (metrics labels), when known.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub workload: Option<String>,
-    /// The workload of `peer_pod`, when known.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub peer_workload: Option<String>,
     /// The Service (`namespace/name`) an outbound connection was addressed
     /// to, when it went to a Service address.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -470,8 +464,6 @@ mod tests {
             src_identity: None,
             dst_identity: None,
             transport: None,
-            workload: None,
-            peer_workload: None,
             dst_service: None,
         }
     }

@@ -55,9 +55,14 @@ pub struct Sources {
 
 impl Pairs {
     /// The workload-pair series for `conns`, which from now on tells them
-    /// about every connection.
-    pub fn install(conns: &ConnTable, cfg: &MetricsConfig) -> Arc<Pairs> {
-        let pairs = Arc::new(Pairs::new(cfg));
+    /// about every connection; workloads are looked up in `state`'s
+    /// inventory when a connection opens.
+    pub fn install(conns: &ConnTable, cfg: &MetricsConfig, state: &Arc<NodeState>) -> Arc<Pairs> {
+        let state = Arc::clone(state);
+        let workload_of = move |key: &str| {
+            state.inventory().inv.pods.get(key).map(|p| p.workload_name().to_owned())
+        };
+        let pairs = Arc::new(Pairs::new(cfg, Box::new(workload_of)));
         conns.observe(Arc::new(PairsObserver(Arc::clone(&pairs))));
         pairs
     }

@@ -292,8 +292,6 @@ fn handshake_info(
         src_identity: None,
         dst_identity: Some(pod.identity.clone()),
         transport: Some(transport.into()),
-        workload: Some(pod.pod.workload_name().to_owned()),
-        peer_workload: None,
         dst_service: None,
     }
 }
@@ -367,7 +365,6 @@ async fn handle(
             dst: req.authority,
             peer_pod: client.map(crate::inventory::Pod::key),
             src_identity: peer_id,
-            peer_workload: client.map(|c| c.workload_name().to_owned()),
             ..handshake_info(pod, req.peer_addr, req.authority, transport)
         }
     };
@@ -450,11 +447,6 @@ async fn handle(
                 src_identity: Some(peer_id.to_string()),
                 dst_identity: Some(pod.identity.clone()),
                 transport: Some(transport.into()),
-                workload: Some(pod.pod.workload_name().to_owned()),
-                peer_workload: allowed
-                    .src_ip
-                    .and_then(|ip| inv.pod_by_ip(ip))
-                    .map(|c| c.workload_name().to_owned()),
                 dst_service: None,
             });
             // The tunnel is the splice's first side, the pod's socket the

@@ -108,10 +108,13 @@ fn namespace_of_principal(id: &str) -> Option<String> {
     rest.split_once("/sa/").map(|(ns, _)| ns.to_owned())
 }
 
+/// Finds the workload of a pod by its key (`namespace/name`).
+pub type WorkloadOf = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// The series a connection counts in (two for a same-node delivery: this
 /// daemon is both its source and its destination), each with whether the
-/// pod of the entry is the client. Pure.
-pub fn keys(info: &ConnInfo) -> Vec<(Key, bool)> {
+/// pod of the entry is the client. Pure, given `workload_of`.
+pub fn keys(info: &ConnInfo, workload_of: &dyn Fn(&str) -> Option<String>) -> Vec<(Key, bool)> {
     let own_principal = match info.direction {
         Direction::Outbound => info.src_identity.clone(),
         Direction::Inbound => info.dst_identity.clone(),
@@ -121,12 +124,12 @@ pub fn keys(info: &ConnInfo) -> Vec<(Key, bool)> {
         Direction::Inbound => info.src_identity.clone(),
     };
     let own = Peer {
-        workload: info.workload.clone(),
+        workload: workload_of(&info.pod),
         namespace: namespace_of(&info.pod),
         principal: own_principal,
     };
     let peer = Peer {
-        workload: info.peer_workload.clone(),
+        workload: info.peer_pod.as_deref().and_then(workload_of),
         namespace: info
             .peer_pod
             .as_deref()
@@ -156,8 +159,10 @@ pub fn keys(info: &ConnInfo) -> Vec<(Key, bool)> {
 }
 
 /// The workload-pair series of one daemon.
-#[derive(Debug)]
 pub struct Pairs {
+    /// Workloads are looked up when a connection opens (the connection
+    /// table keeps no copy of them).
+    workload_of: WorkloadOf,
     compat: MetricsCompat,
     max_series: usize,
     series: Mutex<HashMap<Key, Arc<Series>>>,
@@ -173,10 +178,17 @@ pub struct Pairs {
 const HANDSHAKE_REASONS: [Failure; 3] =
     [Failure::TlsFailed, Failure::IdentityError, Failure::Revoked];
 
+impl std::fmt::Debug for Pairs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pairs").field("compat", &self.compat).finish_non_exhaustive()
+    }
+}
+
 impl Pairs {
-    /// An empty set of series.
-    pub fn new(cfg: &MetricsConfig) -> Self {
+    /// An empty set of series; `workload_of` names a pod's workload.
+    pub fn new(cfg: &MetricsConfig, workload_of: WorkloadOf) -> Self {
         Self {
+            workload_of,
             compat: cfg.compat,
             max_series: cfg.max_series,
             series: Mutex::new(HashMap::new()),
@@ -427,7 +439,7 @@ pub struct PairsObserver(pub Arc<Pairs>);
 
 impl Observer for PairsObserver {
     fn opened(&self, info: &ConnInfo) -> Option<Box<dyn Closing>> {
-        let series: Vec<(Arc<Series>, bool, Reporter)> = keys(info)
+        let series: Vec<(Arc<Series>, bool, Reporter)> = keys(info, &self.0.workload_of)
             .into_iter()
             .filter_map(|(k, client)| {
                 let r = k.reporter;
@@ -443,7 +455,7 @@ impl Observer for PairsObserver {
 
     fn refused(&self, info: &ConnInfo, why: Failure) {
         // As ztunnel: opened (without flags), then closed and failed with them.
-        for (k, _) in keys(info) {
+        for (k, _) in keys(info, &self.0.workload_of) {
             if let Some(i) = HANDSHAKE_REASONS.iter().position(|h| *h == why) {
                 if info.route == Route::Tunnel {
                     let r = usize::from(k.reporter == Reporter::Destination);
@@ -476,10 +488,22 @@ mod tests {
             src_identity: Some("spiffe://td/ns/shop/sa/web".into()),
             dst_identity: Some("spiffe://td/ns/db/sa/db".into()),
             transport: Some("tcp".into()),
-            workload: Some("web".into()),
-            peer_workload: Some("db".into()),
             dst_service: None,
         }
+    }
+
+    /// Workloads of the test pods: `shop/web-1` is `web`, `db/db-0` is
+    /// `db`, `w/<name>` is `<name>`.
+    fn workload_of(key: &str) -> Option<String> {
+        match key {
+            "shop/web-1" => Some("web".into()),
+            "db/db-0" => Some("db".into()),
+            k => k.strip_prefix("w/").map(str::to_owned),
+        }
+    }
+
+    fn pairs(cfg: &MetricsConfig) -> Arc<Pairs> {
+        Arc::new(Pairs::new(cfg, Box::new(workload_of)))
     }
 
     fn page(p: &Arc<Pairs>) -> String {
@@ -499,15 +523,13 @@ mod tests {
 
     #[test]
     fn outbound_is_reported_by_the_source_and_bytes_go_by_client_and_server() {
-        let pairs = Arc::new(Pairs::new(&MetricsConfig::default()));
+        let pairs = pairs(&MetricsConfig::default());
         let obs = PairsObserver(Arc::clone(&pairs));
         let c = obs.opened(&info(Direction::Outbound, Route::Tunnel)).unwrap();
         c.closed(Transfer { from_pod: 100, to_pod: 7 });
         let mut inbound = info(Direction::Inbound, Route::Tunnel);
         inbound.pod = "db/db-0".into();
         inbound.peer_pod = Some("shop/web-1".into());
-        inbound.workload = Some("db".into());
-        inbound.peer_workload = Some("web".into());
         obs.opened(&inbound).unwrap().closed(Transfer { from_pod: 7, to_pod: 100 });
         let out = page(&pairs);
         let both = "source_workload=\"web\",source_workload_namespace=\"shop\",source_principal=\"spiffe://td/ns/shop/sa/web\",destination_workload=\"db\",destination_workload_namespace=\"db\",destination_principal=\"spiffe://td/ns/db/sa/db\",destination_service=\"unknown\",route=\"tunnel\",transport=\"tcp\",connection_security_policy=\"mutual_tls\",response_flags=\"-\"}";
@@ -521,12 +543,11 @@ mod tests {
 
     #[test]
     fn refusals_count_opened_closed_and_failed_with_their_flag() {
-        let pairs = Arc::new(Pairs::new(&MetricsConfig::default()));
+        let pairs = pairs(&MetricsConfig::default());
         let obs = PairsObserver(Arc::clone(&pairs));
         let mut plain = info(Direction::Inbound, Route::Plaintext);
         plain.src_identity = None;
         plain.peer_pod = None;
-        plain.peer_workload = None;
         plain.transport = None;
         obs.refused(&plain, Failure::PlaintextRefused);
         let out = page(&pairs);
@@ -545,7 +566,7 @@ mod tests {
     #[test]
     fn istio_mode_uses_istio_names_labels_and_flags() {
         let cfg = MetricsConfig { compat: MetricsCompat::Istio, ..MetricsConfig::default() };
-        let pairs = Arc::new(Pairs::new(&cfg));
+        let pairs = pairs(&cfg);
         let obs = PairsObserver(Arc::clone(&pairs));
         let mut i = info(Direction::Outbound, Route::Tunnel);
         i.dst_service = Some("db/postgres".into());
@@ -565,7 +586,7 @@ mod tests {
 
     #[test]
     fn local_delivery_is_reported_by_both_sides() {
-        let keys = keys(&info(Direction::Outbound, Route::Local));
+        let keys = keys(&info(Direction::Outbound, Route::Local), &workload_of);
         let r: Vec<Reporter> = keys.iter().map(|(k, _)| k.reporter).collect();
         assert_eq!(r, [Reporter::Source, Reporter::Destination]);
         assert!(keys.iter().all(|(k, client)| *client && !k.mutual_tls));
@@ -574,11 +595,11 @@ mod tests {
     #[test]
     fn the_cap_bounds_series_and_counts_what_it_drops() {
         let cfg = MetricsConfig { max_series: 2, ..MetricsConfig::default() };
-        let pairs = Arc::new(Pairs::new(&cfg));
+        let pairs = pairs(&cfg);
         let obs = PairsObserver(Arc::clone(&pairs));
         for n in 0..5 {
             let mut i = info(Direction::Outbound, Route::Passthrough);
-            i.peer_workload = Some(format!("w{n}"));
+            i.peer_pod = Some(format!("w/w{n}"));
             drop(obs.opened(&i));
         }
         assert_eq!(lock(&pairs.series).len(), 2);
@@ -587,7 +608,7 @@ mod tests {
         assert!(out.contains("tlsmesh_metrics_series_dropped_total{} 3"), "{out}");
         // A known pair is still counted.
         let mut i = info(Direction::Outbound, Route::Passthrough);
-        i.peer_workload = Some("w0".into());
+        i.peer_pod = Some("w/w0".into());
         assert!(obs.opened(&i).is_some());
     }
 
@@ -595,8 +616,7 @@ mod tests {
     fn a_peer_known_only_by_its_principal_gets_its_namespace() {
         let mut i = info(Direction::Inbound, Route::Tunnel);
         i.peer_pod = None;
-        i.peer_workload = None;
-        let (k, _) = &keys(&i)[0];
+        let (k, _) = &keys(&i, &workload_of)[0];
         assert_eq!(k.source.namespace.as_deref(), Some("shop"));
         assert_eq!(k.source.workload, None);
     }

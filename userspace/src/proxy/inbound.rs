@@ -40,8 +40,6 @@ pub async fn serve(p: Proxy, pod: Arc<PodEntry>, mut client: TcpStream, peer: So
             src_identity: None,
             dst_identity: Some(pod.identity.clone()),
             transport: None,
-            workload: Some(pod.pod.workload_name().to_owned()),
-            peer_workload: peer_pod.map(|p| p.workload_name().to_owned()),
             dst_service: None,
         };
         let route = match verdict {

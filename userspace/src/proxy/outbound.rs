@@ -46,8 +46,6 @@ pub async fn serve(p: Proxy, pod: Arc<PodEntry>, client: TcpStream, peer: Socket
             src_identity: Some(pod.identity.clone()),
             dst_identity: peer_pod.map(|d| d.spiffe_id(&inv.inv.trust_domain)),
             transport: None,
-            workload: Some(pod.pod.workload_name().to_owned()),
-            peer_workload: peer_pod.map(|d| d.workload_name().to_owned()),
             dst_service: dst_service.clone(),
         };
         let src_ip = pod.pod.ips.iter().copied().find(|ip| ip.is_ipv4() == dst.ip().is_ipv4());
