@@ -23,6 +23,9 @@ APT_PACKAGES=(
   # The real Kubernetes control plane the API tests run against
   # (scripts/kube-control-plane.sh builds it from Debian's source package).
   golang-go rsync jq dpkg-dev golang-github-modern-go-reflect2-dev etcd-server
+  # The real Prometheus (and promtool) the prometheus_* tests scrape the
+  # daemons with (tests/tests/prometheus.rs starts its own, in a netns).
+  prometheus
 )
 
 missing=()

@@ -25,6 +25,7 @@
 //! ips = ["10.77.1.2", "fd77:1::2"]
 //! netns = "/run/netns/client"
 //! # mode = "off"              # opts this one pod out
+//! # workload = "client"       # its workload in metrics (default: the pod name)
 //! ```
 
 #![forbid(unsafe_code)]
@@ -148,6 +149,8 @@ struct RawPod {
     netns: Option<PathBuf>,
     #[serde(default)]
     mode: Option<PodMode>,
+    #[serde(default)]
+    workload: Option<String>,
 }
 
 fn default_sa() -> String {
@@ -180,9 +183,19 @@ pub struct Pod {
     pub netns: Option<PathBuf>,
     /// Effective mode: `None` when not enrolled.
     pub mode: Option<Mode>,
+    /// The workload it belongs to (Deployment, `StatefulSet`, … or the
+    /// inventory's `workload`), for metrics; `None`: the pod name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
 }
 
 impl Pod {
+    /// Its workload's name (metrics label `*_workload`): [`Pod::workload`],
+    /// else the pod name.
+    pub fn workload_name(&self) -> &str {
+        self.workload.as_deref().unwrap_or(&self.name)
+    }
+
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -353,6 +366,7 @@ pub fn parse(text: &str) -> Result<(Inventory, Vec<Problem>), String> {
                 ips: p.ips,
                 netns: p.netns,
                 mode,
+                workload: p.workload.filter(|w| !w.is_empty()),
             },
         );
     }
@@ -439,6 +453,71 @@ pub fn inbound_verdict<S: std::hash::BuildHasher>(
         InboundVerdict::AcceptPlaintext
     } else {
         InboundVerdict::Refuse
+    }
+}
+
+/// The owner reference of a pod, as far as [`derive_workload`] needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner<'a> {
+    /// `kind` (`ReplicaSet`, `StatefulSet`, `DaemonSet`, `Job`, …).
+    pub kind: &'a str,
+    /// `name`.
+    pub name: &'a str,
+    /// `controller: true`.
+    pub controller: bool,
+}
+
+/// The labels that name a pod's application, first found wins (Istio's order).
+pub const CANONICAL_NAME_LABELS: [&str; 3] =
+    ["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"];
+
+/// The label that overrides a pod's workload name (as in Istio).
+pub const WORKLOAD_NAME_LABEL: &str = "service.istio.io/workload-name";
+
+/// A Kubernetes pod's workload name, Istio's heuristic
+/// (`GetWorkloadMetaFromPod`): the `service.istio.io/workload-name` label;
+/// else, for a pod with a generated name, its controller — a `ReplicaSet`
+/// named `<deployment>-<pod-template-hash>` is its Deployment, a `Job` named
+/// `<cronjob>-<8 to 10 digits>` its `CronJob`, a `StatefulSet`, `DaemonSet`
+/// or other `Job` itself; else (a bare pod) the first of the canonical-name
+/// labels `service.istio.io/canonical-name`, `app.kubernetes.io/name`,
+/// `app`; else the pod name. (Istio names a bare pod's workload after the
+/// pod and uses those labels only for its canonical service.)
+pub fn derive_workload(
+    pod_name: &str,
+    generated_name: bool,
+    owners: &[Owner<'_>],
+    label: &dyn Fn(&str) -> Option<String>,
+) -> String {
+    if let Some(w) = label(WORKLOAD_NAME_LABEL).filter(|w| !w.is_empty()) {
+        return w;
+    }
+    let Some(c) = owners.iter().find(|o| o.controller).filter(|_| generated_name) else {
+        return CANONICAL_NAME_LABELS
+            .iter()
+            .find_map(|l| label(l).filter(|v| !v.is_empty()))
+            .unwrap_or_else(|| pod_name.to_owned());
+    };
+    let trimmed = |hash_label: &str| {
+        let hash = label(hash_label).filter(|h| !h.is_empty())?;
+        c.name.strip_suffix(hash.as_str())?.strip_suffix('-').map(str::to_owned)
+    };
+    match c.kind {
+        "ReplicaSet" => trimmed("pod-template-hash")
+            .or_else(|| trimmed("rollouts-pod-template-hash"))
+            .unwrap_or_else(|| c.name.to_owned()),
+        "ReplicationController" => label("deploymentconfig").unwrap_or_else(|| c.name.to_owned()),
+        "Job" => match c.name.rsplit_once('-') {
+            Some((cron, ts))
+                if !cron.is_empty()
+                    && (8..=10).contains(&ts.len())
+                    && ts.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                cron.to_owned()
+            }
+            _ => c.name.to_owned(),
+        },
+        _ => c.name.to_owned(),
     }
 }
 
@@ -678,5 +757,51 @@ mod tests {
             inbound_verdict(Mode::Permissive, other, &probes),
             InboundVerdict::AcceptPlaintext
         );
+    }
+
+    #[test]
+    fn workload_names_follow_istio() {
+        let labels = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(l, _)| *l == k).map(|(_, v)| (*v).to_owned())
+        };
+        let rs = [Owner { kind: "ReplicaSet", name: "web-7d9f8c6b5", controller: true }];
+        let hash = labels(&[("pod-template-hash", "7d9f8c6b5")]);
+        assert_eq!(derive_workload("web-7d9f8c6b5-x2x4z", true, &rs, &hash), "web");
+        // Without the hash label the ReplicaSet is the workload.
+        assert_eq!(
+            derive_workload("web-7d9f8c6b5-x2x4z", true, &rs, &labels(&[])),
+            "web-7d9f8c6b5"
+        );
+        let sts = [Owner { kind: "StatefulSet", name: "db", controller: true }];
+        assert_eq!(derive_workload("db-0", true, &sts, &labels(&[])), "db");
+        let ds = [Owner { kind: "DaemonSet", name: "agent", controller: true }];
+        assert_eq!(derive_workload("agent-abcde", true, &ds, &labels(&[])), "agent");
+        let cron = [Owner { kind: "Job", name: "backup-28391040", controller: true }];
+        assert_eq!(derive_workload("backup-28391040-q8k2j", true, &cron, &labels(&[])), "backup");
+        let job = [Owner { kind: "Job", name: "migrate-42", controller: true }];
+        assert_eq!(derive_workload("migrate-42-abcde", true, &job, &labels(&[])), "migrate-42");
+        // A name not generated, or no controller: the pod itself.
+        assert_eq!(derive_workload("static", false, &sts, &labels(&[])), "static");
+        // A bare pod: the canonical-name labels, in Istio's order.
+        let app = labels(&[("app", "shop"), ("app.kubernetes.io/name", "storefront")]);
+        assert_eq!(derive_workload("static", false, &[], &app), "storefront");
+        let not_ctl = [Owner { kind: "StatefulSet", name: "db", controller: false }];
+        assert_eq!(derive_workload("db-0", true, &not_ctl, &labels(&[])), "db-0");
+        // The override label wins.
+        let over = labels(&[(WORKLOAD_NAME_LABEL, "frontend"), ("pod-template-hash", "7d9f8c6b5")]);
+        assert_eq!(derive_workload("web-7d9f8c6b5-x2x4z", true, &rs, &over), "frontend");
+    }
+
+    #[test]
+    fn the_workload_field_defaults_to_the_pod_name() {
+        let (inv, _) = parse(GOOD).unwrap();
+        assert_eq!(inv.pods["shop/web"].workload_name(), "web");
+        let (inv, _) = parse(&GOOD.replace(
+            "netns = \"/run/netns/web\"",
+            "netns = \"/run/netns/web\"\n        workload = \"frontend\"",
+        ))
+        .unwrap();
+        assert_eq!(inv.pods["shop/web"].workload.as_deref(), Some("frontend"));
+        assert_eq!(inv.pods["shop/web"].workload_name(), "frontend");
     }
 }

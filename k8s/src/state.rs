@@ -197,6 +197,9 @@ struct PodInfo {
     node: Option<String>,
     ips: Vec<IpAddr>,
     label: PodLabel,
+    /// Its workload (owner references, canonical-name labels, or the pod
+    /// name: `inventory::derive_workload`).
+    workload: String,
     host_network: bool,
     finished: bool,
     deleting: bool,
@@ -322,7 +325,23 @@ fn pod_info(p: &Pod) -> PodInfo {
     if ips.is_empty() {
         ips = parse_ips(status.and_then(|s| s.pod_ip.as_ref()));
     }
+    let owners: Vec<inventory::Owner<'_>> = p
+        .owner_references()
+        .iter()
+        .map(|o| inventory::Owner {
+            kind: &o.kind,
+            name: &o.name,
+            controller: o.controller == Some(true),
+        })
+        .collect();
+    let workload = inventory::derive_workload(
+        &p.name_any(),
+        p.metadata.generate_name.as_deref().is_some_and(|g| !g.is_empty()),
+        &owners,
+        &|k| p.labels().get(k).cloned(),
+    );
     PodInfo {
+        workload,
         namespace: p.namespace().unwrap_or_default(),
         name: p.name_any(),
         uid: p.uid().unwrap_or_default(),
@@ -722,6 +741,7 @@ impl ClusterState {
                     ips,
                     netns: if local { resolver.netns(&pref) } else { None },
                     mode,
+                    workload: Some(p.workload.clone()),
                 },
             );
         }

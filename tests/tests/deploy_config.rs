@@ -110,6 +110,7 @@ fn helm_chart_matches_the_cli_and_config() {
     assert_eq!(cfg.cidrs().len(), 2);
     assert_eq!(cfg.probe_sources, ["10.244.0.1".parse::<std::net::IpAddr>().unwrap()]);
     assert_eq!(cfg.drain_timeout_secs, 10, "extraArgs reach `tlsmesh node`");
+    assert_eq!(cfg.metrics.compat, tlsmesh::config::MetricsCompat::Istio, "metrics.compat");
     assert_eq!(cfg.cni_socket, Path::new("/run/tlsmesh-alt/cni.sock"));
     assert_eq!(cfg.cni_state.as_deref(), Some(Path::new("/run/tlsmesh-alt/cni-pods.json")));
     assert_eq!(cfg.identity.ca_addr.as_deref(), Some("tlsmesh-ca.tlsmesh-system.svc:15013"));

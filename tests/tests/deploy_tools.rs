@@ -318,6 +318,24 @@ fn real_helm_renders_what_the_test_renderer_renders() {
                 assert!(annotations["prometheus.io/scrape"].is_null());
                 assert!(!objs.keys().any(|(_, name)| name.contains("-ca")), "ca.enabled=false");
             }
+            "custom" => {
+                // The monitoring objects carry the chart's files unchanged.
+                let file = |name: &str| read(&chart_dir().join("files").join(name));
+                let dash = get(&objs, "ConfigMap", "tlsmesh-dashboard");
+                assert_eq!(dash["metadata"]["labels"]["grafana_dashboard"], "1");
+                let json = |t: &str| -> serde_json::Value { serde_json::from_str(t).unwrap() };
+                assert_eq!(
+                    json(dash["data"]["tlsmesh.json"].as_str().unwrap()),
+                    json(&file("tlsmesh-dashboard.json"))
+                );
+                let alerts: Value = serde_yaml::from_str(&file("tlsmesh-alerts.yaml")).unwrap();
+                let cm = get(&objs, "ConfigMap", "tlsmesh-alerts");
+                let in_cm: Value =
+                    serde_yaml::from_str(cm["data"]["tlsmesh-alerts.yaml"].as_str().unwrap())
+                        .unwrap();
+                assert_eq!(in_cm, alerts);
+                assert_eq!(get(&objs, "PrometheusRule", "tlsmesh")["spec"], alerts);
+            }
             "vagrant" => {
                 assert_eq!(node["image"], "localhost/tlsmesh:dev");
                 assert_eq!(node["imagePullPolicy"], "Never");

@@ -174,6 +174,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), AppError> {
         stats: Arc::clone(&stats),
         kernel,
         mesh: mesh.clone(),
+        pairs: metrics::Pairs::install(&conns, &cfg.metrics, &node_state),
     };
     for (addr, is_metrics) in [(cfg.metrics_addr, true), (cfg.readiness_addr, false)] {
         match reuse_listener(addr) {

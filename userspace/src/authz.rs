@@ -196,6 +196,7 @@ mod tests {
             ips: vec!["10.0.1.2".parse().unwrap(), "fd00::1:2".parse().unwrap()],
             netns: None,
             mode: Some(Mode::Strict),
+            workload: None,
         }
     }
 
@@ -403,6 +404,7 @@ mod tests {
             src_identity: Some(id("lab", "exp").to_string()),
             dst_identity: None,
             transport: None,
+            dst_service: None,
         }
     }
 

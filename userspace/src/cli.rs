@@ -97,6 +97,9 @@ pub struct NodeArgs {
     /// Load this eBPF object instead of the built-in one.
     #[arg(long)]
     pub ebpf_object: Option<PathBuf>,
+    /// Names and labels of the workload-pair metrics (`metrics.compat`).
+    #[arg(long, value_enum)]
+    pub metrics_compat: Option<crate::config::MetricsCompat>,
     /// Remove every pinned program, link and map, then exit.
     #[arg(long)]
     pub uninstall: bool,
@@ -140,6 +143,9 @@ impl NodeArgs {
         }
         if let Some(v) = self.log_format {
             c.log_format = v;
+        }
+        if let Some(v) = self.metrics_compat {
+            c.metrics.compat = v;
         }
         let id = &mut c.identity;
         for (dst, src) in [

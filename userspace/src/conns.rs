@@ -8,13 +8,17 @@
 //!
 //! `/config_dump` lists the table (like `istioctl ztunnel-config
 //! connections`); the drain waits until it is empty.
+//!
+//! An [`Observer`] (the workload-pair metrics) is told when each entry
+//! opens and closes, and about connections refused before they had one
+//! ([`ConnTable::refused`]): once per connection, never per read.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
     },
     time::{Instant, SystemTime},
 };
@@ -106,6 +110,46 @@ pub struct ConnInfo {
     pub dst_identity: Option<String>,
     /// `tcp` (HBONE) or `quic` for tunnel connections.
     pub transport: Option<String>,
+    /// The Service (`namespace/name`) an outbound connection was addressed
+    /// to, when it went to a Service address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_service: Option<String>,
+}
+
+/// Why a connection was refused or failed before it was relayed (the
+/// metrics' `response_flags`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Failure {
+    /// L4 policy denied it.
+    PolicyDenied,
+    /// Plaintext to a strict pod.
+    PlaintextRefused,
+    /// The destination (app, passthrough target, tunnel peer) could not be
+    /// reached.
+    ConnectFailed,
+    /// The TLS handshake failed.
+    TlsFailed,
+    /// A certificate or identity problem (wrong or missing SPIFFE ID, no
+    /// certificate, no CA).
+    IdentityError,
+    /// The peer's certificate is revoked (deny list).
+    Revoked,
+}
+
+/// Told about every connection of the table (the workload-pair metrics).
+/// Called on the connection's task, once when it opens and once when it
+/// closes: keep it cheap and never block.
+pub trait Observer: Send + Sync {
+    /// A connection opened; what is returned is told when it closes.
+    fn opened(&self, info: &ConnInfo) -> Option<Box<dyn Closing>>;
+    /// A connection was refused or failed before it was relayed.
+    fn refused(&self, info: &ConnInfo, why: Failure);
+}
+
+/// Told when one observed connection closes.
+pub trait Closing: Send + Sync {
+    /// The connection closed, having moved `t`.
+    fn closed(self: Box<Self>, t: Transfer);
 }
 
 /// One row of the table as the admin API shows it.
@@ -205,6 +249,8 @@ struct Inner {
     stats: Arc<Stats>,
     /// The number of open entries, for waiters (the drain).
     len: watch::Sender<usize>,
+    /// Told about each connection (set once, by the metrics).
+    observer: OnceLock<Arc<dyn Observer>>,
 }
 
 /// The table of open connections (cheap to clone).
@@ -228,7 +274,22 @@ impl ConnTable {
                 open: Mutex::new(HashMap::new()),
                 stats,
                 len: watch::channel(0).0,
+                observer: OnceLock::new(),
             }),
+        }
+    }
+
+    /// Tells `observer` about every connection from now on (once; a
+    /// second observer is ignored and `false` returned).
+    pub fn observe(&self, observer: Arc<dyn Observer>) -> bool {
+        self.inner.observer.set(observer).is_ok()
+    }
+
+    /// Records a connection refused or failed before it had an entry
+    /// (denied, refused plaintext, unreachable, handshake failure).
+    pub fn refused(&self, info: &ConnInfo, why: Failure) {
+        if let Some(o) = self.inner.observer.get() {
+            o.refused(info, why);
         }
     }
 
@@ -237,13 +298,14 @@ impl ConnTable {
     pub fn open(&self, info: ConnInfo) -> ConnGuard {
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let close = CancellationToken::new();
+        let closing = self.inner.observer.get().and_then(|o| o.opened(&info));
         let mut open = lock(&self.inner.open);
         open.insert(
             id,
             Entry { info, opened: SystemTime::now(), since: Instant::now(), close: close.clone() },
         );
         self.inner.len.send_replace(open.len());
-        ConnGuard { table: Arc::clone(&self.inner), id, done: None, close }
+        ConnGuard { table: Arc::clone(&self.inner), id, done: None, close, closing }
     }
 
     /// Open connections.
@@ -309,6 +371,7 @@ pub struct ConnGuard {
     id: u64,
     done: Option<Done>,
     close: CancellationToken,
+    closing: Option<Box<dyn Closing>>,
 }
 
 impl std::fmt::Debug for ConnGuard {
@@ -362,6 +425,9 @@ impl Drop for ConnGuard {
         };
         Stats::add(&self.table.stats.bytes_from_pods, t.from_pod);
         Stats::add(&self.table.stats.bytes_to_pods, t.to_pod);
+        if let Some(c) = self.closing.take() {
+            c.closed(t);
+        }
         let i = &e.info;
         info!(
             direction = i.direction.as_str(),
@@ -398,6 +464,7 @@ mod tests {
             src_identity: None,
             dst_identity: None,
             transport: None,
+            dst_service: None,
         }
     }
 

@@ -4,7 +4,13 @@
 //! The daemon counts with lock-free atomics (`stats`); a collector turns a
 //! snapshot of them, the connection table, the kernel-side counters and the
 //! certificate state into metrics at scrape time. The tunnel handshake
-//! latency is a real histogram (owned by `mesh`).
+//! latency is a real histogram (owned by `mesh`). Per workload pair
+//! (`pairs`): counted once per connection by the connection table's
+//! observer. Also: certificate and trust-root expiry timestamps, build and
+//! TLS settings info, readiness, and the process's CPU, memory and file
+//! descriptors (`process_*`, as the Prometheus client libraries name them).
+
+mod pairs;
 
 use std::{convert::Infallible, fmt::Write as _, sync::Arc};
 
@@ -19,7 +25,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
+pub use pairs::{Pairs, PairsObserver};
+
 use crate::{
+    config::MetricsConfig,
     conns::ConnTable,
     kernel::KernelCounters,
     mesh::Mesh,
@@ -40,6 +49,23 @@ pub struct Sources {
     pub kernel: Arc<dyn KernelCounters>,
     /// The tunnel side.
     pub mesh: Option<Arc<Mesh>>,
+    /// The workload-pair series.
+    pub pairs: Arc<Pairs>,
+}
+
+impl Pairs {
+    /// The workload-pair series for `conns`, which from now on tells them
+    /// about every connection; workloads are looked up in `state`'s
+    /// inventory when a connection opens.
+    pub fn install(conns: &ConnTable, cfg: &MetricsConfig, state: &Arc<NodeState>) -> Arc<Pairs> {
+        let state = Arc::clone(state);
+        let workload_of = move |key: &str| {
+            state.inventory().inv.pods.get(key).map(|p| p.workload_name().to_owned())
+        };
+        let pairs = Arc::new(Pairs::new(cfg, Box::new(workload_of)));
+        conns.observe(Arc::new(PairsObserver(Arc::clone(&pairs))));
+        pairs
+    }
 }
 
 impl std::fmt::Debug for Sources {
@@ -171,6 +197,16 @@ impl Collector for DaemonCollector {
         let events: Vec<(&[(&str, &str)], u64)> =
             events.iter().map(|(l, v)| (l.as_slice(), *v)).collect();
         counter(&mut enc, "tlsmesh_ebpf_events", "Kernel-side capture events", &events)?;
+        src.pairs.encode(&mut enc)?;
+        let ready = i64::from(readiness(&src.state, src.mesh.as_deref()).is_ok());
+        gauge(
+            &mut enc,
+            "tlsmesh_ready",
+            "1 when the daemon is ready (/healthz/ready)",
+            &[(vec![], ready)],
+        )?;
+        info(&mut enc)?;
+        process(&mut enc)?;
         let enrolled = i64::try_from(src.kernel.enrolled_netns()).unwrap_or(0);
         gauge(
             &mut enc,
@@ -199,6 +235,22 @@ impl Collector for DaemonCollector {
                 "Seconds until each workload certificate expires",
                 &certs,
             )?;
+            let stamps: Vec<(Vec<(String, String)>, i64)> =
+                certs.into_iter().map(|(l, left)| (l, now.unix_timestamp() + left)).collect();
+            gauge(
+                &mut enc,
+                "tlsmesh_certificate_expiration_timestamp_seconds",
+                "When each workload certificate in use expires (Unix time)",
+                &stamps,
+            )?;
+            let roots: Vec<(Vec<(String, String)>, i64)> =
+                mesh.certs.bundle.roots().iter().filter_map(|r| root_expiry(r)).collect();
+            gauge(
+                &mut enc,
+                "tlsmesh_trust_root_expiration_timestamp_seconds",
+                "When each root of the trust bundle expires (Unix time)",
+                &roots,
+            )?;
             let (hc, hs) = mesh.client.hbone().stats();
             let (qc, qs) = mesh.client.quic().stats();
             let n = |x: usize| i64::try_from(x).unwrap_or(i64::MAX);
@@ -222,6 +274,137 @@ impl Collector for DaemonCollector {
             )?;
         }
         Ok(())
+    }
+}
+
+/// `fingerprint` (short SHA-256, as `/config_dump` `trust_roots`) and
+/// `subject` labels and the notAfter of a root.
+fn root_expiry(der: &[u8]) -> Option<(Vec<(String, String)>, i64)> {
+    use sha2::Digest as _;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let fp: String = sha2::Sha256::digest(der).iter().take(8).fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    });
+    Some((
+        vec![("fingerprint".into(), fp), ("subject".into(), cert.subject().to_string())],
+        cert.validity().not_after.timestamp(),
+    ))
+}
+
+/// Build and TLS settings, as info gauges (value 1).
+fn info(enc: &mut DescriptorEncoder) -> std::fmt::Result {
+    let l = |k: &str, v: String| (k.to_string(), v);
+    gauge(
+        enc,
+        "tlsmesh_build_info",
+        "The daemon's build: version and the digest of its eBPF object",
+        &[(
+            vec![
+                l("version", env!("CARGO_PKG_VERSION").into()),
+                l("ebpf_object", crate::capture::object_digest()),
+            ],
+            1,
+        )],
+    )?;
+    let p = tlsmesh_identity::tls::provider();
+    let join = |v: Vec<String>| v.join(",");
+    gauge(
+        enc,
+        "tlsmesh_tls_info",
+        "The TLS settings in force for tunnels: protocol, cipher suites and key-exchange groups in preference order",
+        &[(
+            vec![
+                l("protocol", "TLSv1.3".into()),
+                l(
+                    "cipher_suites",
+                    join(p.cipher_suites.iter().map(|c| format!("{:?}", c.suite())).collect()),
+                ),
+                l(
+                    "key_exchange_groups",
+                    join(p.kx_groups.iter().map(|g| format!("{:?}", g.name())).collect()),
+                ),
+            ],
+            1,
+        )],
+    )
+}
+
+/// The process's own figures from `/proc/self` (CPU, resident memory, open
+/// file descriptors, start time), named as the Prometheus client libraries do.
+fn process(enc: &mut DescriptorEncoder) -> std::fmt::Result {
+    let Some(p) = ProcessStats::read() else { return Ok(()) };
+    let mut m = enc.encode_descriptor(
+        "process_cpu_seconds",
+        "Total user and system CPU time spent in seconds",
+        None,
+        MetricType::Counter,
+    )?;
+    ConstCounter::new(p.cpu_seconds).encode(m.encode_family(&Vec::<(String, String)>::new())?)?;
+    for (name, help, v) in [
+        ("process_resident_memory_bytes", "Resident memory size in bytes", p.rss_bytes),
+        ("process_open_fds", "Number of open file descriptors", p.open_fds),
+        (
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch in seconds",
+            p.start_time,
+        ),
+    ] {
+        let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        ConstGauge::new(v).encode(m.encode_family(&Vec::<(String, String)>::new())?)?;
+    }
+    Ok(())
+}
+
+/// What `/proc/self` says about the daemon.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ProcessStats {
+    cpu_seconds: f64,
+    rss_bytes: i64,
+    open_fds: i64,
+    start_time: i64,
+}
+
+impl ProcessStats {
+    fn read() -> Option<Self> {
+        // SAFETY: sysconf only reads system configuration values.
+        let (tick, page) =
+            unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+        let btime = std::fs::read_to_string("/proc/stat").ok()?;
+        let fds = std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
+        Self::parse(&stat, &statm, &btime, tick, page, fds)
+    }
+
+    /// Pure: the figures from the files' text.
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "CPU ticks and the clock rate stay far below 2^52"
+    )]
+    fn parse(
+        stat: &str,
+        statm: &str,
+        proc_stat: &str,
+        tick: i64,
+        page: i64,
+        fds: usize,
+    ) -> Option<Self> {
+        // Fields after the command name (which may hold spaces), from field 3.
+        let rest = stat.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+        let field = |n: usize| rest.get(n - 3)?.parse::<u64>().ok();
+        let ticks = (field(14)? + field(15)?) as f64;
+        let start_ticks = field(22)?;
+        let rss_pages: i64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        let btime: i64 =
+            proc_stat.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse().ok()?;
+        let tick = tick.max(1);
+        Some(Self {
+            cpu_seconds: ticks / tick as f64,
+            rss_bytes: rss_pages * page,
+            open_fds: i64::try_from(fds).unwrap_or(i64::MAX),
+            start_time: btime + i64::try_from(start_ticks).ok()? / tick,
+        })
     }
 }
 
@@ -307,5 +490,34 @@ pub async fn serve(listener: tokio::net::TcpListener, src: Sources, metrics: boo
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_figures_come_from_proc() {
+        let stat = "4242 (tls mesh) S 1 4242 4242 0 -1 4194560 500 0 0 0 250 50 0 0 20 0 2 0 1000 123456 789 18446744073709551615";
+        let p = ProcessStats::parse(
+            stat,
+            "5000 789 300 1 0 400 0",
+            "cpu 1 2 3\nbtime 1700000000\n",
+            100,
+            4096,
+            12,
+        )
+        .unwrap();
+        assert_eq!(
+            p,
+            ProcessStats {
+                cpu_seconds: 3.0,
+                rss_bytes: 789 * 4096,
+                open_fds: 12,
+                start_time: 1_700_000_010
+            }
+        );
+        assert!(ProcessStats::read().is_some(), "this process's own /proc");
     }
 }

@@ -509,6 +509,7 @@ mod tests {
             ips: vec!["10.0.0.2".parse().unwrap()],
             netns: Some(format!("/run/netns/{name}").into()),
             mode: Some(Mode::Strict),
+            workload: None,
         }
     }
 

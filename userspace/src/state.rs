@@ -376,6 +376,7 @@ mod tests {
             ips: vec![ip.parse().unwrap()],
             netns: Some(format!("/run/netns/{name}").into()),
             mode: Some(Mode::Strict),
+            workload: None,
         }
     }
 

@@ -98,6 +98,7 @@ pub fn pod(ns: &str, name: &str, node: &str, ip: &str, mode: Mode) -> Pod {
         ips: vec![ip.parse().expect("pod ip")],
         netns: None,
         mode: Some(mode),
+        workload: None,
     }
 }
 

@@ -521,3 +521,27 @@ fn mode_overrides_apply_to_enrolled_namespaces_under_pod_labels() {
     assert!(s.set_mode_overrides(ModeOverrides::default()));
     assert_eq!(modes(&s)[3], ("shop/web".into(), Some(Mode::Strict)));
 }
+
+#[test]
+fn the_workload_comes_from_owner_references_or_labels() {
+    let mut deployed = pod("shop", "web-7d9f8c6b5-x2x4z", "a", Some("10.0.0.2"), None);
+    deployed.metadata.generate_name = Some("web-7d9f8c6b5-".into());
+    deployed
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert("pod-template-hash".into(), "7d9f8c6b5".into());
+    deployed.metadata.owner_references = Some(vec![serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-7d9f8c6b5",
+        "uid": "rs-uid", "controller": true
+    }))
+    .unwrap()]);
+    let mut bare = pod("shop", "debug", "a", Some("10.0.0.3"), None);
+    bare.metadata.labels.get_or_insert_default().insert("app".into(), "toolbox".into());
+    let plain = pod("shop", "lonely", "a", Some("10.0.0.4"), None);
+    let s = synced(vec![ns("shop", Some("strict"))], vec![deployed, bare, plain]);
+    let inv = inv(&s);
+    assert_eq!(inv.pods["shop/web-7d9f8c6b5-x2x4z"].workload_name(), "web");
+    assert_eq!(inv.pods["shop/debug"].workload_name(), "toolbox");
+    assert_eq!(inv.pods["shop/lonely"].workload_name(), "lonely");
+}

@@ -242,6 +242,10 @@ pub const CUSTOM_VALUES: &str = r#"
         ca:
           port: 15013
           certManager: {enabled: true, issuerRef: {name: root}}
+        metrics:
+          compat: istio
+          dashboard: {enabled: true}
+          alerts: {configMap: true, prometheusRule: true}
         "#;
 
 struct Chart {

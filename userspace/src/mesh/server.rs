@@ -31,7 +31,7 @@ use crate::{
     accept::Backoff,
     authz::{self, Denial},
     certs::workload_id,
-    conns::{ConnInfo, ConnTable, Direction, Route, Transfer},
+    conns::{ConnInfo, ConnTable, Direction, Failure, Route, Transfer},
     scope::Drain,
     state::{NodeState, PodEntry},
     stats::Stats,
@@ -146,11 +146,17 @@ async fn serve_tcp_conn(
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             Stats::inc(&ctx.stats.inbound_tunnel_refused);
+            let why = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .map_or(Failure::TlsFailed, tls_failure);
+            ctx.conns.refused(&handshake_info(&pod, peer, local, "tcp"), why);
             warn!(pod = %pod.key(), %peer, reason = %tls_reason(&e), "tunnel handshake refused");
             return;
         }
         Err(_) => {
             Stats::inc(&ctx.stats.inbound_tunnel_refused);
+            ctx.conns.refused(&handshake_info(&pod, peer, local, "tcp"), Failure::TlsFailed);
             warn!(pod = %pod.key(), %peer, "tunnel handshake timed out");
             return;
         }
@@ -253,6 +259,43 @@ async fn bind_with_retry(ctx: &Inbound, pod: &PodEntry, addr: SocketAddr) -> Opt
     }
 }
 
+/// The `response_flags` of a TLS error: revoked, identity, or TLS.
+pub(crate) fn tls_failure(e: &rustls::Error) -> Failure {
+    use tlsmesh_identity::tls::RejectReason as R;
+    match tls::rejection(e).map(|r| &r.reason) {
+        Some(R::Revoked(_)) => Failure::Revoked,
+        Some(
+            R::NoSpiffeId { .. }
+            | R::ForeignTrustDomain { .. }
+            | R::WrongKind { .. }
+            | R::WrongIdentity { .. },
+        ) => Failure::IdentityError,
+        _ => Failure::TlsFailed,
+    }
+}
+
+/// A tunnel connection to `pod` whose handshake failed: the peer is known
+/// only by its address.
+fn handshake_info(
+    pod: &PodEntry,
+    peer: SocketAddr,
+    local: SocketAddr,
+    transport: &str,
+) -> ConnInfo {
+    ConnInfo {
+        direction: Direction::Inbound,
+        route: Route::Tunnel,
+        pod: pod.key(),
+        src: peer,
+        dst: local,
+        peer_pod: None,
+        src_identity: None,
+        dst_identity: Some(pod.identity.clone()),
+        transport: Some(transport.into()),
+        dst_service: None,
+    }
+}
+
 fn tls_reason(e: &io::Error) -> String {
     e.get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
@@ -298,24 +341,55 @@ fn track_quic_inbound(mesh: &Arc<Mesh>, pod: &PodEntry) -> quic::OnConnection {
 
 /// The decision for one tunnelled connection arriving at `pod`, and the
 /// delivery when it is allowed.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the steps of the decision in order, each refusal counted where it happens"
+)]
 async fn handle(
     ctx: &Inbound,
     pod: &PodEntry,
     transport: &'static str,
     req: ConnectRequest,
 ) -> Result<Accepted, Refusal> {
-    let refused = |r: Refusal| {
+    let inv = ctx.state.inventory();
+    // What the metrics know of a refused stream: the peer's identity once
+    // its certificate was read, the client pod when its address is known.
+    let refusal_info = |peer_id: Option<String>| {
+        // The client pod only when the verified identity is its own.
+        let client = req
+            .forwarded_for
+            .and_then(|f| inv.pod_by_ip(f.ip()))
+            .filter(|c| peer_id.as_deref() == Some(c.spiffe_id(&inv.inv.trust_domain).as_str()));
+        ConnInfo {
+            src: req.forwarded_for.unwrap_or(req.peer_addr),
+            dst: req.authority,
+            peer_pod: client.map(crate::inventory::Pod::key),
+            src_identity: peer_id,
+            ..handshake_info(pod, req.peer_addr, req.authority, transport)
+        }
+    };
+    let refused = |r: Refusal, peer_id: Option<String>, why: Failure| {
         Stats::inc(&ctx.stats.inbound_tunnel_refused);
+        ctx.conns.refused(&refusal_info(peer_id), why);
         Err(r)
     };
     let info = match tls::peer_cert_info(&req.peer_certs) {
         Ok(i) => i,
-        Err(e) => return refused(Refusal::denied(format!("peer certificate unusable: {e}"))),
+        Err(e) => {
+            return refused(
+                Refusal::denied(format!("peer certificate unusable: {e}")),
+                None,
+                Failure::IdentityError,
+            )
+        }
     };
     let Identity::Workload(peer_id) = &info.identity else {
-        return refused(Refusal::denied("peer is a node, not a workload"));
+        return refused(
+            Refusal::denied("peer is a node, not a workload"),
+            Some(info.identity.to_string()),
+            Failure::IdentityError,
+        );
     };
-    let inv = ctx.state.inventory();
     let td = inv.inv.trust_domain.clone();
     let decision = authz::authorize(
         &ctx.state.policy(),
@@ -328,7 +402,13 @@ async fn handle(
     );
     let allowed = match decision {
         Ok(a) => a,
-        Err(Denial::NotThisPod(why)) => return refused(Refusal::malformed(why)),
+        Err(Denial::NotThisPod(why)) => {
+            return refused(
+                Refusal::malformed(why),
+                Some(peer_id.to_string()),
+                Failure::ConnectFailed,
+            )
+        }
         Err(Denial::Policy(reason)) => {
             Stats::inc(&ctx.stats.policy_denied);
             ctx.state.record_deny(
@@ -337,7 +417,11 @@ async fn handle(
                 reason.clone(),
             );
             info!(peer = %peer_id, dst = %req.authority, pod = %pod.key(), %reason, "tunnel connection denied by policy");
-            return refused(Refusal::denied(reason));
+            return refused(
+                Refusal::denied(reason),
+                Some(peer_id.to_string()),
+                Failure::PolicyDenied,
+            );
         }
     };
     if allowed.forwarded_ignored {
@@ -363,6 +447,7 @@ async fn handle(
                 src_identity: Some(peer_id.to_string()),
                 dst_identity: Some(pod.identity.clone()),
                 transport: Some(transport.into()),
+                dst_service: None,
             });
             // The tunnel is the splice's first side, the pod's socket the
             // second. If the stream's task is cancelled instead, the guard
@@ -378,7 +463,11 @@ async fn handle(
         }
         Err(e) => {
             warn!(dst = %req.authority, error = %e, "cannot connect to the destination pod");
-            refused(Refusal::unreachable(e.to_string()))
+            refused(
+                Refusal::unreachable(e.to_string()),
+                Some(peer_id.to_string()),
+                Failure::ConnectFailed,
+            )
         }
     }
 }

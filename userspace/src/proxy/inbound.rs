@@ -10,7 +10,7 @@ use tracing::{info, info_span, warn, Instrument};
 use super::{dropped, reset, Proxy};
 use crate::{
     authz,
-    conns::{ConnInfo, Direction, Route, Transfer},
+    conns::{ConnInfo, Direction, Failure, Route, Transfer},
     inventory::{self, InboundVerdict, Pod},
     state::PodEntry,
     stats::Stats,
@@ -29,9 +29,23 @@ pub async fn serve(p: Proxy, pod: Arc<PodEntry>, mut client: TcpStream, peer: So
     let verdict = inventory::inbound_verdict(pod.mode, peer.ip(), inv.probe_sources());
     let span = info_span!("inbound", dst_pod = %pod.key(), src = %peer, %dst, ?verdict);
     async move {
+        let peer_pod = inv.pod_by_ip(peer.ip());
+        let info = |route: Route| ConnInfo {
+            direction: Direction::Inbound,
+            route,
+            pod: pod.key(),
+            src: peer,
+            dst,
+            peer_pod: peer_pod.map(Pod::key),
+            src_identity: None,
+            dst_identity: Some(pod.identity.clone()),
+            transport: None,
+            dst_service: None,
+        };
         let route = match verdict {
             InboundVerdict::Refuse => {
                 Stats::inc(&p.stats.inbound_plaintext_refused);
+                p.conns.refused(&info(Route::Plaintext), Failure::PlaintextRefused);
                 info!(mode = %pod.mode, "plaintext connection to a strict pod refused");
                 p.state.record_deny(
                     peer.to_string(),
@@ -46,6 +60,7 @@ pub async fn serve(p: Proxy, pod: Arc<PodEntry>, mut client: TcpStream, peer: So
                     authz::authorize_plaintext(&p.state.policy(), &pod.pod, peer, dst)
                 {
                     Stats::inc(&p.stats.policy_denied);
+                    p.conns.refused(&info(Route::Plaintext), Failure::PolicyDenied);
                     info!(%reason, "plaintext connection denied by policy");
                     p.state.record_deny(peer.to_string(), format!("{} {dst}", pod.key()), reason);
                     reset(client);
@@ -62,23 +77,13 @@ pub async fn serve(p: Proxy, pod: Arc<PodEntry>, mut client: TcpStream, peer: So
         let mut app = match pod.net.connect(dst).await {
             Ok(a) => a,
             Err(e) => {
+                p.conns.refused(&info(route), Failure::ConnectFailed);
                 warn!(error = %e, "the pod's application refused the connection");
                 reset(client);
                 return;
             }
         };
-        let peer_pod = inv.pod_by_ip(peer.ip());
-        let mut guard = p.conns.open(ConnInfo {
-            direction: Direction::Inbound,
-            route,
-            pod: pod.key(),
-            src: peer,
-            dst,
-            peer_pod: peer_pod.map(Pod::key),
-            src_identity: None,
-            dst_identity: Some(pod.identity.clone()),
-            transport: None,
-        });
+        let mut guard = p.conns.open(info(route));
         let splice = tlsmesh_tunnel::splice(&mut client, &mut app);
         let Some(o) = super::outbound::until_closed(&mut guard, splice).await else {
             drop(app);

@@ -9,7 +9,7 @@ use tracing::{info_span, warn, Instrument};
 use super::{dropped, reset, Proxy};
 use crate::{
     authz,
-    conns::{ConnGuard, ConnInfo, Direction, Route, Transfer},
+    conns::{ConnGuard, ConnInfo, Direction, Failure, Route, Transfer},
     inventory::{self, Pod},
     state::PodEntry,
     stats::Stats,
@@ -30,7 +30,9 @@ pub async fn serve(p: Proxy, pod: Arc<PodEntry>, client: TcpStream, peer: Socket
     let inv = p.state.inventory();
     // A Service ClusterIP is resolved to a ready endpoint first (capture
     // happens before kube-proxy's DNAT could).
-    let dst = p.state.resolve_service(&inv, dst).unwrap_or(dst);
+    let resolved = p.state.resolve_service(&inv, dst);
+    let dst_service = resolved.and_then(|_| service_of(&inv.inv, dst));
+    let dst = resolved.unwrap_or(dst);
     let route = inv.route(p.state.node(), dst.ip());
     let span = info_span!("outbound", src = %pod.key(), %dst, route = ?route);
     async move {
@@ -44,6 +46,7 @@ pub async fn serve(p: Proxy, pod: Arc<PodEntry>, client: TcpStream, peer: Socket
             src_identity: Some(pod.identity.clone()),
             dst_identity: peer_pod.map(|d| d.spiffe_id(&inv.inv.trust_domain)),
             transport: None,
+            dst_service: dst_service.clone(),
         };
         let src_ip = pod.pod.ips.iter().copied().find(|ip| ip.is_ipv4() == dst.ip().is_ipv4());
         match route {
@@ -65,6 +68,7 @@ pub async fn serve(p: Proxy, pod: Arc<PodEntry>, client: TcpStream, peer: Socket
                         authz::authorize_local(&policy, &dst_pod.pod, &pod.identity, peer, dst)
                     {
                         Stats::inc(&p.stats.policy_denied);
+                        p.conns.refused(&info(Route::Local, Some(&dst_pod.pod)), Failure::PolicyDenied);
                         tracing::info!(dst_pod = %key, %reason, "local connection denied by policy");
                         p.state.record_deny(
                             pod.identity.clone(),
@@ -107,6 +111,7 @@ async fn relay(
         Ok(s) => s,
         Err(e) => {
             Stats::inc(&p.stats.outbound_failed);
+            p.conns.refused(&info, Failure::ConnectFailed);
             warn!(error = %e, "cannot reach the original destination; resetting the client");
             reset(client);
             return;
@@ -139,6 +144,7 @@ async fn tunnel(
 ) {
     let Some(mesh) = &p.mesh else {
         Stats::inc(&p.stats.tunnel_failed);
+        p.conns.refused(&info, Failure::IdentityError);
         warn!(dst_pod = %dst_pod.key(), "no CA configured (set identity.ca_dir or identity.ca_addr): cannot tunnel to an enrolled pod on another node; resetting the client");
         reset(client);
         return;
@@ -156,6 +162,7 @@ async fn tunnel(
         Ok(s) => s,
         Err(e) => {
             Stats::inc(&p.stats.tunnel_failed);
+            p.conns.refused(&info, failure(&e));
             warn!(dst_pod = %dst_pod.key(), error = %e, kind = e.kind(), "tunnel to the destination failed; resetting the client");
             reset(client);
             return;
@@ -180,6 +187,35 @@ async fn tunnel(
         }
         None => guard.finished(t),
     }
+}
+
+/// The Service (`namespace/name`) whose address `dst` is.
+fn service_of(inv: &inventory::Inventory, dst: SocketAddr) -> Option<String> {
+    let vip = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+    inv.services.get(&vip).map(|b| b.service.clone())
+}
+
+/// The `response_flags` of a tunnel that could not be opened.
+fn failure(e: &crate::mesh::MeshError) -> Failure {
+    match e.kind() {
+        "identity" => return Failure::IdentityError,
+        "denied" => return Failure::PolicyDenied,
+        _ => {}
+    }
+    // A TLS error anywhere in the chain (the connector's handshake).
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = src {
+        // An io::Error's source() skips the error it wraps: look inside.
+        let inner = err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
+        let inner: Option<&(dyn std::error::Error + 'static)> = inner.map(|e| e as _);
+        if let Some(tls) =
+            [Some(err), inner].into_iter().flatten().find_map(|e| e.downcast_ref::<rustls::Error>())
+        {
+            return crate::mesh::server::tls_failure(tls);
+        }
+        src = inner.or_else(|| err.source());
+    }
+    Failure::ConnectFailed
 }
 
 /// Runs `splice` until it ends, or until the connection is closed from
