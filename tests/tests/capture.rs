@@ -260,7 +260,7 @@ fn fail_closed_restart_readopts_uninstall_leaves_nothing() {
     let r = send(&client.netns, dst, 1 << 20).expect("restarted daemon serves again");
     assert_eq!(r.server_hash, r.local_hash);
     let dump = d2.config_dump();
-    assert_eq!(dump["capture"]["programs"]["tlsmesh_connect4"], "Readopted", "{dump}");
+    assert_eq!(dump["capture"]["programs"]["tlsmesh_connect4"], "re-adopted", "{dump}");
     assert_eq!(link_ids(&d2.pin_dir), links, "the same links, not a second attachment");
 
     let pin_dir = d2.pin_dir.clone();
