@@ -26,7 +26,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
@@ -222,24 +222,7 @@ fn find<'a>(result: &'a [Value], want: &[(&str, &str)], what: &str) -> &'a Value
 
 /// Sends `len` bytes from `netns` to `dst` and checks they come back.
 fn exchange(netns: &str, dst: SocketAddr, len: usize) -> std::io::Result<()> {
-    Topology::in_netns(netns, move || {
-        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(20)))?;
-        let data: Vec<u8> = (0..len).map(|i| u8::try_from(i % 251).unwrap_or(0)).collect();
-        let mut r = s.try_clone()?;
-        let reader = std::thread::spawn(move || {
-            let mut back = Vec::new();
-            r.read_to_end(&mut back).map(|_| back)
-        });
-        s.write_all(&data)?;
-        s.shutdown(Shutdown::Write)?;
-        let back = reader.join().map_err(|_| std::io::Error::other("reader panicked"))??;
-        if back == data {
-            Ok(())
-        } else {
-            Err(std::io::Error::other(format!("got {} of {} bytes back", back.len(), data.len())))
-        }
-    })
+    netkit::echo_exchange(netns, dst, len)
 }
 
 /// A connection that must be refused: reset or closed before any byte
