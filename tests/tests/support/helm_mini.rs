@@ -123,7 +123,7 @@ pub fn parse_ca_args(args: &[String], tag: &str) -> ServeArgs {
 
 /// What both the manifests and the chart must agree on: `node` is the node
 /// container, `volumes` the pod's volumes.
-/// The DaemonSet's update starts the new daemon beside the old one on each
+/// The `DaemonSet`'s update starts the new daemon beside the old one on each
 /// node (issue 14): `maxSurge: 1`, `maxUnavailable: 0`; with `hostNetwork`
 /// no container declares ports (each would imply a `hostPort`, and the
 /// scheduler would never place the surge pod beside the old one); the run
