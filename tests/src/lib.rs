@@ -853,9 +853,9 @@ pub enum Role {
     Absent,
 }
 
-/// Writes an inventory for the topology: every pod in the namespace its role
-/// names, with service account = pod name. Returns the file's path.
-pub fn write_inventory(topo: &Topology, file: &str, role: &dyn Fn(&Pod) -> Role) -> PathBuf {
+/// The start of a static inventory for the topology: the trust domain and
+/// every node with its addresses (pods and namespaces are the caller's).
+pub fn inventory_nodes(topo: &Topology) -> String {
     use std::fmt::Write as _;
     let mut s = String::from("trust_domain = \"cluster.local\"\n");
     for n in topo.nodes() {
@@ -868,6 +868,14 @@ pub fn write_inventory(topo: &Topology, file: &str, role: &dyn Fn(&Pod) -> Role)
             gateway4(n)
         );
     }
+    s
+}
+
+/// Writes an inventory for the topology: every pod in the namespace its role
+/// names, with service account = pod name. Returns the file's path.
+pub fn write_inventory(topo: &Topology, file: &str, role: &dyn Fn(&Pod) -> Role) -> PathBuf {
+    use std::fmt::Write as _;
+    let mut s = inventory_nodes(topo);
     s += "[[namespace]]\nname = \"strict\"\nmode = \"strict\"\n[[namespace]]\nname = \"permissive\"\nmode = \"permissive\"\n";
     for n in topo.nodes() {
         for p in &n.pods {

@@ -257,17 +257,7 @@ fn garbled_handshake(netns: &str, pod_ip: std::net::Ipv4Addr) {
 /// `plain`); node 1: `server` (n1p0) and `locked` (n1p1), both strict.
 /// Workload names come from the inventory's `workload` field.
 fn inventory(topo: &Topology) -> PathBuf {
-    let mut s = String::from("trust_domain = \"cluster.local\"\n");
-    for n in topo.nodes() {
-        let _ = writeln!(
-            s,
-            "[[node]]\nname = \"{}\"\naddresses = [\"{}\", \"{}\", \"{}\"]",
-            n.name,
-            n.ip4,
-            n.ip6,
-            netkit::gateway4(n)
-        );
-    }
+    let mut s = netkit::inventory_nodes(topo);
     s += "[[namespace]]\nname = \"strict\"\nmode = \"strict\"\n";
     for (p, ns, workload) in [
         (topo.pod(0, 0), "strict", Some("client")),
