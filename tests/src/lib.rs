@@ -835,6 +835,150 @@ impl Drop for ConnectLoop {
     }
 }
 
+/// The byte at offset `i` of an [`EchoStream`]: position-dependent, so a
+/// lost, repeated or reordered byte shows.
+fn pattern(i: u64) -> u8 {
+    (i.wrapping_mul(31) ^ (i >> 9) ^ (i >> 17)).to_le_bytes()[0]
+}
+
+/// One long-lived connection to an echo server: a writer sends `chunk`
+/// bytes every `every` (back to back when zero) up to `total`, a reader
+/// checks every byte that comes back against the pattern as it arrives.
+pub struct EchoStream {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    echoed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    writer: std::thread::JoinHandle<io::Result<u64>>,
+    reader: std::thread::JoinHandle<io::Result<u64>>,
+}
+
+impl EchoStream {
+    /// Connects from `netns` to `dst` and starts writing and checking.
+    pub fn start(
+        netns: &str,
+        dst: std::net::SocketAddr,
+        chunk: usize,
+        every: Duration,
+        total: u64,
+    ) -> io::Result<Self> {
+        use std::io::{Read as _, Write as _};
+        use std::sync::{atomic::Ordering, Arc};
+        let s = Topology::in_netns(netns, move || {
+            std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+        })?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        s.set_write_timeout(Some(Duration::from_secs(30)))?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let echoed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut r = s.try_clone()?;
+        let reader = {
+            let (echoed, stop) = (Arc::clone(&echoed), Arc::clone(&stop));
+            std::thread::spawn(move || -> io::Result<u64> {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut at = 0u64;
+                // An idle stream may wait any time for its next echo; once
+                // the writer stopped, the rest must come within 30 s.
+                let mut waited_after_stop = 0;
+                loop {
+                    let n = match r.read(&mut buf) {
+                        Ok(n) => n,
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                            ) =>
+                        {
+                            if stop.load(Ordering::Relaxed) {
+                                waited_after_stop += 1;
+                                if waited_after_stop > 30 {
+                                    return Err(io::Error::other(format!(
+                                        "no end of the echo within 30 s of the last write ({at} bytes back)"
+                                    )));
+                                }
+                            }
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    if n == 0 {
+                        return Ok(at);
+                    }
+                    for (k, b) in buf[..n].iter().enumerate() {
+                        let i = at + k as u64;
+                        if *b != pattern(i) {
+                            return Err(io::Error::other(format!(
+                                "byte {i} came back as {b:#04x}, sent {:#04x}",
+                                pattern(i)
+                            )));
+                        }
+                    }
+                    at += n as u64;
+                    echoed.store(at, Ordering::Relaxed);
+                }
+            })
+        };
+        let writer = {
+            let stop = Arc::clone(&stop);
+            let mut w = s;
+            std::thread::spawn(move || -> io::Result<u64> {
+                let mut at = 0u64;
+                let mut buf = vec![0u8; chunk.max(1)];
+                while at < total && !stop.load(Ordering::Relaxed) {
+                    let n = buf.len().min(usize::try_from(total - at).unwrap_or(usize::MAX));
+                    for (k, b) in buf[..n].iter_mut().enumerate() {
+                        *b = pattern(at + k as u64);
+                    }
+                    w.write_all(&buf[..n])?;
+                    at += n as u64;
+                    let until = std::time::Instant::now() + every;
+                    while !stop.load(Ordering::Relaxed) {
+                        let left = until.saturating_duration_since(std::time::Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        std::thread::sleep(left.min(Duration::from_millis(20)));
+                    }
+                }
+                w.shutdown(std::net::Shutdown::Write)?;
+                Ok(at)
+            })
+        };
+        Ok(Self { stop, echoed, writer, reader })
+    }
+
+    /// Bytes that came back intact so far.
+    pub fn echoed(&self) -> u64 {
+        self.echoed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// True once the echo ended (EOF, reset or a wrong byte).
+    pub fn closed(&self) -> bool {
+        self.reader.is_finished()
+    }
+
+    /// Waits until at least `n` bytes came back (up to `timeout`).
+    pub fn wait_echoed(&self, n: u64, timeout: Duration) -> bool {
+        wait_for(timeout, || (self.echoed() >= n).then_some(())).is_some()
+    }
+
+    /// Stops writing (or lets a bounded stream finish), half-closes, and
+    /// waits for the echo's end: `Ok(bytes)` when every byte sent came
+    /// back intact and the connection closed cleanly.
+    pub fn finish(self, let_it_finish: bool) -> io::Result<u64> {
+        if !let_it_finish {
+            self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let sent = self.writer.join().map_err(|_| io::Error::other("writer panicked"))??;
+        // Written and half-closed: from now on the reader's wait is bounded.
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let back = self.reader.join().map_err(|_| io::Error::other("reader panicked"))??;
+        if back == sent {
+            Ok(back)
+        } else {
+            Err(io::Error::other(format!("sent {sent} bytes, {back} came back")))
+        }
+    }
+}
+
 /// True when `needle` occurs in `hay`.
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
@@ -965,6 +1109,11 @@ impl Daemon {
             args.push("--ca-dir".into());
             args.push(topo.ca_dir().display().to_string());
         }
+        if !extra.contains(&"--handover-socket") {
+            // One per node: the nodes' daemons share this host.
+            args.push("--handover-socket".into());
+            args.push(Self::handover_socket(topo, &node.name).display().to_string());
+        }
         args.extend(extra.iter().filter(|a| **a != "--no-ca").map(ToString::to_string));
         let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut cmd = Topology::command_in(&node.netns, None, &bin.to_string_lossy(), &arg_refs)
@@ -1013,6 +1162,11 @@ impl Daemon {
             ],
             &[("KUBECONFIG", kubeconfig.as_str())],
         )
+    }
+
+    /// Where the daemons of node `node` hand connections over.
+    pub fn handover_socket(topo: &Topology, node: &str) -> PathBuf {
+        topo.scratch_dir().join(format!("handover-{node}.sock"))
     }
 
     /// Where [`Daemon::start_kubernetes`] puts node `n`'s CNI socket.

@@ -30,4 +30,7 @@ pub use handler::{
     Accepted, BoxIo, ConnectHeaders, ConnectRequest, Handler, HandlerFuture, Io, OnClose, PoolKey,
     Refusal, Status,
 };
-pub use splice::{splice, splice_with_buffer, SpliceOutcome, DEFAULT_SPLICE_BUFFER};
+pub use splice::{
+    splice, splice_pausable, splice_with_buffer, SpliceEnd, SpliceOutcome, SplicePoint,
+    DEFAULT_SPLICE_BUFFER,
+};

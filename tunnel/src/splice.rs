@@ -1,7 +1,12 @@
 //! Bidirectional copy between two byte streams with half-close propagation
 //! and adaptive buffers (none for idle connections, large for bulk ones).
+//!
+//! A splice can also be paused ([`splice_pausable`]): it stops reading,
+//! writes out and flushes what it holds, and returns where it stopped
+//! ([`SplicePoint`]), so the two streams can be handed to another process
+//! (sockets: their whole state is in the kernel) and spliced on from there.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -29,6 +34,87 @@ pub struct SpliceOutcome {
     pub b_to_a: u64,
     /// `None` when both directions reached end-of-stream cleanly.
     pub error: Option<io::Error>,
+}
+
+/// Where a paused splice stopped: the bytes moved each way so far, and
+/// which directions are over (their reader reached end-of-stream and the
+/// writer was shut down). Nothing is held in between: every byte read was
+/// written and flushed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SplicePoint {
+    /// Bytes read from `a` and written to `b`.
+    pub a_to_b: u64,
+    /// Bytes read from `b` and written to `a`.
+    pub b_to_a: u64,
+    /// `a → b` is over (`b`'s write side is shut down).
+    pub a_to_b_done: bool,
+    /// `b → a` is over (`a`'s write side is shut down).
+    pub b_to_a_done: bool,
+}
+
+/// How a pausable splice ended.
+#[derive(Debug)]
+pub enum SpliceEnd {
+    /// Both directions ended (or one failed), as [`splice`].
+    Finished(SpliceOutcome),
+    /// The stop signal came; nothing is buffered. Byte counts include the
+    /// starting point's.
+    Paused(SplicePoint),
+}
+
+/// [`splice`] from `from` (a point where an earlier splice of the same two
+/// streams paused, or the default for a fresh one), until both directions
+/// end or `stop` completes. On `stop` it reads no more, writes out what it
+/// holds (also a pending half-close), flushes, and returns the point.
+pub async fn splice_pausable<A, B, S>(a: &mut A, b: &mut B, from: SplicePoint, stop: S) -> SpliceEnd
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    S: Future<Output = ()>,
+{
+    let mut ab = Direction::resumed(DEFAULT_SPLICE_BUFFER, from.a_to_b, from.a_to_b_done);
+    let mut ba = Direction::resumed(DEFAULT_SPLICE_BUFFER, from.b_to_a, from.b_to_a_done);
+    let mut stop = std::pin::pin!(stop);
+    let mut stopping = false;
+    let res = poll_fn(|cx| {
+        if !stopping && stop.as_mut().poll(cx).is_ready() {
+            stopping = true;
+        }
+        let mut a = Pin::new(&mut *a);
+        let mut b = Pin::new(&mut *b);
+        let ab_ready = match ab.poll_step(cx, stopping, a.as_mut(), b.as_mut()) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => false,
+        };
+        let ba_ready = match ba.poll_step(cx, stopping, b, a) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => false,
+        };
+        if ab_ready && ba_ready {
+            Poll::Ready(Ok(stopping && !(ab.done && ba.done)))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    match res {
+        Ok(true) => SpliceEnd::Paused(SplicePoint {
+            a_to_b: ab.amount,
+            b_to_a: ba.amount,
+            a_to_b_done: ab.done,
+            b_to_a_done: ba.done,
+        }),
+        Ok(false) => {
+            SpliceEnd::Finished(SpliceOutcome { a_to_b: ab.amount, b_to_a: ba.amount, error: None })
+        }
+        Err(e) => SpliceEnd::Finished(SpliceOutcome {
+            a_to_b: ab.amount,
+            b_to_a: ba.amount,
+            error: Some(e),
+        }),
+    }
 }
 
 /// Copies `a → b` and `b → a` until both directions reached end-of-stream.
@@ -108,6 +194,62 @@ impl Direction {
             done: false,
             amount: 0,
         }
+    }
+
+    /// A direction that already moved `amount` bytes (and is over when
+    /// `done`).
+    fn resumed(max: usize, amount: u64, done: bool) -> Self {
+        Self { amount, done, read_eof: done, ..Self::new(max) }
+    }
+
+    /// Copies, or drains once `stopping`; `Ready` at once when done.
+    fn poll_step<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        stopping: bool,
+        r: Pin<&mut R>,
+        w: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        if self.done {
+            Poll::Ready(Ok(()))
+        } else if stopping {
+            self.poll_drain(cx, w)
+        } else {
+            self.poll_copy(cx, r, w)
+        }
+    }
+
+    /// Pausing: writes out what was read (and a pending half-close) and
+    /// flushes, reading nothing more. `Ready(Ok)` once nothing is held.
+    fn poll_drain<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<io::Result<()>> {
+        while self.pos < self.end {
+            let n = ready!(w.as_mut().poll_write(cx, &self.buf[self.pos..self.end]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.pos += n;
+            self.need_flush = true;
+        }
+        if self.read_eof {
+            ready!(w.as_mut().poll_flush(cx))?;
+            ready!(w.as_mut().poll_shutdown(cx))?;
+            self.done = true;
+        } else if self.need_flush {
+            ready!(w.as_mut().poll_flush(cx))?;
+        }
+        self.need_flush = false;
+        self.buf = Vec::new();
+        self.pos = 0;
+        self.end = 0;
+        Poll::Ready(Ok(()))
     }
 
     fn poll_copy<R, W>(
@@ -270,6 +412,102 @@ mod tests {
         assert!(out.error.is_none(), "{:?}", out.error);
         assert_eq!(out.a_to_b, 1_000_000);
         assert_eq!(out.b_to_a, 5);
+    }
+
+    /// Splices `a → b` with a pause every few milliseconds, each time
+    /// starting again from where the last one stopped, until the writer is
+    /// done: everything arrives once and in order, and at each pause
+    /// nothing is held (what `b` can read equals the point's count).
+    #[tokio::test]
+    async fn a_paused_splice_holds_nothing_and_goes_on_from_its_point() {
+        let (mut a_app, mut a) = tokio::io::duplex(4 * 1024);
+        let (mut b, mut b_app) = tokio::io::duplex(1 << 22);
+        let data: Vec<u8> =
+            (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let d2 = data.clone();
+        let writer = tokio::spawn(async move {
+            for chunk in d2.chunks(10_000) {
+                a_app.write_all(chunk).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            a_app.shutdown().await.unwrap();
+            a_app
+        });
+        // Nothing comes back: b → a ends at once (a_app sees EOF).
+        b_app.shutdown().await.unwrap();
+        let mut point = SplicePoint::default();
+        let mut got = Vec::new();
+        let mut pauses = 0;
+        let outcome = loop {
+            let stop = tokio::time::sleep(std::time::Duration::from_millis(2));
+            match splice_pausable(&mut a, &mut b, point, stop).await {
+                SpliceEnd::Paused(p) => {
+                    pauses += 1;
+                    assert!(p.a_to_b >= point.a_to_b);
+                    // Nothing in flight: b holds exactly what was counted.
+                    let mut buf = vec![0; 1 << 22];
+                    while (got.len() as u64) < p.a_to_b {
+                        let n = b_app.read(&mut buf).await.unwrap();
+                        got.extend_from_slice(&buf[..n]);
+                    }
+                    assert_eq!(got.len() as u64, p.a_to_b, "more arrived than was counted");
+                    point = p;
+                }
+                SpliceEnd::Finished(o) => break o,
+            }
+            if pauses > 10_000 {
+                panic!("no end after {pauses} pauses");
+            }
+        };
+        assert!(outcome.error.is_none(), "{:?}", outcome.error);
+        let mut a_app = writer.await.unwrap();
+        // a → b ended with b's write side shut down: b_app reads to EOF.
+        let mut rest = Vec::new();
+        b_app.read_to_end(&mut rest).await.unwrap();
+        got.extend_from_slice(&rest);
+        assert!(pauses > 0, "the test never paused");
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "bytes were lost, repeated or reordered across {pauses} pauses");
+        let mut back = Vec::new();
+        a_app.read_to_end(&mut back).await.unwrap();
+        assert!(back.is_empty());
+    }
+
+    /// A direction that ended before the pause stays ended after it: the
+    /// resumed splice neither reads its side again nor shuts its writer
+    /// twice, and the other direction goes on.
+    #[tokio::test]
+    async fn a_half_closed_splice_pauses_and_resumes_half_closed() {
+        let (mut a_app, mut a) = tokio::io::duplex(1024);
+        let (mut b, mut b_app) = tokio::io::duplex(1024);
+        a_app.write_all(b"request").await.unwrap();
+        a_app.shutdown().await.unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let splice = tokio::spawn(async move {
+            let end = splice_pausable(&mut a, &mut b, SplicePoint::default(), async {
+                let _ = rx.await;
+            })
+            .await;
+            (end, a, b)
+        });
+        let mut req = Vec::new();
+        b_app.read_to_end(&mut req).await.unwrap();
+        assert_eq!(req, b"request");
+        tx.send(()).unwrap();
+        let (end, mut a, mut b) = splice.await.unwrap();
+        let SpliceEnd::Paused(p) = end else { panic!("not paused: {end:?}") };
+        assert_eq!(p, SplicePoint { a_to_b: 7, b_to_a: 0, a_to_b_done: true, b_to_a_done: false });
+        let resumed = tokio::spawn(async move {
+            splice_pausable(&mut a, &mut b, p, std::future::pending()).await
+        });
+        b_app.write_all(b"reply").await.unwrap();
+        b_app.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        a_app.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"reply");
+        let SpliceEnd::Finished(o) = resumed.await.unwrap() else { panic!("paused") };
+        assert!(o.error.is_none());
+        assert_eq!((o.a_to_b, o.b_to_a), (7, 5));
     }
 
     #[tokio::test]

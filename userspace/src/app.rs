@@ -4,11 +4,13 @@
 //!
 //! Start-up: capture installed (or re-adopted) → inventory → identities and
 //! tunnel → admin, metrics, readiness servers → first reconcile → ready.
+//! Once ready it listens for a connection handover (`handover`).
 //! Shutdown (SIGTERM, SIGINT, `POST /quitquitquit`): readiness says
 //! draining, the admin port is let go, listeners stop accepting, HBONE peers
-//! get GOAWAY, QUIC endpoints refuse new connections; the daemon exits when
-//! the connection table is empty or at the drain deadline, ending every
-//! pod's scope. Pinned programs and maps stay: capture keeps failing closed
+//! get GOAWAY, QUIC endpoints refuse new connections; when a newer daemon of
+//! this node listens for the handover, every relay of two sockets moves to
+//! it; the daemon exits when the connection table is empty or at the drain
+//! deadline, ending every pod's scope. Pinned programs and maps stay: capture keeps failing closed
 //! until a daemon takes over (or `tlsmesh node --uninstall` removes them).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration, time::SystemTime};
@@ -145,6 +147,12 @@ pub async fn run(cfg: NodeConfig) -> Result<(), AppError> {
         mesh: Arc::clone(m),
         drain: drain.clone(),
     });
+    let handover_proxy = proxy.clone();
+    let me = crate::handover::Hello {
+        version: crate::handover::VERSION,
+        node: cfg.node.clone(),
+        instance: rand::random(),
+    };
     let mut reconciler = Reconciler::new(
         Arc::clone(&node_state),
         Arc::clone(&capture),
@@ -200,6 +208,13 @@ pub async fn run(cfg: NodeConfig) -> Result<(), AppError> {
         crate::kube_source::serve_cni(&root, cfg.cni_socket.clone(), k, Arc::clone(&node_state));
     }
     node_state.set_started();
+    crate::handover::listen(
+        &root,
+        &cfg.handover_socket,
+        me.clone(),
+        Arc::clone(&node_state),
+        handover_proxy,
+    );
     info!(pods = node_state.pod_count(), "daemon ready: serving every enrolled pod it can");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -242,6 +257,15 @@ pub async fn run(cfg: NodeConfig) -> Result<(), AppError> {
     }
     node_state.set_draining();
     drain.start();
+    match crate::handover::Successor::find(&cfg.handover_socket, &me).await {
+        Ok(next) => {
+            info!(successor = next.hello().instance, "handing connections over to the new daemon");
+            let (tx, rx) = tokio::sync::mpsc::channel(256);
+            conns.hand_over(tx);
+            root.spawn(next.run(rx));
+        }
+        Err(why) => info!(%why, "no connection handover: draining"),
+    }
     let deadline = Duration::from_secs(cfg.drain_timeout_secs);
     if tokio::time::timeout(deadline, conns.empty()).await.is_ok() {
         info!("drained: no open connections");

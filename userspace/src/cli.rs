@@ -52,6 +52,10 @@ pub struct NodeArgs {
     /// CNI plugin socket (Kubernetes source).
     #[arg(long)]
     pub cni_socket: Option<PathBuf>,
+    /// Unix socket for the connection handover between an old and a new
+    /// daemon of this node.
+    #[arg(long)]
+    pub handover_socket: Option<PathBuf>,
     /// bpffs directory for pinned programs and maps.
     #[arg(long)]
     pub pin_dir: Option<PathBuf>,
@@ -131,6 +135,9 @@ impl NodeArgs {
         }
         if let Some(v) = &self.cni_socket {
             c.cni_socket.clone_from(v);
+        }
+        if let Some(v) = &self.handover_socket {
+            c.handover_socket.clone_from(v);
         }
         if let Some(v) = &self.pin_dir {
             c.pin_dir.clone_from(v);

@@ -35,7 +35,20 @@ pub enum LogFormat {
 }
 
 /// Node-to-node transport.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    Default,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
     /// TLS 1.3 over TCP, HTTP/2 CONNECT (HBONE).
@@ -43,6 +56,16 @@ pub enum Transport {
     Tcp,
     /// QUIC (falls back to TCP when UDP is blocked).
     Quic,
+}
+
+impl Transport {
+    /// The lower-case name (as in the config and `/config_dump`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Quic => "quic",
+        }
+    }
 }
 
 /// Where the inventory comes from.
@@ -119,6 +142,9 @@ pub struct NodeConfig {
     pub trust_domain: String,
     /// Unix socket the CNI plugin talks to (Kubernetes source).
     pub cni_socket: PathBuf,
+    /// Unix socket where a ready daemon takes over the connections of the
+    /// daemon it replaces (both must use the same path; one per node).
+    pub handover_socket: PathBuf,
     /// File where what the CNI plugin reported survives daemon restarts.
     pub cni_state: Option<PathBuf>,
     /// bpffs directory for pinned programs and maps.
@@ -172,6 +198,7 @@ impl Default for NodeConfig {
             inventory: PathBuf::from("/etc/tlsmesh/inventory.toml"),
             trust_domain: "cluster.local".into(),
             cni_socket: PathBuf::from("/var/run/tlsmesh/cni.sock"),
+            handover_socket: PathBuf::from("/var/run/tlsmesh/handover.sock"),
             cni_state: None,
             pin_dir: PathBuf::from("/sys/fs/bpf/tlsmesh"),
             cgroup_root: PathBuf::new(),

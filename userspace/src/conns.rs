@@ -12,10 +12,16 @@
 //! An [`Observer`] (the workload-pair metrics) is told when each entry
 //! opens and closes, and about connections refused before they had one
 //! ([`ConnTable::refused`]): once per connection, never per read.
+//!
+//! Handover ([`ConnTable::hand_over`]): the table tells the relays whose
+//! sockets can move to the next daemon to pause; each offers itself
+//! ([`ConnGuard::hand_off`]) as an [`Offer`] to whoever took the other end
+//! of the channel (the `handover` module) and learns whether it was taken.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    os::fd::{BorrowedFd, OwnedFd},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, OnceLock,
@@ -30,18 +36,19 @@ use std::{
     task::{Context, Poll},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use tlsmesh_tunnel::SplicePoint;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    sync::watch,
+    sync::{mpsc, oneshot, watch},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::{stats::Stats, sync::lock};
+use crate::{config::Transport, stats::Stats, sync::lock};
 
 /// Which way a connection goes, seen from the pod this daemon serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// A pod on this node opened it.
@@ -61,7 +68,7 @@ impl Direction {
 }
 
 /// How the connection is carried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Route {
     /// Through the mTLS tunnel (outbound stream, or inbound stream).
@@ -90,7 +97,7 @@ impl Route {
 }
 
 /// What is known about a connection when it opens.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnInfo {
     /// Outbound or inbound.
     pub direction: Direction,
@@ -109,7 +116,7 @@ pub struct ConnInfo {
     /// The SPIFFE identity of the destination workload, when known.
     pub dst_identity: Option<String>,
     /// `tcp` (HBONE) or `quic` for tunnel connections.
-    pub transport: Option<String>,
+    pub transport: Option<Transport>,
     /// The Service (`namespace/name`) an outbound connection was addressed
     /// to, when it went to a Service address.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -144,12 +151,37 @@ pub trait Observer: Send + Sync {
     fn opened(&self, info: &ConnInfo) -> Option<Box<dyn Closing>>;
     /// A connection was refused or failed before it was relayed.
     fn refused(&self, info: &ConnInfo, why: Failure);
+    /// A connection the previous daemon opened was taken over (it did not
+    /// open now).
+    fn adopted(&self, info: &ConnInfo) -> Option<Box<dyn Closing>> {
+        self.opened(info)
+    }
 }
 
 /// Told when one observed connection closes.
 pub trait Closing: Send + Sync {
     /// The connection closed, having moved `t`.
     fn closed(self: Box<Self>, t: Transfer);
+    /// The connection moved to the next daemon after moving `t` here (it
+    /// did not close).
+    fn handed_over(self: Box<Self>, t: Transfer) {
+        self.closed(t);
+    }
+}
+
+/// A connection offered to the next daemon: its description, where its
+/// relay paused, copies of its two sockets (the relay's first and second
+/// side) and where to say whether it was taken.
+#[derive(Debug)]
+pub struct Offer {
+    /// The entry.
+    pub info: ConnInfo,
+    /// Where the relay paused.
+    pub point: SplicePoint,
+    /// The relay's two sockets (first side, second side).
+    pub sockets: [OwnedFd; 2],
+    /// `true` once the next daemon owns the connection.
+    pub reply: oneshot::Sender<bool>,
 }
 
 /// One row of the table as the admin API shows it.
@@ -251,6 +283,10 @@ struct Inner {
     len: watch::Sender<usize>,
     /// Told about each connection (set once, by the metrics).
     observer: OnceLock<Arc<dyn Observer>>,
+    /// Cancelled when the relays are to pause and offer themselves.
+    handover: CancellationToken,
+    /// Where the offers go (set once, with `handover`).
+    successor: OnceLock<mpsc::Sender<Offer>>,
 }
 
 /// The table of open connections (cheap to clone).
@@ -275,6 +311,8 @@ impl ConnTable {
                 stats,
                 len: watch::channel(0).0,
                 observer: OnceLock::new(),
+                handover: CancellationToken::new(),
+                successor: OnceLock::new(),
             }),
         }
     }
@@ -293,19 +331,38 @@ impl ConnTable {
         }
     }
 
+    /// Tells every relay that can move to pause and offer itself on `to`
+    /// (once; the daemon is going, a successor is there).
+    pub fn hand_over(&self, to: mpsc::Sender<Offer>) {
+        if self.inner.successor.set(to).is_ok() {
+            self.inner.handover.cancel();
+        }
+    }
+
     /// Adds a connection; it stays in the table as long as the guard lives.
     /// Its task must end it when [`ConnGuard::closed`] completes.
     pub fn open(&self, info: ConnInfo) -> ConnGuard {
+        let closing = self.inner.observer.get().and_then(|o| o.opened(&info));
+        self.insert(info, closing)
+    }
+
+    /// Adds a connection taken over from the previous daemon (counted as
+    /// open, not as opened).
+    pub fn adopt(&self, info: ConnInfo) -> ConnGuard {
+        let closing = self.inner.observer.get().and_then(|o| o.adopted(&info));
+        self.insert(info, closing)
+    }
+
+    fn insert(&self, info: ConnInfo, closing: Option<Box<dyn Closing>>) -> ConnGuard {
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let close = CancellationToken::new();
-        let closing = self.inner.observer.get().and_then(|o| o.opened(&info));
         let mut open = lock(&self.inner.open);
         open.insert(
             id,
             Entry { info, opened: SystemTime::now(), since: Instant::now(), close: close.clone() },
         );
         self.inner.len.send_replace(open.len());
-        ConnGuard { table: Arc::clone(&self.inner), id, done: None, close, closing }
+        ConnGuard { table: Arc::clone(&self.inner), id, done: None, close, closing, stays: false }
     }
 
     /// Open connections.
@@ -363,6 +420,7 @@ impl ConnTable {
 enum Done {
     Finished(Transfer),
     Failed(Transfer, String),
+    HandedOver(Transfer),
 }
 
 /// Holds one table entry; dropping it closes the entry.
@@ -372,6 +430,8 @@ pub struct ConnGuard {
     done: Option<Done>,
     close: CancellationToken,
     closing: Option<Box<dyn Closing>>,
+    /// Offered to the next daemon and not taken: relays on here.
+    stays: bool,
 }
 
 impl std::fmt::Debug for ConnGuard {
@@ -401,6 +461,50 @@ impl ConnGuard {
         self.close.cancelled().await;
     }
 
+    /// Completes when the daemon hands its connections over (pending
+    /// forever for one that was offered and not taken).
+    pub async fn handover_requested(&self) {
+        if self.stays {
+            std::future::pending::<()>().await;
+        }
+        self.table.handover.cancelled().await;
+    }
+
+    /// Offers the connection to the next daemon, with copies of its
+    /// sockets, after its relay paused at `point` having moved `t` here.
+    /// `true`: the next daemon owns it now, the entry ends as handed over
+    /// (the caller closes its copies without a reset). `false`: it stays
+    /// here, is not offered again, and the caller relays on.
+    pub async fn hand_off(
+        &mut self,
+        t: Transfer,
+        point: SplicePoint,
+        sockets: [BorrowedFd<'_>; 2],
+    ) -> bool {
+        self.stays = true;
+        let Some(to) = self.table.successor.get() else { return false };
+        let Some(info) = lock(&self.table.open).get(&self.id).map(|e| e.info.clone()) else {
+            return false;
+        };
+        let copies = match (sockets[0].try_clone_to_owned(), sockets[1].try_clone_to_owned()) {
+            (Ok(a), Ok(b)) => [a, b],
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot copy a connection's sockets for the handover; keeping it");
+                return false;
+            }
+        };
+        let (reply, answer) = oneshot::channel();
+        if to.send(Offer { info, point, sockets: copies, reply }).await.is_err() {
+            return false;
+        }
+        if answer.await.unwrap_or(false) {
+            self.done = Some(Done::HandedOver(t));
+            true
+        } else {
+            false
+        }
+    }
+
     /// `io`, failing once the connection is closed from outside.
     pub fn cancellable<T>(&self, io: T) -> Cancellable<T> {
         Cancellable { inner: io, closed: Box::pin(self.close.clone().cancelled_owned()) }
@@ -419,6 +523,7 @@ impl Drop for ConnGuard {
         let (t, outcome, error) = match self.done.take() {
             Some(Done::Finished(t)) => (t, "ok", None),
             Some(Done::Failed(t, err)) => (t, "error", Some(err)),
+            Some(Done::HandedOver(t)) => (t, "handed over", None),
             // The task was cancelled mid-connection: its pod was removed, or
             // the daemon's drain deadline passed.
             None => (Transfer::default(), "cancelled", None),
@@ -426,7 +531,11 @@ impl Drop for ConnGuard {
         Stats::add(&self.table.stats.bytes_from_pods, t.from_pod);
         Stats::add(&self.table.stats.bytes_to_pods, t.to_pod);
         if let Some(c) = self.closing.take() {
-            c.closed(t);
+            if outcome == "handed over" {
+                c.handed_over(t);
+            } else {
+                c.closed(t);
+            }
         }
         let i = &e.info;
         info!(
@@ -438,7 +547,7 @@ impl Drop for ConnGuard {
             peer_pod = %i.peer_pod.as_deref().unwrap_or("-"),
             src_identity = %i.src_identity.as_deref().unwrap_or("-"),
             dst_identity = %i.dst_identity.as_deref().unwrap_or("-"),
-            transport = %i.transport.as_deref().unwrap_or("-"),
+            transport = %i.transport.map_or("-", Transport::as_str),
             bytes_from_pod = t.from_pod,
             bytes_to_pod = t.to_pod,
             duration_ms = e.since.elapsed().as_millis(),

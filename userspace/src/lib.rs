@@ -32,6 +32,7 @@ pub mod cli;
 pub mod config;
 pub mod conns;
 pub mod deliver;
+pub mod handover;
 pub use tlsmesh_inventory as inventory;
 pub mod kernel;
 pub mod kube_source;

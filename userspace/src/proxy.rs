@@ -16,17 +16,28 @@
 //!
 //! Every accepted connection runs as a task of its pod's scope and holds a
 //! connection-table entry for its life.
+//!
+//! Relays of two sockets (local delivery, passthrough, inbound plaintext)
+//! pause when the daemon hands over and offer themselves to the next
+//! daemon ([`relay_sockets`]); the next daemon relays them on from where
+//! they paused ([`Proxy::adopt`]).
 
 mod inbound;
 mod outbound;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::{AsFd, OwnedFd},
+    sync::Arc,
+};
 
+use tlsmesh_tunnel::{SpliceEnd, SplicePoint};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     accept::Backoff,
-    conns::ConnTable,
+    conns::{ConnGuard, ConnInfo, ConnTable, Direction, Transfer},
     kernel::OrigDst,
     mesh::Mesh,
     scope::Drain,
@@ -105,6 +116,100 @@ impl Proxy {
                     }
                 }
                 Err(e) => backoff.failed(&pod.key(), what, &e).await,
+            }
+        }
+    }
+}
+
+/// A connection taken over from the previous daemon, not relayed yet.
+#[derive(Debug)]
+pub struct Adopted {
+    pod: Arc<PodEntry>,
+    guard: ConnGuard,
+    sockets: (TcpStream, TcpStream),
+    pod_first: bool,
+    point: SplicePoint,
+}
+
+impl Proxy {
+    /// Takes over a connection the previous daemon relayed for `pod`: its
+    /// entry `info`, its two sockets (the relay's first and second side)
+    /// and where the relay paused. The entry is in the table at once; the
+    /// relay starts with [`Adopted::start`].
+    pub fn adopt(
+        &self,
+        pod: &Arc<PodEntry>,
+        info: ConnInfo,
+        sockets: [OwnedFd; 2],
+        point: SplicePoint,
+    ) -> io::Result<Adopted> {
+        let tcp = |fd: OwnedFd| -> io::Result<TcpStream> {
+            let s = socket2::Socket::from(fd);
+            if s.r#type()? != socket2::Type::STREAM {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a stream socket"));
+            }
+            let s = std::net::TcpStream::from(s);
+            s.peer_addr()?;
+            s.set_nonblocking(true)?;
+            TcpStream::from_std(s)
+        };
+        let [a, b] = sockets;
+        let sockets = (tcp(a)?, tcp(b)?);
+        let pod_first = info.direction == Direction::Outbound;
+        let guard = self.conns.adopt(info);
+        Ok(Adopted { pod: Arc::clone(pod), guard, sockets, pod_first, point })
+    }
+}
+
+impl Adopted {
+    /// Relays it on, as a task of its pod's scope.
+    pub fn start(self) {
+        let Adopted { pod, guard, sockets: (a, b), pod_first, point } = self;
+        pod.scope.spawn(relay_sockets(guard, a, b, pod_first, point));
+    }
+}
+
+/// Relays the two sockets of `guard`'s entry (`a` is the outbound pod's
+/// own when `pod_first`, else the inbound client's) until they end, the daemon closes the
+/// connection (`a` is reset), or the connection moves to the next daemon.
+pub(crate) async fn relay_sockets(
+    mut guard: ConnGuard,
+    a: TcpStream,
+    b: TcpStream,
+    pod_first: bool,
+    from: SplicePoint,
+) {
+    let (mut a, mut b) = (a, b);
+    let transfer =
+        |x, y| if pod_first { Transfer::pod_first(x, y) } else { Transfer::pod_second(x, y) };
+    let mut point = from;
+    loop {
+        let end = tokio::select! {
+            e = tlsmesh_tunnel::splice_pausable(&mut a, &mut b, point, guard.handover_requested()) => Some(e),
+            () = guard.closed() => None,
+        };
+        match end {
+            None => {
+                guard.failed(Transfer::default(), "closed by the daemon (policy)");
+                drop(b);
+                reset(a);
+                return;
+            }
+            Some(SpliceEnd::Finished(o)) => {
+                let t = transfer(o.a_to_b - from.a_to_b, o.b_to_a - from.b_to_a);
+                match o.error {
+                    Some(e) => guard.failed(t, e),
+                    None => guard.finished(t),
+                }
+                return;
+            }
+            Some(SpliceEnd::Paused(p)) => {
+                let t = transfer(p.a_to_b - from.a_to_b, p.b_to_a - from.b_to_a);
+                if guard.hand_off(t, p, [a.as_fd(), b.as_fd()]).await {
+                    // The next daemon relays it: close our copies, no reset.
+                    return;
+                }
+                point = p;
             }
         }
     }

@@ -184,7 +184,11 @@ async fn a_connection_crosses_mtls_and_both_tables_show_it() {
     until("both entries", || p.n0.conns.len() == 1 && p.n1.conns.len() == 1).await;
     let (out, inb) = (p.n0.conns.list().remove(0), p.n1.conns.list().remove(0));
     assert_eq!(
-        (out.info.direction, out.info.route, out.info.transport.as_deref()),
+        (
+            out.info.direction,
+            out.info.route,
+            out.info.transport.map(tlsmesh::config::Transport::as_str)
+        ),
         (Direction::Outbound, Route::Tunnel, Some("tcp"))
     );
     assert_eq!((inb.info.direction, inb.info.route), (Direction::Inbound, Route::Tunnel));

@@ -31,6 +31,7 @@ use crate::{
     accept::Backoff,
     authz::{self, Denial},
     certs::workload_id,
+    config::Transport,
     conns::{ConnInfo, ConnTable, Direction, Failure, Route, Transfer},
     scope::Drain,
     state::{NodeState, PodEntry},
@@ -66,14 +67,14 @@ pub fn serve_pod(
 ) -> Result<(), super::MeshError> {
     let pod_id = workload_id(&ctx.mesh.certs.trust_domain, &pod.pod)?;
     let server_tls = ctx.mesh.certs.server_config(&pod_id)?;
-    let handler = |transport: &'static str| -> Arc<dyn Handler> {
+    let handler = |transport: Transport| -> Arc<dyn Handler> {
         let (ctx, pod) = (ctx.clone(), Arc::clone(pod));
         Arc::new(move |req: ConnectRequest| {
             let (ctx, pod) = (ctx.clone(), Arc::clone(&pod));
             async move { handle(&ctx, &pod, transport, req).await }
         })
     };
-    let (hbone_handler, quic_handler) = (handler("tcp"), handler("quic"));
+    let (hbone_handler, quic_handler) = (handler(Transport::Tcp), handler(Transport::Quic));
     for l in tcp {
         pod.scope.spawn(tcp_accept_loop(
             ctx.clone(),
@@ -150,13 +151,14 @@ async fn serve_tcp_conn(
                 .get_ref()
                 .and_then(|inner| inner.downcast_ref::<rustls::Error>())
                 .map_or(Failure::TlsFailed, tls_failure);
-            ctx.conns.refused(&handshake_info(&pod, peer, local, "tcp"), why);
+            ctx.conns.refused(&handshake_info(&pod, peer, local, Transport::Tcp), why);
             warn!(pod = %pod.key(), %peer, reason = %tls_reason(&e), "tunnel handshake refused");
             return;
         }
         Err(_) => {
             Stats::inc(&ctx.stats.inbound_tunnel_refused);
-            ctx.conns.refused(&handshake_info(&pod, peer, local, "tcp"), Failure::TlsFailed);
+            ctx.conns
+                .refused(&handshake_info(&pod, peer, local, Transport::Tcp), Failure::TlsFailed);
             warn!(pod = %pod.key(), %peer, "tunnel handshake timed out");
             return;
         }
@@ -280,7 +282,7 @@ fn handshake_info(
     pod: &PodEntry,
     peer: SocketAddr,
     local: SocketAddr,
-    transport: &str,
+    transport: Transport,
 ) -> ConnInfo {
     ConnInfo {
         direction: Direction::Inbound,
@@ -291,7 +293,7 @@ fn handshake_info(
         peer_pod: None,
         src_identity: None,
         dst_identity: Some(pod.identity.clone()),
-        transport: Some(transport.into()),
+        transport: Some(transport),
         dst_service: None,
     }
 }
@@ -348,7 +350,7 @@ fn track_quic_inbound(mesh: &Arc<Mesh>, pod: &PodEntry) -> quic::OnConnection {
 async fn handle(
     ctx: &Inbound,
     pod: &PodEntry,
-    transport: &'static str,
+    transport: Transport,
     req: ConnectRequest,
 ) -> Result<Accepted, Refusal> {
     let inv = ctx.state.inventory();
@@ -446,7 +448,7 @@ async fn handle(
                     .map(crate::inventory::Pod::key),
                 src_identity: Some(peer_id.to_string()),
                 dst_identity: Some(pod.identity.clone()),
-                transport: Some(transport.into()),
+                transport: Some(transport),
                 dst_service: None,
             });
             // The tunnel is the splice's first side, the pod's socket the

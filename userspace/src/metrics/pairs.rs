@@ -8,7 +8,9 @@
 //!
 //! The connection table tells [`Pairs`] (its [`Observer`]) about each
 //! connection once when it opens and once when it closes: one hash lookup
-//! under a lock each time, nothing per read or per byte. No port or address
+//! under a lock each time (by a borrowed key: nothing is copied for a pair
+//! already counted), one small allocation per open connection, nothing per
+//! read or per byte. No port or address
 //! is a label, and at most `max_series` label sets are kept; connections of
 //! a new pair beyond that are counted in `tlsmesh_metrics_series_dropped_total`
 //! (and still in the unlabelled `tlsmesh_*` totals).
@@ -17,12 +19,9 @@
 //! reporter and reason in `tlsmesh_tunnel_handshake_failures_total` (six
 //! series, there from the start), which the alert rules use.
 
-use std::{
-    collections::HashMap,
-    sync::{
-        atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
-        Arc, Mutex,
-    },
+use std::sync::{
+    atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
+    Arc, Mutex,
 };
 
 use prometheus_client::{
@@ -30,8 +29,10 @@ use prometheus_client::{
     metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
 };
 
+use hashbrown::{Equivalent, HashMap};
+
 use crate::{
-    config::{MetricsCompat, MetricsConfig},
+    config::{MetricsCompat, MetricsConfig, Transport},
     conns::{Closing, ConnInfo, Direction, Failure, Observer, Route, Transfer},
     sync::lock,
 };
@@ -79,11 +80,92 @@ pub struct Key {
     /// Tunnel, local, passthrough, plaintext, probe.
     pub route: &'static str,
     /// `tcp`, `quic` (tunnel), else `None`.
-    pub transport: Option<String>,
+    pub transport: Option<Transport>,
     /// Carried in mutual TLS.
     pub mutual_tls: bool,
     /// `None` for connections that were relayed.
     pub flags: Option<Failure>,
+}
+
+/// A [`Peer`] borrowed from a connection's description.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerRef<'a> {
+    workload: Option<&'a str>,
+    namespace: Option<&'a str>,
+    principal: Option<&'a str>,
+}
+
+/// A [`Key`] borrowed from a connection's description: the series are
+/// looked up by it, and only a new pair is copied into a [`Key`]. Its
+/// fields are [`Key`]'s in the same order and of types that hash alike
+/// (`&str` as `String`), so both hash the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyRef<'a> {
+    reporter: Reporter,
+    source: PeerRef<'a>,
+    destination: PeerRef<'a>,
+    destination_service: Option<&'a str>,
+    route: &'static str,
+    transport: Option<Transport>,
+    mutual_tls: bool,
+    flags: Option<Failure>,
+}
+
+impl Peer {
+    fn as_ref(&self) -> PeerRef<'_> {
+        PeerRef {
+            workload: self.workload.as_deref(),
+            namespace: self.namespace.as_deref(),
+            principal: self.principal.as_deref(),
+        }
+    }
+}
+
+impl PeerRef<'_> {
+    fn to_peer(self) -> Peer {
+        Peer {
+            workload: self.workload.map(str::to_owned),
+            namespace: self.namespace.map(str::to_owned),
+            principal: self.principal.map(str::to_owned),
+        }
+    }
+}
+
+impl Key {
+    fn as_ref(&self) -> KeyRef<'_> {
+        KeyRef {
+            reporter: self.reporter,
+            source: self.source.as_ref(),
+            destination: self.destination.as_ref(),
+            destination_service: self.destination_service.as_deref(),
+            route: self.route,
+            transport: self.transport,
+            mutual_tls: self.mutual_tls,
+            flags: self.flags,
+        }
+    }
+}
+
+impl KeyRef<'_> {
+    /// The owned key (for a new series).
+    pub fn to_key(self) -> Key {
+        Key {
+            reporter: self.reporter,
+            source: self.source.to_peer(),
+            destination: self.destination.to_peer(),
+            destination_service: self.destination_service.map(str::to_owned),
+            route: self.route,
+            transport: self.transport,
+            mutual_tls: self.mutual_tls,
+            flags: self.flags,
+        }
+    }
+}
+
+impl Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        *self == key.as_ref()
+    }
 }
 
 /// A series' counters.
@@ -98,63 +180,67 @@ struct Series {
     sent: AtomicU64,
 }
 
-fn namespace_of(key: &str) -> Option<String> {
-    key.split_once('/').map(|(ns, _)| ns.to_owned())
+fn namespace_of(key: &str) -> Option<&str> {
+    key.split_once('/').map(|(ns, _)| ns)
 }
 
 /// `spiffe://td/ns/<ns>/sa/<sa>` → `<ns>`.
-fn namespace_of_principal(id: &str) -> Option<String> {
+fn namespace_of_principal(id: &str) -> Option<&str> {
     let (_, rest) = id.split_once("/ns/")?;
-    rest.split_once("/sa/").map(|(ns, _)| ns.to_owned())
+    rest.split_once("/sa/").map(|(ns, _)| ns)
 }
 
 /// Finds the workload of a pod by its key (`namespace/name`).
 pub type WorkloadOf = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
-/// The series a connection counts in (two for a same-node delivery: this
-/// daemon is both its source and its destination), each with whether the
-/// pod of the entry is the client. Pure, given `workload_of`.
-pub fn keys(info: &ConnInfo, workload_of: &dyn Fn(&str) -> Option<String>) -> Vec<(Key, bool)> {
-    let own_principal = match info.direction {
-        Direction::Outbound => info.src_identity.clone(),
-        Direction::Inbound => info.dst_identity.clone(),
+/// Calls `f` with each series a connection counts in (two for a
+/// same-node delivery: this daemon is both its source and its destination)
+/// and whether the pod of the entry is the client. Pure, given
+/// `workload_of`.
+pub fn for_each_key(
+    info: &ConnInfo,
+    workload_of: &dyn Fn(&str) -> Option<String>,
+    mut f: impl FnMut(KeyRef<'_>, bool),
+) {
+    let (own_principal, peer_principal) = match info.direction {
+        Direction::Outbound => (info.src_identity.as_deref(), info.dst_identity.as_deref()),
+        Direction::Inbound => (info.dst_identity.as_deref(), info.src_identity.as_deref()),
     };
-    let peer_principal = match info.direction {
-        Direction::Outbound => info.dst_identity.clone(),
-        Direction::Inbound => info.src_identity.clone(),
-    };
-    let own = Peer {
-        workload: workload_of(&info.pod),
+    let own_workload = workload_of(&info.pod);
+    let peer_workload = info.peer_pod.as_deref().and_then(workload_of);
+    let own = PeerRef {
+        workload: own_workload.as_deref(),
         namespace: namespace_of(&info.pod),
         principal: own_principal,
     };
-    let peer = Peer {
-        workload: info.peer_pod.as_deref().and_then(workload_of),
+    let peer = PeerRef {
+        workload: peer_workload.as_deref(),
         namespace: info
             .peer_pod
             .as_deref()
             .and_then(namespace_of)
-            .or_else(|| peer_principal.as_deref().and_then(namespace_of_principal)),
+            .or_else(|| peer_principal.and_then(namespace_of_principal)),
         principal: peer_principal,
     };
     let pod_is_client = info.direction == Direction::Outbound;
     let (source, destination) = if pod_is_client { (own, peer) } else { (peer, own) };
-    let key = |reporter| Key {
+    let key = |reporter| KeyRef {
         reporter,
-        source: source.clone(),
-        destination: destination.clone(),
-        destination_service: info.dst_service.clone(),
+        source,
+        destination,
+        destination_service: info.dst_service.as_deref(),
         route: info.route.as_str(),
-        transport: info.transport.clone(),
+        transport: info.transport,
         mutual_tls: info.route == Route::Tunnel,
         flags: None,
     };
     match (info.direction, info.route) {
         (Direction::Outbound, Route::Local) => {
-            vec![(key(Reporter::Source), true), (key(Reporter::Destination), true)]
+            f(key(Reporter::Source), true);
+            f(key(Reporter::Destination), true);
         }
-        (Direction::Outbound, _) => vec![(key(Reporter::Source), true)],
-        (Direction::Inbound, _) => vec![(key(Reporter::Destination), false)],
+        (Direction::Outbound, _) => f(key(Reporter::Source), true),
+        (Direction::Inbound, _) => f(key(Reporter::Destination), false),
     }
 }
 
@@ -199,7 +285,7 @@ impl Pairs {
     }
 
     /// The series for `key`, made if there is room.
-    fn series(&self, key: Key) -> Option<Arc<Series>> {
+    fn series(&self, key: KeyRef<'_>) -> Option<Arc<Series>> {
         let mut m = lock(&self.series);
         if let Some(s) = m.get(&key) {
             return Some(Arc::clone(s));
@@ -209,7 +295,7 @@ impl Pairs {
             return None;
         }
         let s = Arc::new(Series::default());
-        m.insert(key, Arc::clone(&s));
+        m.insert(key.to_key(), Arc::clone(&s));
         Some(s)
     }
 
@@ -359,7 +445,7 @@ pub fn labels(k: &Key) -> Vec<(&'static str, String)> {
         ("destination_principal", or_unknown(k.destination.principal.as_ref())),
         ("destination_service", or_unknown(k.destination_service.as_ref())),
         ("route", k.route.to_owned()),
-        ("transport", k.transport.clone().unwrap_or_else(|| "none".to_owned())),
+        ("transport", k.transport.map_or("none", Transport::as_str).to_owned()),
         ("connection_security_policy", policy(k)),
         ("response_flags", flag_name(k.flags).to_owned()),
     ]
@@ -413,19 +499,24 @@ pub fn istio_labels(k: &Key) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// What an open connection holds: its series and whether the entry's pod
-/// is the client.
+/// What an open connection holds: its series (at most two: a same-node
+/// delivery counts as source and destination), each with whether the
+/// entry's pod is the client. One allocation per connection.
 struct Open {
     pairs: Arc<Pairs>,
-    series: Vec<(Arc<Series>, bool, Reporter)>,
+    series: [Option<(Arc<Series>, bool, Reporter)>; 2],
 }
 
-impl Closing for Open {
-    fn closed(self: Box<Self>, t: Transfer) {
-        for (s, pod_is_client, r) in &self.series {
+impl Open {
+    /// The connection left this daemon after moving `t`: closed, or
+    /// handed over (then the next daemon counts its close).
+    fn settle(&self, t: Transfer, closed: bool) {
+        for (s, pod_is_client, r) in self.series.iter().flatten() {
             let (c2s, s2c) =
                 if *pod_is_client { (t.from_pod, t.to_pod) } else { (t.to_pod, t.from_pod) };
-            s.closed.fetch_add(1, Relaxed);
+            if closed {
+                s.closed.fetch_add(1, Relaxed);
+            }
             s.received.fetch_add(c2s, Relaxed);
             s.sent.fetch_add(s2c, Relaxed);
             self.pairs.open_gauge(*r).fetch_sub(1, Relaxed);
@@ -433,43 +524,67 @@ impl Closing for Open {
     }
 }
 
+impl Closing for Open {
+    fn closed(self: Box<Self>, t: Transfer) {
+        self.settle(t, true);
+    }
+
+    fn handed_over(self: Box<Self>, t: Transfer) {
+        self.settle(t, false);
+    }
+}
+
 /// The table's observer: a handle on the shared [`Pairs`].
 #[derive(Debug, Clone)]
 pub struct PairsObserver(pub Arc<Pairs>);
 
+impl PairsObserver {
+    /// The series of a connection now open here; `new` counts it as opened
+    /// (else it was taken over from the previous daemon, which counted it).
+    fn open(&self, info: &ConnInfo, new: bool) -> Option<Box<dyn Closing>> {
+        let mut series = [None, None];
+        let mut n = 0;
+        for_each_key(info, &self.0.workload_of, |k, client| {
+            let r = k.reporter;
+            if let Some(s) = self.0.series(k) {
+                if new {
+                    s.opened.fetch_add(1, Relaxed);
+                }
+                self.0.open_gauge(r).fetch_add(1, Relaxed);
+                series[n] = Some((s, client, r));
+                n += 1;
+            }
+        });
+        (n > 0).then(|| Box::new(Open { pairs: Arc::clone(&self.0), series }) as Box<dyn Closing>)
+    }
+}
+
 impl Observer for PairsObserver {
     fn opened(&self, info: &ConnInfo) -> Option<Box<dyn Closing>> {
-        let series: Vec<(Arc<Series>, bool, Reporter)> = keys(info, &self.0.workload_of)
-            .into_iter()
-            .filter_map(|(k, client)| {
-                let r = k.reporter;
-                let s = self.0.series(k)?;
-                s.opened.fetch_add(1, Relaxed);
-                self.0.open_gauge(r).fetch_add(1, Relaxed);
-                Some((s, client, r))
-            })
-            .collect();
-        (!series.is_empty())
-            .then(|| Box::new(Open { pairs: Arc::clone(&self.0), series }) as Box<dyn Closing>)
+        self.open(info, true)
+    }
+
+    fn adopted(&self, info: &ConnInfo) -> Option<Box<dyn Closing>> {
+        self.open(info, false)
     }
 
     fn refused(&self, info: &ConnInfo, why: Failure) {
         // As ztunnel: opened (without flags), then closed and failed with them.
-        for (k, _) in keys(info, &self.0.workload_of) {
+        for_each_key(info, &self.0.workload_of, |k, _| {
             if let Some(i) = HANDSHAKE_REASONS.iter().position(|h| *h == why) {
                 if info.route == Route::Tunnel {
                     let r = usize::from(k.reporter == Reporter::Destination);
                     self.0.handshake_failures[r][i].fetch_add(1, Relaxed);
                 }
             }
-            if let Some(s) = self.0.series(k.clone()) {
+            if let Some(s) = self.0.series(k) {
                 s.opened.fetch_add(1, Relaxed);
             }
-            if let Some(s) = self.0.series(Key { flags: Some(why), ..k }) {
+            if let Some(s) = self.0.series(KeyRef { flags: Some(why), ..k }) {
                 s.closed.fetch_add(1, Relaxed);
                 s.failed.fetch_add(1, Relaxed);
             }
-        }
+        });
     }
 }
 
@@ -487,9 +602,16 @@ mod tests {
             peer_pod: Some("db/db-0".into()),
             src_identity: Some("spiffe://td/ns/shop/sa/web".into()),
             dst_identity: Some("spiffe://td/ns/db/sa/db".into()),
-            transport: Some("tcp".into()),
+            transport: Some(Transport::Tcp),
             dst_service: None,
         }
+    }
+
+    /// The owned keys of `info`'s series.
+    fn keys(info: &ConnInfo, workload_of: &dyn Fn(&str) -> Option<String>) -> Vec<(Key, bool)> {
+        let mut v = Vec::new();
+        for_each_key(info, workload_of, |k, client| v.push((k.to_key(), client)));
+        v
     }
 
     /// Workloads of the test pods: `shop/web-1` is `web`, `db/db-0` is
@@ -610,6 +732,20 @@ mod tests {
         let mut i = info(Direction::Outbound, Route::Passthrough);
         i.peer_pod = Some("w/w0".into());
         assert!(obs.opened(&i).is_some());
+    }
+
+    #[test]
+    fn a_borrowed_key_hashes_and_compares_as_its_owned_key() {
+        use std::hash::BuildHasher as _;
+        let h = hashbrown::DefaultHashBuilder::default();
+        let mut i = info(Direction::Outbound, Route::Tunnel);
+        i.dst_service = Some("db/postgres".into());
+        for_each_key(&i, &workload_of, |k, _| {
+            let owned = k.to_key();
+            assert_eq!(h.hash_one(k), h.hash_one(&owned));
+            assert!(k.equivalent(&owned));
+            assert!(!KeyRef { flags: Some(Failure::Revoked), ..k }.equivalent(&owned));
+        });
     }
 
     #[test]

@@ -10,14 +10,14 @@ use tracing::{info, info_span, warn, Instrument};
 use super::{dropped, reset, Proxy};
 use crate::{
     authz,
-    conns::{ConnInfo, Direction, Failure, Route, Transfer},
+    conns::{ConnInfo, Direction, Failure, Route},
     inventory::{self, InboundVerdict, Pod},
     state::PodEntry,
     stats::Stats,
 };
 
 /// Serves one plaintext connection to `pod` from `peer`.
-pub async fn serve(p: Proxy, pod: Arc<PodEntry>, mut client: TcpStream, peer: SocketAddr) {
+pub async fn serve(p: Proxy, pod: Arc<PodEntry>, client: TcpStream, peer: SocketAddr) {
     let dst = match client.local_addr() {
         Ok(d) => d,
         Err(e) => {
@@ -74,7 +74,7 @@ pub async fn serve(p: Proxy, pod: Arc<PodEntry>, mut client: TcpStream, peer: So
                 Route::Probe
             }
         };
-        let mut app = match pod.net.connect(dst).await {
+        let app = match pod.net.connect(dst).await {
             Ok(a) => a,
             Err(e) => {
                 p.conns.refused(&info(route), Failure::ConnectFailed);
@@ -83,19 +83,10 @@ pub async fn serve(p: Proxy, pod: Arc<PodEntry>, mut client: TcpStream, peer: So
                 return;
             }
         };
-        let mut guard = p.conns.open(info(route));
-        let splice = tlsmesh_tunnel::splice(&mut client, &mut app);
-        let Some(o) = super::outbound::until_closed(&mut guard, splice).await else {
-            drop(app);
-            reset(client);
-            return;
-        };
+        let guard = p.conns.open(info(route));
         // The remote client is the first side, the pod's app the second.
-        let t = Transfer::pod_second(o.a_to_b, o.b_to_a);
-        match o.error {
-            Some(e) => guard.failed(t, e),
-            None => guard.finished(t),
-        }
+        super::relay_sockets(guard, client, app, false, tlsmesh_tunnel::SplicePoint::default())
+            .await;
     }
     .instrument(span)
     .await;

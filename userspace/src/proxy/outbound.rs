@@ -101,13 +101,8 @@ pub async fn serve(p: Proxy, pod: Arc<PodEntry>, client: TcpStream, peer: Socket
 }
 
 /// Relays the client with a plain TCP upstream (local delivery, passthrough).
-async fn relay(
-    p: &Proxy,
-    mut client: TcpStream,
-    upstream: std::io::Result<TcpStream>,
-    info: ConnInfo,
-) {
-    let mut upstream = match upstream {
+async fn relay(p: &Proxy, client: TcpStream, upstream: std::io::Result<TcpStream>, info: ConnInfo) {
+    let upstream = match upstream {
         Ok(s) => s,
         Err(e) => {
             Stats::inc(&p.stats.outbound_failed);
@@ -117,19 +112,10 @@ async fn relay(
             return;
         }
     };
-    let mut guard = p.conns.open(info);
-    let Some(o) =
-        until_closed(&mut guard, tlsmesh_tunnel::splice(&mut client, &mut upstream)).await
-    else {
-        reset(client);
-        return;
-    };
+    let guard = p.conns.open(info);
     // The client (the pod) is the first side.
-    let t = Transfer::pod_first(o.a_to_b, o.b_to_a);
-    match o.error {
-        Some(e) => guard.failed(t, e),
-        None => guard.finished(t),
-    }
+    super::relay_sockets(guard, client, upstream, true, tlsmesh_tunnel::SplicePoint::default())
+        .await;
 }
 
 /// The remote-pod branch: through the mTLS tunnel to the destination node.
@@ -169,7 +155,10 @@ async fn tunnel(
         }
     };
     Stats::inc(&p.stats.outbound_tunnel);
-    info.transport = Some(stream.transport().to_string());
+    info.transport = Some(match stream.transport() {
+        tlsmesh_tunnel::Transport::Tcp => crate::config::Transport::Tcp,
+        tlsmesh_tunnel::Transport::Quic => crate::config::Transport::Quic,
+    });
     let mut guard = p.conns.open(info);
     let Some(o) = until_closed(&mut guard, tlsmesh_tunnel::splice(&mut client, &mut stream)).await
     else {

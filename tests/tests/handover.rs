@@ -1,0 +1,184 @@
+//! The connection handover, end to end (issue 14 item 2, the connections
+//! whose state is all in the kernel): a node's daemon is replaced twice
+//! while long-lived connections of every such route run through it — a
+//! local delivery, a passthrough to a pod that is not enrolled and a
+//! plaintext connection accepted by a permissive pod, each with a trickle
+//! (1 KiB every 100 ms) and an idle connection, and a local bulk stream.
+//! Every byte comes back intact and in order, the old daemon exits as soon
+//! as it handed its table over (long before its drain deadline), and the
+//! new one lists the connections. A daemon of another node is never a
+//! successor: then the old daemon drains as before.
+
+use std::{net::SocketAddr, time::Duration};
+
+use netkit::{
+    echo_server, require_root, wait_for, write_inventory, Daemon, EchoStream, Role, Topology,
+};
+
+const KIB: u64 = 1024;
+
+/// Starts a daemon beside `old` on node 0 with the same pins, sends `old`
+/// SIGTERM and waits until it exited; returns the new one.
+fn replace(topo: &Topology, old: Daemon, inv: &std::path::Path) -> Daemon {
+    let node = topo.node(0).clone();
+    let new = Daemon::start_with_pin(topo, &node, &old.pin_dir, inv, &["--drain-timeout", "120"]);
+    let mut old = old;
+    old.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    // Its drain deadline is 120 s and its connections never end on their
+    // own: it exits early only because it handed them over.
+    let exited = old.proc.wait_timeout(Duration::from_secs(60));
+    assert!(exited.is_some(), "the old daemon did not exit:\n{}", old.log_text());
+    let log = old.log_text();
+    assert!(
+        log.contains("handing connections over to the new daemon"),
+        "the old daemon found its successor:\n{log}"
+    );
+    assert!(!log.contains("drain deadline reached"), "nothing was left to drain:\n{log}");
+    // The admin port passes to the new daemon once the old one let go.
+    let pid = u64::from(new.proc.pid());
+    let took = wait_for(Duration::from_secs(20), || {
+        (new.get("/config_dump").ok()?.1["pid"].as_u64() == Some(pid)).then_some(())
+    });
+    assert!(took.is_some(), "the new daemon owns the admin API");
+    new
+}
+
+/// The routes of the connections `d` holds, sorted.
+fn routes(d: &Daemon) -> Vec<String> {
+    let mut v: Vec<String> = d.config_dump()["connections"]
+        .as_array()
+        .expect("connections")
+        .iter()
+        .filter_map(|c| c["route"].as_str().map(str::to_owned))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn handover_moves_local_passthrough_and_plaintext_connections_to_the_new_daemon() {
+    if !require_root("handover_moves_local_passthrough_and_plaintext_connections_to_the_new_daemon")
+    {
+        return;
+    }
+    let topo = Topology::build(2, 3).expect("topology");
+    // Node 0: a client, a local server (both strict), a permissive server.
+    // Node 1: a server and a client that are not enrolled.
+    let inv = write_inventory(&topo, "inv.toml", &|p| match (p.node, p.name.as_str()) {
+        (0, "n0p2") => Role::Permissive,
+        (0, _) => Role::Strict,
+        _ => Role::Plain,
+    });
+    let first = Daemon::start(&topo, 0, &inv, &["--drain-timeout", "120"]);
+    let _d1 = Daemon::start(&topo, 1, &inv, &[]);
+    let client = topo.pod(0, 0).clone();
+    let outsider = topo.pod(1, 1).clone();
+    let local = SocketAddr::new(topo.pod(0, 1).ip4.into(), 7000);
+    let passthrough = SocketAddr::new(topo.pod(1, 0).ip4.into(), 7000);
+    let plaintext = SocketAddr::new(topo.pod(0, 2).ip4.into(), 7000);
+    for dst in [local, passthrough, plaintext] {
+        let server = if dst == passthrough {
+            topo.pod(1, 0)
+        } else if dst == local {
+            topo.pod(0, 1)
+        } else {
+            topo.pod(0, 2)
+        };
+        echo_server(&server.netns, dst);
+    }
+    let trickle = |netns: &str, dst| {
+        EchoStream::start(netns, dst, 1024, Duration::from_millis(100), u64::MAX)
+            .expect("start a trickle")
+    };
+    let idle = |netns: &str, dst| {
+        EchoStream::start(netns, dst, 1, Duration::from_secs(3600), u64::MAX).expect("start idle")
+    };
+    let streams = vec![
+        ("local trickle", trickle(&client.netns, local)),
+        ("local idle", idle(&client.netns, local)),
+        ("passthrough trickle", trickle(&client.netns, passthrough)),
+        ("passthrough idle", idle(&client.netns, passthrough)),
+        ("plaintext trickle", trickle(&outsider.netns, plaintext)),
+        ("plaintext idle", idle(&outsider.netns, plaintext)),
+    ];
+    // 1 GiB, paced at most 64 KiB per millisecond (about 15 s or more) so
+    // that it is in full flow at both replacements.
+    let bulk_total = 1 << 30;
+    let bulk =
+        EchoStream::start(&client.netns, local, 64 * 1024, Duration::from_millis(1), bulk_total)
+            .expect("start the bulk stream");
+    for (what, s) in &streams {
+        assert!(s.wait_echoed(1, Duration::from_secs(10)), "{what}: no echo before the upgrade");
+    }
+    // Seven relays on node 0 (the tunnel is not used by any).
+    let seven = wait_for(Duration::from_secs(10), || (routes(&first).len() == 7).then_some(()));
+    assert!(seven.is_some(), "connections on node 0 before: {:?}", routes(&first));
+    assert!(bulk.echoed() < bulk_total, "the bulk stream is still running at the upgrade");
+
+    let second = replace(&topo, first, &inv);
+    let mid: Vec<u64> = streams.iter().map(|(_, s)| s.echoed()).collect();
+    // The new daemon relays them: the trickles go on.
+    for ((what, s), before) in streams.iter().zip(&mid) {
+        if what.ends_with("trickle") {
+            assert!(
+                s.wait_echoed(before + 5 * KIB, Duration::from_secs(10)),
+                "{what}: no echo after the handover ({} bytes)",
+                s.echoed()
+            );
+        }
+    }
+    let expected = {
+        let mut v =
+            vec!["local", "local", "local", "passthrough", "passthrough", "plaintext", "plaintext"];
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(routes(&second), expected, "the new daemon holds every connection");
+
+    // Again: connections it took over move on once more.
+    assert!(bulk.echoed() < bulk_total, "the bulk stream is still running at the second upgrade");
+    let third = replace(&topo, second, &inv);
+    assert_eq!(routes(&third), expected, "the third daemon holds every connection");
+    let moved = bulk.finish(true).expect("the 1 GiB bulk stream came back intact");
+    assert_eq!(moved, bulk_total);
+    for (what, s) in streams {
+        let n = s.finish(false).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(n > 0, "{what}: nothing moved");
+    }
+    let gone = wait_for(Duration::from_secs(10), || routes(&third).is_empty().then_some(()));
+    assert!(gone.is_some(), "entries end with their connections: {:?}", routes(&third));
+    let log = third.log_text();
+    assert!(log.contains("connections taken over from the previous daemon"), "{log}");
+}
+
+#[test]
+fn handover_never_goes_to_a_daemon_of_another_node() {
+    if !require_root("handover_never_goes_to_a_daemon_of_another_node") {
+        return;
+    }
+    let topo = Topology::build(2, 2).expect("topology");
+    let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
+    // Node 0's daemon is pointed at node 1's handover socket.
+    // Node 1's daemon starts last, so the socket's name is its own.
+    let n1_socket = Daemon::handover_socket(&topo, &topo.node(1).name).display().to_string();
+    let mut d0 =
+        Daemon::start(&topo, 0, &inv, &["--handover-socket", &n1_socket, "--drain-timeout", "3"]);
+    let d1 = Daemon::start(&topo, 1, &inv, &[]);
+    let local = SocketAddr::new(topo.pod(0, 1).ip4.into(), 7000);
+    echo_server(&topo.pod(0, 1).netns, local);
+    let s =
+        EchoStream::start(&topo.pod(0, 0).netns, local, 1024, Duration::from_millis(100), u64::MAX)
+            .expect("a local trickle");
+    assert!(s.wait_echoed(2 * KIB, Duration::from_secs(10)), "echo before");
+    d0.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(d0.proc.wait_timeout(Duration::from_secs(30)).is_some(), "node 0's daemon exits");
+    let log = d0.log_text();
+    assert!(log.contains("no connection handover"), "{log}");
+    assert!(log.contains("serves node"), "it says why:\n{log}");
+    assert!(log.contains("drain deadline reached"), "it drained as before:\n{log}");
+    // The connection ended with the drain, as before; node 1 took nothing.
+    let closed = wait_for(Duration::from_secs(10), || s.closed().then_some(()));
+    assert!(closed.is_some(), "the drained connection was closed");
+    assert!(d1.config_dump()["connections"].as_array().is_some_and(Vec::is_empty));
+    assert!(!d1.log_text().contains("taken over"), "{}", d1.log_text());
+}
