@@ -847,6 +847,8 @@ fn pattern(i: u64) -> u8 {
 pub struct EchoStream {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     echoed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Longest wait between two reads since the last reset, in µs.
+    max_gap_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
     writer: std::thread::JoinHandle<io::Result<u64>>,
     reader: std::thread::JoinHandle<io::Result<u64>>,
 }
@@ -869,17 +871,25 @@ impl EchoStream {
         s.set_write_timeout(Some(Duration::from_secs(30)))?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let echoed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let max_gap_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut r = s.try_clone()?;
         let reader = {
             let (echoed, stop) = (Arc::clone(&echoed), Arc::clone(&stop));
+            let max_gap_us = Arc::clone(&max_gap_us);
             std::thread::spawn(move || -> io::Result<u64> {
                 let mut buf = vec![0u8; 64 * 1024];
                 let mut at = 0u64;
                 // An idle stream may wait any time for its next echo; once
                 // the writer stopped, the rest must come within 30 s.
                 let mut waited_after_stop = 0;
+                let mut last = std::time::Instant::now();
                 loop {
-                    let n = match r.read(&mut buf) {
+                    let got = r.read(&mut buf);
+                    let gap = u64::try_from(last.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    if !stop.load(Ordering::Relaxed) {
+                        max_gap_us.fetch_max(gap, Ordering::Relaxed);
+                    }
+                    let n = match got {
                         Ok(n) => n,
                         Err(e)
                             if matches!(
@@ -913,6 +923,7 @@ impl EchoStream {
                     }
                     at += n as u64;
                     echoed.store(at, Ordering::Relaxed);
+                    last = std::time::Instant::now();
                 }
             })
         };
@@ -942,12 +953,24 @@ impl EchoStream {
                 Ok(at)
             })
         };
-        Ok(Self { stop, echoed, writer, reader })
+        Ok(Self { stop, echoed, max_gap_us, writer, reader })
     }
 
     /// Bytes that came back intact so far.
     pub fn echoed(&self) -> u64 {
         self.echoed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The longest wait for the echo between two reads since the stream
+    /// started or [`EchoStream::reset_max_gap`] (a read timeout of the
+    /// reader is part of a wait, not its end).
+    pub fn max_gap(&self) -> Duration {
+        Duration::from_micros(self.max_gap_us.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Starts measuring [`EchoStream::max_gap`] afresh.
+    pub fn reset_max_gap(&self) {
+        self.max_gap_us.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// True once the echo ended (EOF, reset or a wrong byte).

@@ -23,6 +23,7 @@ fn replace(topo: &Topology, old: Daemon, inv: &std::path::Path) -> Daemon {
     let node = topo.node(0).clone();
     let new = Daemon::start_with_pin(topo, &node, &old.pin_dir, inv, &["--drain-timeout", "120"]);
     let mut old = old;
+    let old_log = old.log.clone();
     old.proc.signal(nix::sys::signal::Signal::SIGTERM);
     // Its drain deadline is 120 s and its connections never end on their
     // own: it exits early only because it handed them over.
@@ -40,7 +41,26 @@ fn replace(topo: &Topology, old: Daemon, inv: &std::path::Path) -> Daemon {
         (new.get("/config_dump").ok()?.1["pid"].as_u64() == Some(pid)).then_some(())
     });
     assert!(took.is_some(), "the new daemon owns the admin API");
+    eprintln!(
+        "--- old daemon:\n{}\n--- new daemon:\n{}",
+        std::fs::read_to_string(&old_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("connection complete") || l.contains("hand"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        conn_log(&new)
+    );
     new
+}
+
+/// The log lines of `d` about connections and the handover.
+fn conn_log(d: &Daemon) -> String {
+    d.log_text()
+        .lines()
+        .filter(|l| l.contains("connection complete") || l.contains("hand") || l.contains("taken"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The routes of the connections `d` holds, sorted.

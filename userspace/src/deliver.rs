@@ -117,6 +117,11 @@ fn send(batch: &FinalizedBatch) -> io::Result<()> {
 }
 
 fn ip(ns: &Netns, args: &[&str]) -> Result<(), DeliverError> {
+    ip_output(ns, args).map(drop)
+}
+
+/// Runs `ip ARGS` in `ns`; its standard output ("File exists" is success).
+fn ip_output(ns: &Netns, args: &[&str]) -> Result<String, DeliverError> {
     let err = |message: String| DeliverError::Route {
         netns: ns.path().display().to_string(),
         command: format!("ip {}", args.join(" ")),
@@ -130,7 +135,7 @@ fn ip(ns: &Netns, args: &[&str]) -> Result<(), DeliverError> {
         .map_err(|e| err(e.to_string()))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if out.status.success() || stderr.contains("File exists") {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(err(stderr.trim().to_string()))
     }
@@ -162,13 +167,29 @@ pub fn setup(ns: &Netns) -> Result<(), DeliverError> {
     let mark = format!("{DELIVERY_MARK:#x}/{DELIVERY_MARK:#x}");
     let table = ROUTE_TABLE.to_string();
     for fam in ["-4", "-6"] {
-        // `ip rule add` is not idempotent: delete any earlier copy first.
-        let _ = ip(ns, &[fam, "rule", "del", "fwmark", &mark, "lookup", &table]);
-        ip(ns, &[fam, "rule", "add", "fwmark", &mark, "lookup", &table])?;
+        // `ip rule add` is not idempotent (it adds a copy), and deleting
+        // first would leave an instant without the rule, in which an app's
+        // reply to a delivered connection (one a daemon beside this one
+        // relays, e.g. during an upgrade) is routed out of the pod and the
+        // connection reset: add it only when it is not there.
+        let rules = ip_output(ns, &[fam, "rule", "show"])?;
+        if !rule_present(&rules, &mark, &table) {
+            ip(ns, &[fam, "rule", "add", "fwmark", &mark, "lookup", &table])?;
+        }
         let default = if fam == "-4" { "0.0.0.0/0" } else { "::/0" };
         ip(ns, &[fam, "route", "replace", "local", default, "dev", "lo", "table", &table])?;
     }
     Ok(())
+}
+
+/// True when `ip rule show` output `rules` has the rule `fwmark MARK
+/// lookup TABLE`. Pure.
+fn rule_present(rules: &str, mark: &str, table: &str) -> bool {
+    rules.lines().any(|l| {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        words.windows(2).any(|w| w == ["fwmark", mark])
+            && words.windows(2).any(|w| w == ["lookup", table])
+    })
 }
 
 /// Options for sockets the daemon opens inside pods: marked, so capture
@@ -262,5 +283,19 @@ fn bind_address_no_port(s: &socket2::Socket) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rule_present;
+
+    #[test]
+    fn the_delivery_rule_is_found_in_ip_rule_show() {
+        let rules = "0:\tfrom all lookup local\n32765:\tfrom all fwmark 0x400/0x400 lookup 100\n32766:\tfrom all lookup main\n";
+        assert!(rule_present(rules, "0x400/0x400", "100"));
+        assert!(!rule_present(rules, "0x400/0x400", "101"));
+        assert!(!rule_present(rules, "0x800/0x800", "100"));
+        assert!(!rule_present("0:\tfrom all lookup local\n", "0x400/0x400", "100"));
     }
 }

@@ -20,6 +20,7 @@ mod report;
 mod stats;
 mod stunnel;
 mod tlsmesh;
+mod upgrade;
 
 use std::{
     fs,
@@ -48,13 +49,15 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 const USAGE: &str = "usage: bench [--quick] [--rounds N] [--only plaintext,stunnel,tcp,quic] [--no-spinners] \
-                     [--pin] [--server-permissive] [--out DIR]\n\
+                     [--pin] [--server-permissive] [--upgrade | --no-upgrade] [--out DIR]\n\
   --quick              1 round, shorter durations (about 2-3 minutes)\n\
   --rounds N           rounds per candidate (default 3, quick 1); figures are medians over rounds\n\
   --only LIST          candidates to run (plaintext always runs: it is the baseline)\n\
   --no-spinners        do not run the two SCHED_IDLE busy loops that keep the vCPUs awake\n\
   --pin                give each simulated node its own CPUs (default: both share every vCPU)\n\
   --server-permissive  enroll the server pod as permissive (harness smoke test only; not a valid result)\n\
+  --upgrade            run only the upgrade figure (connections handed over to a new daemon)\n\
+  --no-upgrade         skip the upgrade figure (it runs after the candidates when tlsmesh TCP runs)\n\
   --out DIR            results directory (default: <repo>/results)";
 
 /// Command line.
@@ -67,6 +70,8 @@ struct Opts {
     spinners: bool,
     pin: bool,
     server_permissive: bool,
+    /// `Some(true)`: only the upgrade figure; `Some(false)`: none.
+    upgrade: Option<bool>,
     out: Option<PathBuf>,
 }
 
@@ -78,6 +83,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
         spinners: true,
         pin: false,
         server_permissive: false,
+        upgrade: None,
         out: None,
     };
     let mut it = args.iter();
@@ -89,6 +95,8 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
             "--no-spinners" => o.spinners = false,
             "--pin" => o.pin = true,
             "--server-permissive" => o.server_permissive = true,
+            "--upgrade" => o.upgrade = Some(true),
+            "--no-upgrade" => o.upgrade = Some(false),
             "--rounds" => {
                 let v = value("--rounds")?;
                 let n: u32 = v.parse().map_err(|_| format!("--rounds: not a number: {v}"))?;
@@ -328,7 +336,26 @@ impl Running {
     }
 }
 
+/// The upgrade figure alone (`--upgrade`), or after the candidates.
+fn run_upgrade(opts: &Opts, out_dir: &Path) -> Result<(), String> {
+    let levels: &[usize] = if opts.quick { &[1_000] } else { &[1_000, 10_000] };
+    let md = upgrade::markdown(&upgrade::run(levels)?);
+    let path = out_dir.join("upgrade.md");
+    fs::write(&path, &md).map_err(|e| format!("write {}: {e}", path.display()))?;
+    println!("\n{md}\nWritten: {}", path.display());
+    Ok(())
+}
+
 fn run(opts: &Opts) -> Result<(), String> {
+    if opts.upgrade == Some(true) {
+        let (_, stamp) = utc_stamp(SystemTime::now());
+        let out_root = opts.out.clone().unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new(".")).join("results")
+        });
+        let out_dir = out_root.join(&stamp);
+        fs::create_dir_all(&out_dir).map_err(|e| format!("create {}: {e}", out_dir.display()))?;
+        return run_upgrade(opts, &out_dir);
+    }
     let t0 = Instant::now();
     let load_start = procfs::loadavg();
     let (started_utc, stamp) = utc_stamp(SystemTime::now());
@@ -420,7 +447,11 @@ fn run(opts: &Opts) -> Result<(), String> {
         candidates: cands,
         targets,
     };
-    write_outputs(&r, &out_root, &stamp, logs.len())
+    write_outputs(&r, &out_root, &stamp, logs.len())?;
+    if opts.upgrade.is_none() && opts.kinds.contains(&Kind::TlsmeshTcp) && !stopped() {
+        run_upgrade(opts, &out_dir)?;
+    }
+    Ok(())
 }
 
 /// How the run was made, for the report.

@@ -107,6 +107,13 @@ pub fn clear_residue(pods: &[&netkit::Pod]) -> Vec<String> {
     found
 }
 
+/// Stops one daemon and removes what it installed.
+pub fn stop_and_uninstall(d: Daemon) -> Result<(), String> {
+    let (pin, node, inventory) = (d.pin_dir.clone(), d.node.clone(), d.inventory.clone());
+    stop_one(d);
+    uninstall(&pin, &node, &inventory)
+}
+
 fn stop_one(mut d: Daemon) {
     d.proc.signal(nix::sys::signal::Signal::SIGTERM);
     if d.proc.wait_timeout(Duration::from_secs(5)).is_none() {
