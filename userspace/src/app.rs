@@ -260,9 +260,9 @@ pub async fn run(cfg: NodeConfig) -> Result<(), AppError> {
     match crate::handover::Successor::find(&cfg.handover_socket, &me).await {
         Ok(next) => {
             info!(successor = next.hello().instance, "handing connections over to the new daemon");
-            let (tx, rx) = tokio::sync::mpsc::channel(256);
-            conns.hand_over(tx);
-            root.spawn(next.run(rx));
+            let next = Arc::new(next);
+            root.spawn(Arc::clone(&next).read_answers());
+            conns.hand_over(next);
         }
         Err(why) => info!(%why, "no connection handover: draining"),
     }

@@ -15,13 +15,13 @@
 //!
 //! Handover ([`ConnTable::hand_over`]): the table tells the relays whose
 //! sockets can move to the next daemon to pause; each offers itself
-//! ([`ConnGuard::hand_off`]) as an [`Offer`] to whoever took the other end
-//! of the channel (the `handover` module) and learns whether it was taken.
+//! ([`ConnGuard::hand_off`]) to the [`Taker`] (the `handover` module's
+//! successor) and learns whether it was taken.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    os::fd::{BorrowedFd, OwnedFd},
+    os::fd::BorrowedFd,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, OnceLock,
@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use tlsmesh_tunnel::SplicePoint;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    sync::{mpsc, oneshot, watch},
+    sync::watch,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -169,19 +169,17 @@ pub trait Closing: Send + Sync {
     }
 }
 
-/// A connection offered to the next daemon: its description, where its
-/// relay paused, copies of its two sockets (the relay's first and second
-/// side) and where to say whether it was taken.
-#[derive(Debug)]
-pub struct Offer {
-    /// The entry.
-    pub info: ConnInfo,
-    /// Where the relay paused.
-    pub point: SplicePoint,
-    /// The relay's two sockets (first side, second side).
-    pub sockets: [OwnedFd; 2],
-    /// `true` once the next daemon owns the connection.
-    pub reply: oneshot::Sender<bool>,
+/// Whoever takes connections over (the next daemon of the node).
+pub trait Taker: Send + Sync {
+    /// Offers one connection: its entry, where its relay paused, and its
+    /// two sockets (the relay's first and second side), which the caller
+    /// keeps open until the answer. `true` once the taker owns it.
+    fn offer<'a>(
+        &'a self,
+        info: &'a ConnInfo,
+        point: SplicePoint,
+        sockets: [BorrowedFd<'a>; 2],
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
 }
 
 /// One row of the table as the admin API shows it.
@@ -286,7 +284,7 @@ struct Inner {
     /// Cancelled when the relays are to pause and offer themselves.
     handover: CancellationToken,
     /// Where the offers go (set once, with `handover`).
-    successor: OnceLock<mpsc::Sender<Offer>>,
+    successor: OnceLock<Arc<dyn Taker>>,
 }
 
 /// The table of open connections (cheap to clone).
@@ -331,9 +329,9 @@ impl ConnTable {
         }
     }
 
-    /// Tells every relay that can move to pause and offer itself on `to`
+    /// Tells every relay that can move to pause and offer itself to `to`
     /// (once; the daemon is going, a successor is there).
-    pub fn hand_over(&self, to: mpsc::Sender<Offer>) {
+    pub fn hand_over(&self, to: Arc<dyn Taker>) {
         if self.inner.successor.set(to).is_ok() {
             self.inner.handover.cancel();
         }
@@ -350,6 +348,7 @@ impl ConnTable {
     /// open, not as opened).
     pub fn adopt(&self, info: ConnInfo) -> ConnGuard {
         let closing = self.inner.observer.get().and_then(|o| o.adopted(&info));
+        Stats::inc(&self.inner.stats.taken_over);
         self.insert(info, closing)
     }
 
@@ -470,8 +469,8 @@ impl ConnGuard {
         self.table.handover.cancelled().await;
     }
 
-    /// Offers the connection to the next daemon, with copies of its
-    /// sockets, after its relay paused at `point` having moved `t` here.
+    /// Offers the connection to the next daemon, with its sockets, after
+    /// its relay paused at `point` having moved `t` here.
     /// `true`: the next daemon owns it now, the entry ends as handed over
     /// (the caller closes its copies without a reset). `false`: it stays
     /// here, is not offered again, and the caller relays on.
@@ -486,18 +485,11 @@ impl ConnGuard {
         let Some(info) = lock(&self.table.open).get(&self.id).map(|e| e.info.clone()) else {
             return false;
         };
-        let copies = match (sockets[0].try_clone_to_owned(), sockets[1].try_clone_to_owned()) {
-            (Ok(a), Ok(b)) => [a, b],
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(error = %e, "cannot copy a connection's sockets for the handover; keeping it");
-                return false;
-            }
-        };
-        let (reply, answer) = oneshot::channel();
-        if to.send(Offer { info, point, sockets: copies, reply }).await.is_err() {
-            return false;
-        }
-        if answer.await.unwrap_or(false) {
+        // The sockets stay open here until the answer (they are borrowed
+        // for the whole offer): the kernel passes the same sockets, no copy
+        // of a descriptor is made.
+        if to.offer(&info, point, sockets).await {
+            Stats::inc(&self.table.stats.handed_over);
             self.done = Some(Done::HandedOver(t));
             true
         } else {

@@ -30,25 +30,26 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
     io::{self, IoSlice, IoSliceMut},
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
     path::{Path, PathBuf},
+    pin::Pin,
     sync::Arc,
 };
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
-use tokio::{
-    io::unix::AsyncFd,
-    sync::{mpsc, oneshot},
-};
+use tlsmesh_tunnel::SplicePoint;
+use tokio::{io::unix::AsyncFd, sync::oneshot};
 use tracing::{info, warn};
 
 use crate::{
-    conns::{ConnInfo, Offer},
+    conns::{ConnInfo, Taker},
     proxy::Proxy,
     scope::Scope,
     state::NodeState,
+    sync::lock,
 };
 
 /// The protocol version; a daemon speaking another one is not a successor.
@@ -82,8 +83,17 @@ pub struct Hello {
     pub instance: u64,
 }
 
-/// One offered connection (its two sockets travel with it).
-#[derive(Debug, Serialize, Deserialize)]
+/// One offered connection as sent (its two sockets travel with it).
+#[derive(Debug, Serialize)]
+struct OfferRef<'a> {
+    id: u64,
+    info: &'a ConnInfo,
+    a_to_b_done: bool,
+    b_to_a_done: bool,
+}
+
+/// One offered connection as received.
+#[derive(Debug, Deserialize)]
 struct OfferMsg {
     id: u64,
     info: ConnInfo,
@@ -319,7 +329,7 @@ fn adopt(
     if pod.scope.is_ended() {
         return Err(format!("pod {} is being removed", offer.info.pod));
     }
-    let point = tlsmesh_tunnel::SplicePoint {
+    let point = SplicePoint {
         a_to_b: 0,
         b_to_a: 0,
         a_to_b_done: offer.a_to_b_done,
@@ -328,10 +338,21 @@ fn adopt(
     proxy.adopt(&pod, offer.info, [a, b], point).map_err(|e| format!("taking the sockets: {e}"))
 }
 
-/// The handing-over side: a connection to the successor.
+/// The handing-over side: a connection to the successor. Each relay sends
+/// its own offer (the sockets are borrowed from the relay, which keeps them
+/// open until the answer: no descriptor is copied, so a daemon at its
+/// open-file limit can still hand over); [`Successor::read_answers`] hands
+/// each answer to the relay waiting for it.
 pub struct Successor {
     packets: Packets,
     hello: Hello,
+    /// One offer on the socket at a time.
+    sending: tokio::sync::Mutex<()>,
+    next: std::sync::atomic::AtomicU64,
+    /// Offers sent and not answered yet; `None` once the successor is gone
+    /// (later offers are refused at once).
+    waiting: std::sync::Mutex<Option<HashMap<u64, oneshot::Sender<bool>>>>,
+    counts: std::sync::Mutex<(usize, usize)>,
 }
 
 impl Successor {
@@ -350,7 +371,14 @@ impl Successor {
             .ok_or_else(|| "it closed at once".to_owned())?;
         let hello: Hello = parse(&hello.0).map_err(|e| e.to_string())?;
         is_successor(me, &hello)?;
-        Ok(Self { packets, hello })
+        Ok(Self {
+            packets,
+            hello,
+            sending: tokio::sync::Mutex::new(()),
+            next: std::sync::atomic::AtomicU64::new(1),
+            waiting: std::sync::Mutex::new(Some(HashMap::new())),
+            counts: std::sync::Mutex::new((0, 0)),
+        })
     }
 
     /// The successor's hello.
@@ -358,67 +386,77 @@ impl Successor {
         &self.hello
     }
 
-    /// Sends the offers that come on `offers` and answers each when its
-    /// reply arrives; ends when `offers` closes and every offer is
-    /// answered, or when the successor goes away (every unanswered offer is
-    /// then refused: its relay goes on here).
-    pub async fn run(self, mut offers: mpsc::Receiver<Offer>) {
-        let mut waiting: HashMap<u64, oneshot::Sender<bool>> = HashMap::new();
-        let mut next = 1u64;
-        let (mut handed, mut kept) = (0usize, 0usize);
-        let mut open = true;
-        loop {
-            tokio::select! {
-                o = offers.recv(), if open => {
-                    let Some(o) = o else { open = false; continue };
-                    let id = next;
-                    next += 1;
-                    let msg = OfferMsg {
-                        id,
-                        info: o.info,
-                        a_to_b_done: o.point.a_to_b_done,
-                        b_to_a_done: o.point.b_to_a_done,
-                    };
-                    let fds = [o.sockets[0].as_fd(), o.sockets[1].as_fd()];
-                    if let Err(e) = self.packets.send_json(&msg, &fds).await {
-                        warn!(error = %e, "cannot offer a connection to the new daemon; keeping it");
-                        let _ = o.reply.send(false);
-                        kept += 1;
-                        break;
-                    }
-                    waiting.insert(id, o.reply);
-                }
-                r = self.packets.recv() => {
-                    let reply = match r {
-                        Ok(Some((data, _))) => parse::<ReplyMsg>(&data),
-                        Ok(None) => Err(HandoverError::Protocol("the new daemon closed the handover".into())),
-                        Err(e) => Err(e.into()),
-                    };
-                    match reply {
-                        Ok(r) => {
-                            if let Some(tx) = waiting.remove(&r.id) {
-                                if r.accepted { handed += 1 } else { kept += 1 }
-                                if let Some(why) = &r.reason {
-                                    info!(reason = %why, "the new daemon did not take a connection; relaying it on");
-                                }
-                                let _ = tx.send(r.accepted);
-                            }
-                        }
-                        Err(e) => {
-                            warn!(error = %e, unanswered = waiting.len(), "connection handover broke off; relaying the rest here");
-                            break;
-                        }
-                    }
-                }
+    /// Reads the successor's answers and tells each waiting relay, until
+    /// the successor closes the socket or breaks the protocol; then every
+    /// unanswered offer is refused (its relay goes on here).
+    pub async fn read_answers(self: Arc<Self>) {
+        let why = loop {
+            let reply = match self.packets.recv().await {
+                Ok(Some((data, _))) => parse::<ReplyMsg>(&data),
+                Ok(None) => break "the new daemon closed the handover".to_owned(),
+                Err(e) => break e.to_string(),
+            };
+            let r = match reply {
+                Ok(r) => r,
+                Err(e) => break e.to_string(),
+            };
+            if let Some(why) = &r.reason {
+                info!(reason = %why, "the new daemon did not take a connection; relaying it on");
             }
-            if !open && waiting.is_empty() {
-                break;
+            let tx = lock(&self.waiting).as_mut().and_then(|w| w.remove(&r.id));
+            if let Some(tx) = tx {
+                let mut c = lock(&self.counts);
+                if r.accepted {
+                    c.0 += 1;
+                } else {
+                    c.1 += 1;
+                }
+                let _ = tx.send(r.accepted);
             }
-        }
+        };
         // Refuse what is left: dropping the senders tells each relay.
-        kept += waiting.len();
-        drop(waiting);
-        info!(handed_over = handed, kept, "connection handover done");
+        let left = lock(&self.waiting).take().map_or(0, |w| w.len());
+        let (handed, kept) = *lock(&self.counts);
+        if left > 0 {
+            warn!(error = %why, unanswered = left, "connection handover broke off; relaying the rest here");
+        }
+        info!(handed_over = handed, kept = kept + left, "connection handover ended");
+    }
+}
+
+impl Taker for Successor {
+    fn offer<'a>(
+        &'a self,
+        info: &'a ConnInfo,
+        point: SplicePoint,
+        sockets: [BorrowedFd<'a>; 2],
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
+        Box::pin(async move {
+            let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            match lock(&self.waiting).as_mut() {
+                Some(w) => w.insert(id, tx),
+                None => return false,
+            };
+            let msg = OfferRef {
+                id,
+                info,
+                a_to_b_done: point.a_to_b_done,
+                b_to_a_done: point.b_to_a_done,
+            };
+            let sent = {
+                let _one = self.sending.lock().await;
+                self.packets.send_json(&msg, &sockets).await
+            };
+            if let Err(e) = sent {
+                warn!(error = %e, "cannot offer a connection to the new daemon; keeping it");
+                if let Some(w) = lock(&self.waiting).as_mut() {
+                    w.remove(&id);
+                }
+                return false;
+            }
+            rx.await.unwrap_or(false)
+        })
     }
 }
 
@@ -433,6 +471,8 @@ pub fn listen(scope: &Scope, path: &Path, me: Hello, state: Arc<NodeState>, prox
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsFd as _;
+
     use super::*;
 
     fn hello(node: &str, instance: u64) -> Hello {
@@ -455,25 +495,25 @@ mod tests {
     /// received is a working copy of the one sent.
     #[tokio::test]
     async fn messages_carry_descriptors() {
-        let (a, b) =
+        let (old, new) =
             socket2::Socket::pair(socket2::Domain::UNIX, socket2::Type::SEQPACKET, None).unwrap();
-        let (a, b) = (Packets::new(a).unwrap(), Packets::new(b).unwrap());
-        let (mut r, w) = std::os::unix::net::UnixStream::pair().unwrap();
-        a.send(b"one", &[w.as_fd()]).await.unwrap();
-        a.send(b"two", &[]).await.unwrap();
-        drop(w);
-        let (m, mut fds) = b.recv().await.unwrap().unwrap();
-        assert_eq!(m, b"one");
+        let (old, new) = (Packets::new(old).unwrap(), Packets::new(new).unwrap());
+        let (mut inner, passed) = std::os::unix::net::UnixStream::pair().unwrap();
+        old.send(b"one", &[passed.as_fd()]).await.unwrap();
+        old.send(b"two", &[]).await.unwrap();
+        drop(passed);
+        let (msg, mut fds) = new.recv().await.unwrap().unwrap();
+        assert_eq!(msg, b"one");
         assert_eq!(fds.len(), 1);
         let mut w2 = std::os::unix::net::UnixStream::from(fds.remove(0));
         std::io::Write::write_all(&mut w2, b"through the copy").unwrap();
         drop(w2);
         let mut got = String::new();
-        std::io::Read::read_to_string(&mut r, &mut got).unwrap();
+        std::io::Read::read_to_string(&mut inner, &mut got).unwrap();
         assert_eq!(got, "through the copy");
-        let (m, fds) = b.recv().await.unwrap().unwrap();
-        assert_eq!((m.as_slice(), fds.len()), (b"two".as_slice(), 0));
-        drop(a);
-        assert!(b.recv().await.unwrap().is_none(), "EOF once the peer closed");
+        let (msg, fds) = new.recv().await.unwrap().unwrap();
+        assert_eq!((msg.as_slice(), fds.len()), (b"two".as_slice(), 0));
+        drop(old);
+        assert!(new.recv().await.unwrap().is_none(), "EOF once the peer closed");
     }
 }

@@ -164,6 +164,15 @@ impl Collector for DaemonCollector {
         )?;
         counter(
             &mut enc,
+            "tlsmesh_handover_connections",
+            "Open connections handed over to the next daemon of the node at an upgrade, or taken over from the previous one",
+            &[
+                (&[("direction", "handed_over")], s.handed_over),
+                (&[("direction", "taken_over")], s.taken_over),
+            ],
+        )?;
+        counter(
+            &mut enc,
             "tlsmesh_plaintext_accepted",
             "Plaintext connections accepted by permissive pods",
             &[(&[], s.inbound_plaintext_accepted)],

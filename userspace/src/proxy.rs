@@ -169,47 +169,54 @@ impl Adopted {
     }
 }
 
-/// Relays the two sockets of `guard`'s entry (`a` is the outbound pod's
-/// own when `pod_first`, else the inbound client's) until they end, the daemon closes the
-/// connection (`a` is reset), or the connection moves to the next daemon.
+/// Relays the two sockets of `guard`'s entry (`first` is the outbound
+/// pod's own when `pod_first`, else the inbound client's) until they end,
+/// the daemon closes the connection (`first` is reset), or the connection
+/// moves to the next daemon. Bytes are counted from `from` on.
 pub(crate) async fn relay_sockets(
     mut guard: ConnGuard,
-    a: TcpStream,
-    b: TcpStream,
+    first: TcpStream,
+    second: TcpStream,
     pod_first: bool,
     from: SplicePoint,
 ) {
-    let (mut a, mut b) = (a, b);
-    let transfer =
-        |x, y| if pod_first { Transfer::pod_first(x, y) } else { Transfer::pod_second(x, y) };
+    let (mut first, mut second) = (first, second);
+    let moved = |at: &SplicePoint| {
+        let (fwd, back) = (at.a_to_b - from.a_to_b, at.b_to_a - from.b_to_a);
+        if pod_first {
+            Transfer::pod_first(fwd, back)
+        } else {
+            Transfer::pod_second(fwd, back)
+        }
+    };
     let mut point = from;
     loop {
+        let stop = guard.handover_requested();
         let end = tokio::select! {
-            e = tlsmesh_tunnel::splice_pausable(&mut a, &mut b, point, guard.handover_requested()) => Some(e),
+            end = tlsmesh_tunnel::splice_pausable(&mut first, &mut second, point, stop) => Some(end),
             () = guard.closed() => None,
         };
         match end {
             None => {
                 guard.failed(Transfer::default(), "closed by the daemon (policy)");
-                drop(b);
-                reset(a);
+                drop(second);
+                reset(first);
                 return;
             }
-            Some(SpliceEnd::Finished(o)) => {
-                let t = transfer(o.a_to_b - from.a_to_b, o.b_to_a - from.b_to_a);
-                match o.error {
-                    Some(e) => guard.failed(t, e),
-                    None => guard.finished(t),
+            Some(SpliceEnd::Finished(out)) => {
+                let at = SplicePoint { a_to_b: out.a_to_b, b_to_a: out.b_to_a, ..point };
+                match out.error {
+                    Some(error) => guard.failed(moved(&at), error),
+                    None => guard.finished(moved(&at)),
                 }
                 return;
             }
-            Some(SpliceEnd::Paused(p)) => {
-                let t = transfer(p.a_to_b - from.a_to_b, p.b_to_a - from.b_to_a);
-                if guard.hand_off(t, p, [a.as_fd(), b.as_fd()]).await {
+            Some(SpliceEnd::Paused(at)) => {
+                if guard.hand_off(moved(&at), at, [first.as_fd(), second.as_fd()]).await {
                     // The next daemon relays it: close our copies, no reset.
                     return;
                 }
-                point = p;
+                point = at;
             }
         }
     }

@@ -53,6 +53,10 @@ counters! {
     policy_denied,
     /// Open connections closed because a new policy denies them.
     policy_closed,
+    /// Connections handed over to the next daemon of the node.
+    handed_over,
+    /// Connections taken over from the previous daemon of the node.
+    taken_over,
     /// Outbound tunnel streams that could not be opened.
     tunnel_failed,
     /// Bytes from pods into the daemon.

@@ -338,8 +338,14 @@ impl Running {
 
 /// The upgrade figure alone (`--upgrade`), or after the candidates.
 fn run_upgrade(opts: &Opts, out_dir: &Path) -> Result<(), String> {
-    let levels: &[usize] = if opts.quick { &[1_000] } else { &[1_000, 10_000] };
-    let md = upgrade::markdown(&upgrade::run(levels)?);
+    // Each local connection holds two sockets in the daemon: 10,000 fit
+    // only where the open-file limit is above 22,000.
+    let limit = procfs::raise_nofile(262_144).unwrap_or(20_000);
+    let most = usize::try_from(limit.saturating_sub(2_000) / 2 / 1_000 * 1_000)
+        .unwrap_or(10_000)
+        .clamp(1_000, 10_000);
+    let levels: Vec<usize> = if opts.quick { vec![1_000] } else { vec![1_000, most] };
+    let md = upgrade::markdown(&upgrade::run(&levels)?);
     let path = out_dir.join("upgrade.md");
     fs::write(&path, &md).map_err(|e| format!("write {}: {e}", path.display()))?;
     println!("\n{md}\nWritten: {}", path.display());

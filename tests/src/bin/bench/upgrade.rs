@@ -10,6 +10,7 @@
 //! each checked to be open at the client.
 
 use std::{
+    fmt::Write as _,
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -56,8 +57,9 @@ pub fn markdown(figs: &[Figures]) -> String {
          |---|---|---|---|---|---|---|\n",
     );
     for f in figs {
-        s += &format!(
-            "| {} of {} | {} | {} → {} | {} → {} | {} | {} | {} |\n",
+        let _ = writeln!(
+            s,
+            "| {} of {} | {} | {} → {} | {} → {} | {} | {} | {} |",
             f.idle.0,
             f.idle.1,
             ms(f.handover),
@@ -103,8 +105,9 @@ fn one(level: usize) -> Result<Figures, String> {
         .map_err(|e| format!("start the bulk stream: {e}"))?;
     let want = opened.conns.len() + 2;
     let count = |d: &Daemon| d.config_dump()["connections"].as_array().map_or(0, Vec::len);
-    wait_for(Duration::from_secs(30), || (count(&first) >= want).then_some(()))
-        .ok_or_else(|| format!("the daemon holds {} of {want} connections", count(&first)))?;
+    wait_for(Duration::from_secs(30), || (count(&first) >= want).then_some(())).ok_or_else(
+        || with_log(format!("the daemon holds {} of {want} connections", count(&first)), &first),
+    )?;
     let second = start(&topo, &inv, Some(&first))?;
     // Baseline: the same streams' longest pauses over two seconds.
     trickle.reset_max_gap();
@@ -120,7 +123,10 @@ fn one(level: usize) -> Result<Figures, String> {
     let handover = t.elapsed();
     if exited.is_none() {
         first.proc.kill();
-        return Err(format!("the old daemon did not exit within {}", ms(handover)));
+        return Err(with_log(
+            format!("the old daemon did not exit within {}", ms(handover)),
+            &first,
+        ));
     }
     std::thread::sleep(Duration::from_secs(1));
     let during = (trickle.max_gap(), bulk.max_gap());
@@ -144,6 +150,14 @@ fn one(level: usize) -> Result<Figures, String> {
         alive,
         intact,
     })
+}
+
+/// `e` with the daemon's last warnings.
+fn with_log(e: String, d: &Daemon) -> String {
+    let log = d.log_text();
+    let warn: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+    let last = &warn[warn.len().saturating_sub(5)..];
+    format!("{e}; the daemon's last warnings:\n{}", last.join("\n"))
 }
 
 /// Starts node 0's daemon (beside `old`, on its pins, when given).
