@@ -106,7 +106,7 @@ fn one(level: usize) -> Result<Figures, String> {
     let want = opened.conns.len() + 2;
     let count = |d: &Daemon| d.config_dump()["connections"].as_array().map_or(0, Vec::len);
     wait_for(Duration::from_secs(30), || (count(&first) >= want).then_some(())).ok_or_else(
-        || with_log(format!("the daemon holds {} of {want} connections", count(&first)), &first),
+        || with_log(&format!("the daemon holds {} of {want} connections", count(&first)), &first),
     )?;
     let second = start(&topo, &inv, Some(&first))?;
     // Baseline: the same streams' longest pauses over two seconds.
@@ -124,7 +124,7 @@ fn one(level: usize) -> Result<Figures, String> {
     if exited.is_none() {
         first.proc.kill();
         return Err(with_log(
-            format!("the old daemon did not exit within {}", ms(handover)),
+            &format!("the old daemon did not exit within {}", ms(handover)),
             &first,
         ));
     }
@@ -153,7 +153,7 @@ fn one(level: usize) -> Result<Figures, String> {
 }
 
 /// `e` with the daemon's last warnings.
-fn with_log(e: String, d: &Daemon) -> String {
+fn with_log(e: &str, d: &Daemon) -> String {
     let log = d.log_text();
     let warn: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
     let last = &warn[warn.len().saturating_sub(5)..];
