@@ -7,7 +7,9 @@
 //! Every byte comes back intact and in order, the old daemon exits as soon
 //! as it handed its table over (long before its drain deadline), and the
 //! new one lists the connections. A daemon of another node is never a
-//! successor: then the old daemon drains as before.
+//! successor, and a connection the new daemon cannot take (its pod is not
+//! served there) stays with the old one: then the old daemon relays on and
+//! drains as before.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -201,4 +203,54 @@ fn handover_never_goes_to_a_daemon_of_another_node() {
     assert!(closed.is_some(), "the drained connection was closed");
     assert!(d1.config_dump()["connections"].as_array().is_some_and(Vec::is_empty));
     assert!(!d1.log_text().contains("taken over"), "{}", d1.log_text());
+}
+
+#[test]
+fn handover_refused_for_a_pod_the_new_daemon_does_not_serve_keeps_the_connection_relayed() {
+    if !require_root(
+        "handover_refused_for_a_pod_the_new_daemon_does_not_serve_keeps_the_connection_relayed",
+    ) {
+        return;
+    }
+    let topo = Topology::build(1, 2).expect("topology");
+    let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
+    // The new daemon's inventory lacks the client pod: it cannot take its
+    // connection.
+    let without_client = write_inventory(&topo, "inv-without-client.toml", &|p| {
+        if p.name == "n0p0" {
+            Role::Absent
+        } else {
+            Role::Strict
+        }
+    });
+    let mut old = Daemon::start(&topo, 0, &inv, &["--drain-timeout", "8"]);
+    let local = SocketAddr::new(topo.pod(0, 1).ip4.into(), 7000);
+    echo_server(&topo.pod(0, 1).netns, local);
+    let s =
+        EchoStream::start(&topo.pod(0, 0).netns, local, 1024, Duration::from_millis(50), u64::MAX)
+            .expect("a local trickle");
+    assert!(s.wait_echoed(2 * KIB, Duration::from_secs(10)), "echo before");
+    let node = topo.node(0).clone();
+    let new = Daemon::start_with_pin(&topo, &node, &old.pin_dir, &without_client, &[]);
+    old.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    // Refused: the old daemon relays on through its drain.
+    let refused = wait_for(Duration::from_secs(10), || {
+        old.log_text().contains("did not take a connection").then_some(())
+    });
+    assert!(refused.is_some(), "the refusal is logged:\n{}", old.log_text());
+    let at = s.echoed();
+    assert!(
+        s.wait_echoed(at + 10 * KIB, Duration::from_secs(3)),
+        "the refused connection is still relayed by the old daemon ({} bytes)",
+        s.echoed()
+    );
+    assert!(old.proc.wait_timeout(Duration::from_secs(30)).is_some(), "the old daemon exits");
+    assert!(old.log_text().contains("drain deadline reached"), "{}", old.log_text());
+    // The new daemon sums up once the old one closed the socket.
+    let summed = wait_for(Duration::from_secs(10), || {
+        new.log_text().contains("taken=0 refused=1").then_some(())
+    });
+    let log = new.log_text();
+    assert!(summed.is_some(), "{log}");
+    assert!(log.contains("is not served by this daemon"), "the new daemon says why:\n{log}");
 }
