@@ -72,6 +72,14 @@ impl Stream {
         }
     }
 
+    /// What the server's 200 said about the resume extension.
+    pub fn response(&self) -> crate::ext::ResponseExt {
+        match self {
+            Stream::Hbone(s) => s.response(),
+            Stream::Quic(s) => s.response(),
+        }
+    }
+
     /// Aborts both directions (HTTP/2 `RST_STREAM` / QUIC `RESET_STREAM`).
     pub fn reset(&mut self) {
         match self {

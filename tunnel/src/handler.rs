@@ -10,6 +10,7 @@ use std::pin::Pin;
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::ext::{ResponseExt, ResumeExt};
 use crate::splice::SpliceOutcome;
 
 /// A byte stream the tunnel can splice: what handlers return and connectors
@@ -32,6 +33,11 @@ pub enum Status {
     Denied,
     /// 503: the destination node could not connect to the destination pod.
     Unreachable,
+    /// 404: a quiesce or resume for a stream this daemon does not hold
+    /// (unknown token, not paused, already resumed).
+    NotFound,
+    /// 409: a resume whose byte counts do not match (the stream is closed).
+    Conflict,
 }
 
 impl Status {
@@ -42,6 +48,8 @@ impl Status {
             Status::BadRequest => 400,
             Status::Denied => 401,
             Status::Unreachable => 503,
+            Status::NotFound => 404,
+            Status::Conflict => 409,
         }
     }
 
@@ -52,6 +60,8 @@ impl Status {
             400 => Some(Status::BadRequest),
             401 => Some(Status::Denied),
             503 => Some(Status::Unreachable),
+            404 => Some(Status::NotFound),
+            409 => Some(Status::Conflict),
             _ => None,
         }
     }
@@ -63,7 +73,9 @@ impl Status {
             400 => "malformed tunnel request (bad authority, or the authority IP is not the address the tunnel connection arrived at)",
             401 => "denied by policy at the destination",
             403 => "forbidden at the destination",
-            404 | 405 => "the peer does not serve tunnel CONNECT requests here",
+            404 => "not found at the destination (no tunnel server there, or, for a resume, no such paused stream)",
+            405 => "the peer does not serve tunnel CONNECT requests here",
+            409 => "the resumed stream's byte counts do not match (the stream is closed)",
             503 => "destination unreachable (the destination node could not connect to the pod)",
             500..=599 => "server error at the destination",
             _ => "unexpected status from the destination",
@@ -94,6 +106,8 @@ pub struct ConnectRequest {
     pub local_addr: SocketAddr,
     /// The address of the peer (the source node's daemon).
     pub peer_addr: SocketAddr,
+    /// The stream-resume fields (docs/PROTOCOL.md §6).
+    pub resume: ResumeExt,
 }
 
 /// The optional request metadata the client side sends.
@@ -105,6 +119,8 @@ pub struct ConnectHeaders {
     pub traceparent: Option<String>,
     /// W3C `baggage`.
     pub baggage: Option<String>,
+    /// The stream-resume fields (docs/PROTOCOL.md §6).
+    pub resume: ResumeExt,
 }
 
 /// What a connection pool is keyed by. Streams with equal keys may share a
@@ -124,17 +140,60 @@ pub struct PoolKey {
 /// access logs and metrics).
 pub type OnClose = Box<dyn FnOnce(&SpliceOutcome) + Send>;
 
-/// The handler's "yes": the upstream stream to splice the tunnel with.
+/// Takes the tunnel stream of an accepted request (see [`Accepted::attach`]).
+pub type Attach = Box<dyn FnOnce(BoxIo) + Send>;
+
+/// What the server does with the tunnel stream once it answered 200.
+pub(crate) enum Upstream {
+    /// Splice it with this stream.
+    Splice(BoxIo),
+    /// Give it to the daemon.
+    Attach(Attach),
+    /// Nothing: the 200 ends the stream (a control request's answer).
+    Answer,
+}
+
+/// The handler's "yes": the upstream stream to splice the tunnel with (or
+/// who takes the tunnel stream), and what the 200 says.
 pub struct Accepted {
-    pub(crate) stream: BoxIo,
+    pub(crate) upstream: Upstream,
     pub(crate) on_close: Option<OnClose>,
+    pub(crate) ext: ResponseExt,
 }
 
 impl Accepted {
     /// Accepts with `stream` as the upstream (normally the TCP connection to
     /// the destination pod).
     pub fn new(stream: impl Io) -> Self {
-        Self { stream: Box::new(stream), on_close: None }
+        Self {
+            upstream: Upstream::Splice(Box::new(stream)),
+            on_close: None,
+            ext: ResponseExt::default(),
+        }
+    }
+
+    /// Accepts and hands the tunnel stream to `take` once the 200 is sent
+    /// (the daemon relays it itself: resumable streams). A stream whose 200
+    /// cannot be sent is dropped instead.
+    pub fn attach(take: impl FnOnce(BoxIo) + Send + 'static) -> Self {
+        Self {
+            upstream: Upstream::Attach(Box::new(take)),
+            on_close: None,
+            ext: ResponseExt::default(),
+        }
+    }
+
+    /// Answers 200 and ends the stream cleanly (the answer to a control
+    /// request, such as a QUIESCE, carried in `ext`).
+    pub fn answer(ext: ResponseExt) -> Self {
+        Self { upstream: Upstream::Answer, on_close: None, ext }
+    }
+
+    /// What the 200 says about the resume extension.
+    #[must_use]
+    pub fn with_ext(mut self, ext: ResponseExt) -> Self {
+        self.ext = ext;
+        self
     }
 
     /// Registers a callback run when the splice ends.
@@ -162,6 +221,14 @@ pub struct Refusal {
 }
 
 impl Refusal {
+    /// 404: no such paused stream here.
+    pub fn not_found(reason: impl Into<String>) -> Self {
+        Self { status: Status::NotFound, reason: reason.into() }
+    }
+    /// 409: the counts of a resume do not match.
+    pub fn conflict(reason: impl Into<String>) -> Self {
+        Self { status: Status::Conflict, reason: reason.into() }
+    }
     /// 401: policy denies it.
     pub fn denied(reason: impl Into<String>) -> Self {
         Self { status: Status::Denied, reason: reason.into() }
@@ -322,7 +389,14 @@ mod tests {
 
     #[test]
     fn status_codes() {
-        for s in [Status::Ok, Status::BadRequest, Status::Denied, Status::Unreachable] {
+        for s in [
+            Status::Ok,
+            Status::BadRequest,
+            Status::Denied,
+            Status::Unreachable,
+            Status::NotFound,
+            Status::Conflict,
+        ] {
             assert_eq!(Status::from_code(s.code()), Some(s));
         }
         assert_eq!(Status::meaning(401), "denied by policy at the destination");

@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 mod client;
 mod error;
+pub mod ext;
 mod handler;
 pub mod hbone;
 pub mod quic;
@@ -26,9 +27,10 @@ mod usage;
 
 pub use client::{Client, ClientConfig, Stream, Transport};
 pub use error::Error;
+pub use ext::{ResponseExt, ResumeExt};
 pub use handler::{
-    Accepted, BoxIo, ConnectHeaders, ConnectRequest, Handler, HandlerFuture, Io, OnClose, PoolKey,
-    Refusal, Status,
+    Accepted, Attach, BoxIo, ConnectHeaders, ConnectRequest, Handler, HandlerFuture, Io, OnClose,
+    PoolKey, Refusal, Status,
 };
 pub use splice::{
     splice, splice_pausable, splice_with_buffer, SpliceEnd, SpliceOutcome, SplicePoint,

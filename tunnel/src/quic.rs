@@ -164,6 +164,7 @@ pub struct TunnelStream {
     recv: quinn::RecvStream,
     write_closed: bool,
     read_eof: bool,
+    response: crate::ext::ResponseExt,
     _slot: Option<Slot>,
 }
 
@@ -173,7 +174,19 @@ impl TunnelStream {
         recv: quinn::RecvStream,
         slot: Option<Slot>,
     ) -> Self {
-        Self { send, recv, write_closed: false, read_eof: false, _slot: slot }
+        Self {
+            send,
+            recv,
+            write_closed: false,
+            read_eof: false,
+            response: crate::ext::ResponseExt::default(),
+            _slot: slot,
+        }
+    }
+
+    /// What the server's 200 said about the resume extension (client side).
+    pub fn response(&self) -> crate::ext::ResponseExt {
+        self.response
     }
 
     /// Aborts both directions.

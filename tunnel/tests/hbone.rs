@@ -32,6 +32,7 @@ async fn round_trip_16mib_with_headers() {
         forwarded_for: Some("10.1.2.3:45678".parse().unwrap()),
         traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
         baggage: Some("k8s.namespace.name=a".into()),
+        ..ConnectHeaders::default()
     };
     let stream = pool.connect(&key(addr), echo, &headers, conn.make()).await.unwrap();
 
@@ -547,4 +548,41 @@ async fn early_data_arrives_first_and_a_refusal_discards_it() {
         pool.connect_with_early_data(&key(addr), denied, &h, early, conn.make()).await.unwrap_err();
     assert!(matches!(e, Error::Refused { status: 401, .. }), "{e}");
     assert_eq!(conn.calls(), 1, "one pooled connection served both");
+}
+
+/// The resume extension's fields reach the handler, its answer reaches the
+/// client, and an attached stream carries bytes both ways.
+#[tokio::test]
+async fn resume_fields_travel_and_an_attached_stream_relays() {
+    use tlsmesh_tunnel::ResumeExt;
+    let pki = Pki::new();
+    let seen = Seen::default();
+    let (addr, _server) =
+        hbone_server(any(), &pki, common::attach_echo_handler(seen.clone()), |_| {}).await;
+    let pool = Pool::new(PoolConfig::default());
+    let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let offer = ConnectHeaders {
+        resume: ResumeExt::Offer { token: common::TOKEN.into() },
+        ..ConnectHeaders::default()
+    };
+    let s = pool.connect(&key(addr), target, &offer, Connector::new(addr, &pki).make()).await;
+    let s = s.unwrap();
+    assert!(s.response().resumable);
+    assert_eq!(seen.last().resume, offer.resume);
+    let data = random_bytes(300_000, 9);
+    assert_eq!(echo_through(s, data.clone()).await, data);
+
+    let quiesce = ConnectHeaders {
+        resume: ResumeExt::Quiesce { token: common::TOKEN.into(), sent: 41 },
+        ..ConnectHeaders::default()
+    };
+    let s = pool.connect(&key(addr), target, &quiesce, Connector::new(addr, &pki).make()).await;
+    assert_eq!(s.unwrap().response().quiesce_sent, Some(42));
+    let resume = ConnectHeaders {
+        resume: ResumeExt::Resume { token: common::TOKEN.into(), sent: 1, received: 2 },
+        ..ConnectHeaders::default()
+    };
+    let e = pool.connect(&key(addr), target, &resume, Connector::new(addr, &pki).make()).await;
+    assert!(matches!(e, Err(Error::Refused { status: 404, .. })), "{e:?}");
+    assert_eq!(seen.last().resume, resume.resume);
 }

@@ -29,6 +29,7 @@ async fn round_trip_16mib_with_headers() {
         forwarded_for: Some("[fd00::5]:40000".parse().unwrap()),
         traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
         baggage: None,
+        ..ConnectHeaders::default()
     };
     let stream = pool.connect(&key(addr), echo, &headers, &dial).await.unwrap();
     let data = random_bytes(16 * 1024 * 1024 + 7, 3);
@@ -219,4 +220,39 @@ fn udp_socket_buffers_are_raised() {
 
 fn socket_rcvbuf(sock: &std::net::UdpSocket) -> usize {
     quinn::udp::UdpSocketState::new(sock.into()).unwrap().recv_buffer_size(sock.into()).unwrap()
+}
+
+/// The resume extension's fields reach the handler over QUIC, its answer
+/// reaches the client, and an attached stream carries bytes both ways.
+#[tokio::test]
+async fn resume_fields_travel_and_an_attached_stream_relays() {
+    use tlsmesh_tunnel::ResumeExt;
+    let pki = Pki::new();
+    let seen = Seen::default();
+    let (addr, _ep) = quic_server(&pki, &test_config(), common::attach_echo_handler(seen.clone()));
+    let pool = Pool::new(test_config());
+    let dial = quic_dial(&pki);
+    let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let offer = ConnectHeaders {
+        resume: ResumeExt::Offer { token: common::TOKEN.into() },
+        ..ConnectHeaders::default()
+    };
+    let s = pool.connect(&key(addr), target, &offer, &dial).await.unwrap();
+    assert!(s.response().resumable);
+    assert_eq!(seen.last().resume, offer.resume);
+    let data = random_bytes(300_000, 10);
+    assert_eq!(echo_through(s, data.clone()).await, data);
+    let quiesce = ConnectHeaders {
+        resume: ResumeExt::Quiesce { token: common::TOKEN.into(), sent: 0 },
+        ..ConnectHeaders::default()
+    };
+    let s = pool.connect(&key(addr), target, &quiesce, &dial).await.unwrap();
+    assert_eq!(s.response().quiesce_sent, Some(1));
+    assert!(!s.response().resumable);
+    let resume = ConnectHeaders {
+        resume: ResumeExt::Resume { token: common::TOKEN.into(), sent: 1, received: 2 },
+        ..ConnectHeaders::default()
+    };
+    let e = pool.connect(&key(addr), target, &resume, &dial).await;
+    assert!(matches!(e, Err(Error::Refused { status: 404, .. })), "{e:?}");
 }

@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use super::{ping_loop, H2Config, TunnelStream};
 use crate::error::Error;
+use crate::ext::ResponseExt;
 use crate::handler::{format_forwarded_for, ConnectHeaders, Io, PoolKey, Status};
 use crate::usage::{lock, Slot, Usage};
 
@@ -335,7 +336,8 @@ impl Pool {
         if status != Status::Ok.code() {
             return Err(OpenError::Final(Error::Refused { dst, status, reason: String::new() }));
         }
-        Ok(TunnelStream::new(stream, response.into_body(), Some(slot)))
+        let ext = ResponseExt::from_headers(response.headers());
+        Ok(TunnelStream::new(stream, response.into_body(), Some(slot)).with_response(ext))
     }
 }
 
@@ -364,6 +366,12 @@ fn build_request(authority: SocketAddr, headers: &ConnectHeaders) -> Result<Requ
     }
     if let Some(t) = &headers.baggage {
         b = b.header("baggage", http::HeaderValue::from_str(t).map_err(|_| bad("baggage"))?);
+    }
+    for (field, value) in headers.resume.fields() {
+        b = b.header(
+            field.header(),
+            http::HeaderValue::from_str(&value).map_err(|_| bad(field.header()))?,
+        );
     }
     b.body(()).map_err(|e| Error::Config(format!("invalid CONNECT request: {e}")))
 }

@@ -11,8 +11,9 @@ use tracing::Instrument;
 
 use super::{ping_loop, H2Config, TunnelStream, ALPN};
 use crate::error::Error;
+use crate::ext::{Field, ResumeExt};
 use crate::handler::{
-    parse_forwarded_for, validate_authority, ConnectRequest, Handler, Refusal, Status,
+    parse_forwarded_for, validate_authority, ConnectRequest, Handler, Refusal, Status, Upstream,
 };
 use crate::splice::{splice_with_buffer, DEFAULT_SPLICE_BUFFER};
 
@@ -175,7 +176,14 @@ fn parse_request(
         }
     };
     let forwarded_for = header("forwarded")?.as_deref().and_then(parse_forwarded_for);
+    let mut fields = Vec::new();
+    for f in Field::ALL {
+        fields.push((f, header(f.header())?));
+    }
+    let resume =
+        ResumeExt::parse(|f| fields.iter().find(|(g, _)| *g == f).and_then(|(_, v)| v.clone()))?;
     Ok(ConnectRequest {
+        resume,
         authority,
         forwarded_for,
         traceparent: header("traceparent")?,
@@ -229,7 +237,14 @@ async fn handle_stream(
             return;
         }
     };
-    let send = match respond.send_response(Response::new(()), false) {
+    let mut ok = Response::new(());
+    for (name, value) in accepted.ext.headers() {
+        if let Ok(v) = http::HeaderValue::from_str(&value) {
+            ok.headers_mut().insert(name, v);
+        }
+    }
+    let answer_only = matches!(accepted.upstream, Upstream::Answer);
+    let send = match respond.send_response(ok, answer_only) {
         Ok(s) => s,
         Err(e) => {
             // The client gave up (reset) while we were connecting upstream.
@@ -246,7 +261,14 @@ async fn handle_stream(
     };
     debug_assert_eq!(Status::Ok.code(), 200);
     let mut tunnel = TunnelStream::new(send, req.into_body(), None);
-    let mut upstream = accepted.stream;
+    let mut upstream = match accepted.upstream {
+        Upstream::Splice(s) => s,
+        Upstream::Attach(take) => {
+            take(Box::new(tunnel));
+            return;
+        }
+        Upstream::Answer => return,
+    };
     let outcome = splice_with_buffer(&mut tunnel, &mut upstream, ctx.splice_buffer).await;
     if let Some(e) = &outcome.error {
         tracing::debug!(peer = %ctx.peer_addr, %authority, error = %e, "tunnel stream ended with an error");

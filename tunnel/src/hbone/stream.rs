@@ -11,6 +11,7 @@ use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::error::h2_to_io;
+use crate::ext::ResponseExt;
 use crate::usage::Slot;
 
 /// A tunnelled connection over one HTTP/2 CONNECT stream.
@@ -29,13 +30,32 @@ pub struct TunnelStream {
     /// Received but not yet consumed.
     pending: Bytes,
     write_closed: bool,
+    /// What the 200 said (client side).
+    response: ResponseExt,
     /// Pool bookkeeping (client side only); released on drop.
     _slot: Option<Slot>,
 }
 
 impl TunnelStream {
     pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream, slot: Option<Slot>) -> Self {
-        Self { send, recv, pending: Bytes::new(), write_closed: false, _slot: slot }
+        Self {
+            send,
+            recv,
+            pending: Bytes::new(),
+            write_closed: false,
+            response: ResponseExt::default(),
+            _slot: slot,
+        }
+    }
+
+    pub(crate) fn with_response(mut self, r: ResponseExt) -> Self {
+        self.response = r;
+        self
+    }
+
+    /// What the server's 200 said about the resume extension (client side).
+    pub fn response(&self) -> ResponseExt {
+        self.response
     }
 
     /// Aborts both directions with `RST_STREAM(CANCEL)`.

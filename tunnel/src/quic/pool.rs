@@ -246,6 +246,7 @@ impl Pool {
         if status != Status::Ok.code() {
             return Err(OpenError::Final(Error::Refused { dst, status, reason }));
         }
+        stream.response = crate::ext::ResponseExt::from_reason(&reason);
         Ok(stream)
     }
 }

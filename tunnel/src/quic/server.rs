@@ -11,7 +11,8 @@ use tracing::Instrument;
 use super::wire::{self, RequestHeader, REQUEST_PREFIX_LEN};
 use super::{TunnelStream, ALPN};
 use crate::error::Error;
-use crate::handler::{validate_authority, ConnectRequest, Handler, Refusal};
+use crate::ext::ResumeExt;
+use crate::handler::{validate_authority, ConnectRequest, Handler, Refusal, Upstream};
 use crate::splice::{splice_with_buffer, DEFAULT_SPLICE_BUFFER};
 
 /// How the QUIC server treats its connections.
@@ -203,7 +204,10 @@ async fn read_request(
         .await
         .map_err(|_| Refusal::malformed("request header did not arrive in time"))??;
     let authority = validate_authority(&header.authority, local_addr, ctx.check_authority_ip)?;
+    let resume =
+        ResumeExt::parse(|f| header.ext.iter().find(|(g, _)| *g == f).map(|(_, v)| v.clone()))?;
     Ok(ConnectRequest {
+        resume,
         authority,
         forwarded_for: header.forwarded_for(),
         traceparent: header.traceparent,
@@ -249,12 +253,23 @@ async fn handle_stream(
         }
     };
     let mut tunnel = TunnelStream::new(send, recv, None);
-    let reply = wire::encode_response(200, "");
+    let reply = wire::encode_response(200, &accepted.ext.to_reason());
     let outcome = match tunnel.send.write_all(&reply).await {
-        Ok(()) => {
-            let mut upstream = accepted.stream;
-            splice_with_buffer(&mut tunnel, &mut upstream, ctx.splice_buffer).await
-        }
+        Ok(()) => match accepted.upstream {
+            Upstream::Splice(mut upstream) => {
+                splice_with_buffer(&mut tunnel, &mut upstream, ctx.splice_buffer).await
+            }
+            Upstream::Attach(take) => {
+                take(Box::new(tunnel));
+                return;
+            }
+            Upstream::Answer => {
+                let _ = tunnel.recv.stop(quinn::VarInt::from_u32(wire::STREAM_CANCEL));
+                tunnel.read_eof = true;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut tunnel).await;
+                return;
+            }
+        },
         Err(e) => crate::splice::SpliceOutcome { a_to_b: 0, b_to_a: 0, error: Some(e.into()) },
     };
     if let Some(e) = &outcome.error {

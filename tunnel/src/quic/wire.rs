@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 
+use crate::ext::Field;
 use crate::handler::{format_forwarded_for, parse_forwarded_for, ConnectHeaders};
 
 /// "TMQ" + version 1.
@@ -56,6 +57,8 @@ pub struct RequestHeader {
     pub forwarded: Option<String>,
     pub traceparent: Option<String>,
     pub baggage: Option<String>,
+    /// The stream-resume fields (types 0x05–0x09).
+    pub(crate) ext: Vec<(Field, String)>,
 }
 
 impl RequestHeader {
@@ -66,6 +69,7 @@ impl RequestHeader {
             forwarded: headers.forwarded_for.map(format_forwarded_for),
             traceparent: headers.traceparent.clone(),
             baggage: headers.baggage.clone(),
+            ext: headers.resume.fields(),
         }
     }
 
@@ -86,6 +90,9 @@ impl RequestHeader {
             if let Some(v) = v {
                 put_field(&mut fields, t, v)?;
             }
+        }
+        for (f, v) in &self.ext {
+            put_field(&mut fields, f.quic_type(), v)?;
         }
         if fields.len() > MAX_FIELDS_LEN {
             return Err(WireError::TooLong(fields.len()));
@@ -131,7 +138,16 @@ impl RequestHeader {
                 FIELD_FORWARDED => &mut h.forwarded,
                 FIELD_TRACEPARENT => &mut h.traceparent,
                 FIELD_BAGGAGE => &mut h.baggage,
-                _ => continue,
+                _ => {
+                    if let Some(f) = Field::from_quic_type(t) {
+                        if h.ext.iter().any(|(g, _)| *g == f) {
+                            return Err(WireError::Duplicate(t));
+                        }
+                        let s = std::str::from_utf8(value).map_err(|_| WireError::NotUtf8(t))?;
+                        h.ext.push((f, s.to_owned()));
+                    }
+                    continue;
+                }
             };
             if slot.is_some() {
                 return Err(WireError::Duplicate(t));
@@ -188,6 +204,7 @@ mod tests {
             forwarded: None,
             traceparent: Some("tp".into()),
             baggage: None,
+            ext: vec![],
         };
         let b = h.encode().unwrap();
         let mut want = b"TMQ\x01".to_vec();
@@ -225,6 +242,11 @@ mod tests {
             forwarded_for: Some("[fd00::7]:999".parse().unwrap()),
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
             baggage: Some("k8s.namespace.name=a".into()),
+            resume: crate::ext::ResumeExt::Resume {
+                token: "A".repeat(crate::ext::TOKEN_LEN),
+                sent: 5,
+                received: 6,
+            },
         };
         let h = RequestHeader::new("[fd00::1]:8080".parse().unwrap(), &headers);
         let b = h.encode().unwrap();

@@ -266,3 +266,35 @@ pub fn quic_dial(pki: &Pki) -> quic::Dial {
         server_name: SERVER_NAME.into(),
     }
 }
+
+/// A handler for the resume extension's plumbing: an offered stream is
+/// confirmed and attached to an echo task of the daemon's own (the server
+/// does not splice it); a QUIESCE is answered with its count plus one;
+/// anything else is refused (404).
+pub fn attach_echo_handler(seen: Seen) -> Arc<dyn Handler> {
+    use tlsmesh_tunnel::{ResponseExt, ResumeExt};
+    Arc::new(move |req: ConnectRequest| {
+        let seen = seen.clone();
+        async move {
+            seen.0.lock().unwrap().push(req.clone());
+            match req.resume {
+                ResumeExt::Offer { .. } => Ok(Accepted::attach(|io| {
+                    tokio::spawn(async move {
+                        let (mut r, mut w) = tokio::io::split(io);
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        let _ = w.shutdown().await;
+                    });
+                })
+                .with_ext(ResponseExt { resumable: true, quiesce_sent: None })),
+                ResumeExt::Quiesce { sent, .. } => Ok(Accepted::answer(ResponseExt {
+                    resumable: false,
+                    quiesce_sent: Some(sent + 1),
+                })),
+                _ => Err(Refusal::not_found("no such stream")),
+            }
+        }
+    })
+}
+
+/// A valid resume token.
+pub const TOKEN: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFG";
