@@ -1275,4 +1275,28 @@ impl Daemon {
     pub fn config_dump(&self) -> serde_json::Value {
         self.get("/config_dump").expect("admin /config_dump").1
     }
+
+    /// The upgrade of one node's daemon: starts a new daemon beside this
+    /// one (same node, pins and inventory, `extra` arguments), sends this
+    /// one SIGTERM, waits until it exited (within 60 s) and the new one
+    /// owns the admin API. Returns the new daemon and the old one's log.
+    pub fn replace(self, topo: &Topology, extra: &[&str]) -> (Daemon, String) {
+        let node = topo
+            .nodes()
+            .iter()
+            .find(|n| n.name == self.node)
+            .cloned()
+            .expect("the daemon's node is in the topology");
+        let new = Daemon::start_with_pin(topo, &node, &self.pin_dir, &self.inventory, extra);
+        let mut old = self;
+        old.proc.signal(nix::sys::signal::Signal::SIGTERM);
+        let exited = old.proc.wait_timeout(Duration::from_secs(60));
+        assert!(exited.is_some(), "the old daemon did not exit:\n{}", old.log_text());
+        let pid = u64::from(new.proc.pid());
+        let took = wait_for(Duration::from_secs(20), || {
+            (new.get("/config_dump").ok()?.1["pid"].as_u64() == Some(pid)).then_some(())
+        });
+        assert!(took.is_some(), "the new daemon owns the admin API");
+        (new, old.log_text())
+    }
 }

@@ -100,6 +100,18 @@ impl Resume {
         Self { phase: Phase::Open, sent: 0, received: 0, unflushed: 0 }
     }
 
+    /// A stream relaying again after `sent` bytes out and `received` in
+    /// (early data written with the request, say).
+    pub fn open_at(sent: u64, received: u64) -> Self {
+        Self { phase: Phase::Open, sent, received, unflushed: 0 }
+    }
+
+    /// A paused stream taken over from the previous daemon with these
+    /// counts: waiting for its resume.
+    pub fn paused_at(sent: u64, received: u64) -> Self {
+        Self { phase: Phase::Paused, sent, received, unflushed: 0 }
+    }
+
     /// Where it is.
     pub fn phase(&self) -> Phase {
         self.phase

@@ -169,16 +169,78 @@ pub trait Closing: Send + Sync {
     }
 }
 
+/// Which side of a resumable tunnel stream this daemon is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamRole {
+    /// The source node's side: it sent the CONNECT, it sends RESUME.
+    Client,
+    /// The destination node's side: it answers RESUME.
+    Server,
+}
+
+/// A paused resumable tunnel stream (docs/PROTOCOL.md §6), as it moves to
+/// the next daemon with its app socket. The token is never logged.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PausedStream {
+    /// The stream's name between the two daemons.
+    pub token: String,
+    /// This side's role.
+    pub role: StreamRole,
+    /// The SPIFFE id this side presents (its pod's).
+    pub local_identity: String,
+    /// The peer's SPIFFE id: only it may quiesce or resume the stream.
+    pub peer_identity: String,
+    /// Where this side sends its requests: the peer pod's address.
+    pub peer: SocketAddr,
+    /// Bytes read from the app and sent into the tunnel, in all.
+    pub sent: u64,
+    /// Bytes received from the tunnel and written to the app, in all.
+    pub received: u64,
+    /// The tunnel's end-of-stream reached the app (its writer is shut).
+    pub app_write_done: bool,
+}
+
+impl std::fmt::Debug for PausedStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PausedStream")
+            .field("role", &self.role)
+            .field("peer_identity", &self.peer_identity)
+            .field("peer", &self.peer)
+            .field("sent", &self.sent)
+            .field("received", &self.received)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a relay offers to the next daemon.
+#[derive(Debug)]
+pub enum Offered<'a> {
+    /// A relay of two sockets, paused at `point` (its first and second side).
+    Relay {
+        /// Where it paused.
+        point: SplicePoint,
+        /// The relay's first and second socket.
+        sockets: [BorrowedFd<'a>; 2],
+    },
+    /// A paused resumable tunnel stream and its app socket.
+    Stream {
+        /// How to resume it.
+        stream: &'a PausedStream,
+        /// The pod-side socket.
+        app: BorrowedFd<'a>,
+    },
+}
+
 /// Whoever takes connections over (the next daemon of the node).
 pub trait Taker: Send + Sync {
-    /// Offers one connection: its entry, where its relay paused, and its
-    /// two sockets (the relay's first and second side), which the caller
-    /// keeps open until the answer. `true` once the taker owns it.
+    /// Offers one connection: its entry and what moves with it; the caller
+    /// keeps the sockets open until the answer. `true` once the taker owns
+    /// it.
     fn offer<'a>(
         &'a self,
         info: &'a ConnInfo,
-        point: SplicePoint,
-        sockets: [BorrowedFd<'a>; 2],
+        what: Offered<'a>,
     ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
 }
 
@@ -474,12 +536,7 @@ impl ConnGuard {
     /// `true`: the next daemon owns it now, the entry ends as handed over
     /// (the caller closes its copies without a reset). `false`: it stays
     /// here, is not offered again, and the caller relays on.
-    pub async fn hand_off(
-        &mut self,
-        t: Transfer,
-        point: SplicePoint,
-        sockets: [BorrowedFd<'_>; 2],
-    ) -> bool {
+    pub async fn hand_off(&mut self, t: Transfer, what: Offered<'_>) -> bool {
         self.stays = true;
         let Some(to) = self.table.successor.get() else { return false };
         let Some(info) = lock(&self.table.open).get(&self.id).map(|e| e.info.clone()) else {
@@ -488,13 +545,19 @@ impl ConnGuard {
         // The sockets stay open here until the answer (they are borrowed
         // for the whole offer): the kernel passes the same sockets, no copy
         // of a descriptor is made.
-        if to.offer(&info, point, sockets).await {
+        if to.offer(&info, what).await {
             Stats::inc(&self.table.stats.handed_over);
             self.done = Some(Done::HandedOver(t));
             true
         } else {
             false
         }
+    }
+
+    /// Not to be offered to the next daemon (it could not pause cleanly):
+    /// it relays on here through the drain.
+    pub fn keep_here(&mut self) {
+        self.stays = true;
     }
 
     /// `io`, failing once the connection is closed from outside.

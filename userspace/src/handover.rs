@@ -45,7 +45,7 @@ use tokio::{io::unix::AsyncFd, sync::oneshot};
 use tracing::{info, warn};
 
 use crate::{
-    conns::{ConnInfo, Taker},
+    conns::{ConnInfo, Offered, PausedStream, Taker},
     proxy::Proxy,
     scope::Scope,
     state::NodeState,
@@ -90,6 +90,8 @@ struct OfferRef<'a> {
     info: &'a ConnInfo,
     a_to_b_done: bool,
     b_to_a_done: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream: Option<&'a PausedStream>,
 }
 
 /// One offered connection as received.
@@ -97,8 +99,13 @@ struct OfferRef<'a> {
 struct OfferMsg {
     id: u64,
     info: ConnInfo,
+    #[serde(default)]
     a_to_b_done: bool,
+    #[serde(default)]
     b_to_a_done: bool,
+    /// A paused resumable tunnel stream (one socket: its app's).
+    #[serde(default)]
+    stream: Option<PausedStream>,
 }
 
 /// The answer to an offer.
@@ -320,15 +327,23 @@ fn adopt(
     state: &NodeState,
     proxy: &Proxy,
 ) -> Result<crate::proxy::Adopted, String> {
-    let Ok::<[OwnedFd; 2], _>([a, b]) = fds.try_into() else {
-        return Err("an offer came without its two sockets".into());
-    };
     let Some(pod) = state.pod(&offer.info.pod) else {
         return Err(format!("pod {} is not served by this daemon (yet)", offer.info.pod));
     };
     if pod.scope.is_ended() {
         return Err(format!("pod {} is being removed", offer.info.pod));
     }
+    if let Some(stream) = offer.stream {
+        let Ok::<[OwnedFd; 1], _>([app]) = fds.try_into() else {
+            return Err("a tunnel stream's offer came without its one socket".into());
+        };
+        return proxy
+            .adopt_stream(&pod, offer.info, app, stream)
+            .map_err(|e| format!("taking the stream: {e}"));
+    }
+    let Ok::<[OwnedFd; 2], _>([a, b]) = fds.try_into() else {
+        return Err("an offer came without its two sockets".into());
+    };
     let point = SplicePoint {
         a_to_b: 0,
         b_to_a: 0,
@@ -428,8 +443,7 @@ impl Taker for Successor {
     fn offer<'a>(
         &'a self,
         info: &'a ConnInfo,
-        point: SplicePoint,
-        sockets: [BorrowedFd<'a>; 2],
+        what: Offered<'a>,
     ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
         Box::pin(async move {
             let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -438,15 +452,31 @@ impl Taker for Successor {
                 Some(w) => w.insert(id, tx),
                 None => return false,
             };
-            let msg = OfferRef {
-                id,
-                info,
-                a_to_b_done: point.a_to_b_done,
-                b_to_a_done: point.b_to_a_done,
+            let (msg, fds) = match what {
+                Offered::Relay { point, sockets } => (
+                    OfferRef {
+                        id,
+                        info,
+                        a_to_b_done: point.a_to_b_done,
+                        b_to_a_done: point.b_to_a_done,
+                        stream: None,
+                    },
+                    sockets.to_vec(),
+                ),
+                Offered::Stream { stream, app } => (
+                    OfferRef {
+                        id,
+                        info,
+                        a_to_b_done: false,
+                        b_to_a_done: false,
+                        stream: Some(stream),
+                    },
+                    vec![app],
+                ),
             };
             let sent = {
                 let _one = self.sending.lock().await;
-                self.packets.send_json(&msg, &sockets).await
+                self.packets.send_json(&msg, &fds).await
             };
             if let Err(e) = sent {
                 warn!(error = %e, "cannot offer a connection to the new daemon; keeping it");

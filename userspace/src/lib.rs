@@ -8,8 +8,9 @@
 //!   denies, readiness), `scope` (task ownership, drain signal), `conns` (the
 //!   connection table), `pods` (reconcile: pure plan + ordered executor);
 //! - data path: `proxy` (captured outbound, inbound plaintext), `mesh`
-//!   (tunnel client, per-pod tunnel servers, registry), `accept`
-//!   (accept-loop backoff);
+//!   (tunnel client, per-pod tunnel servers, registry), `resumable`
+//!   (tunnel streams that move at an upgrade), `handover` (connections to
+//!   the next daemon), `accept` (accept-loop backoff);
 //! - kernel edges: `kernel` (the traits), `capture` (eBPF), `netns`,
 //!   `deliver` (transparent delivery into pods);
 //! - identity and policy: `certs`, `policy` (the rules and objects),
@@ -44,6 +45,7 @@ pub mod pods;
 pub mod policies;
 pub use tlsmesh_policy as policy;
 pub mod proxy;
+pub mod resumable;
 pub mod scope;
 pub mod state;
 pub mod stats;

@@ -13,19 +13,23 @@ pub mod registry;
 pub mod server;
 
 use std::{
+    future::Future,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    pin::Pin,
     sync::Arc,
 };
 
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tlsmesh_identity::{tls, Identity, SpiffeId};
-use tlsmesh_tunnel::{quic, ConnectHeaders, PoolKey, Stream};
+use tlsmesh_tunnel::{quic, ConnectHeaders, PoolKey, ResumeExt, Stream};
 use tracing::warn;
 
 use crate::{
     certs::{workload_id, Certs},
     config::Transport,
+    conns::PausedStream,
     inventory::Pod,
+    resumable::RequestError,
 };
 use registry::Registry;
 use tlsmesh_common::{DAEMON_MARK, PORT_TUNNEL};
@@ -68,6 +72,8 @@ pub struct Mesh {
     pub quic_endpoint: Option<quinn::Endpoint>,
     /// Open tunnels.
     pub registry: Arc<Registry>,
+    /// Resumable tunnel streams, by token.
+    pub streams: Arc<crate::resumable::Registry>,
     /// Tunnel connection set-up time (TCP + TLS handshake), seconds.
     pub handshake_seconds: Histogram,
     /// The mark on tunnel sockets (`DAEMON_MARK`: capture lets them pass);
@@ -109,6 +115,7 @@ impl Mesh {
             client: tlsmesh_tunnel::Client::new(tlsmesh_tunnel::ClientConfig::default()),
             quic_endpoint,
             registry: Arc::new(Registry::default()),
+            streams: Arc::default(),
             handshake_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
             socket_mark: Some(DAEMON_MARK),
         })
@@ -159,21 +166,11 @@ impl Mesh {
         dst: SocketAddr,
         client_port: u16,
         early: bytes::Bytes,
+        resume: ResumeExt,
     ) -> Result<Stream, MeshError> {
         let td = &self.certs.trust_domain;
         let src_id = workload_id(td, src)?;
         let dst_id = workload_id(td, dst_pod)?;
-        let tls = self.certs.client_config(&src_id, &dst_id).await?;
-        let tunnel_addr = SocketAddr::new(dst.ip(), PORT_TUNNEL);
-        // The pool key carries the source certificate's serial: after a
-        // renewal, new streams open a connection with the new certificate
-        // while the old connection serves its live streams until it idles out.
-        let serial = self.certs.manager.cert_info(&src_id).map(|i| i.serial).unwrap_or_default();
-        let key = PoolKey {
-            src_identity: format!("{src_id}#{serial}"),
-            dst_identity: dst_id.to_string(),
-            dst: tunnel_addr,
-        };
         let headers = ConnectHeaders {
             forwarded_for: same_family(&src.ips, dst.ip())
                 .map(|ip| SocketAddr::new(ip, client_port)),
@@ -182,13 +179,43 @@ impl Mesh {
                 "k8s.namespace.name={},k8s.pod.name={}",
                 src.namespace, src.name
             )),
+            resume,
         };
-        let dial = self.quic_endpoint.as_ref().map(|endpoint| quic::Dial {
+        self.dial(&src_id, &dst_id, dst, &headers, early).await
+    }
+
+    /// Opens a tunnel stream as `src_id` (a pod this node serves) to `dst`,
+    /// whose node must prove `dst_id`.
+    async fn dial(
+        &self,
+        src_id: &SpiffeId,
+        dst_id: &SpiffeId,
+        dst: SocketAddr,
+        headers: &ConnectHeaders,
+        early: bytes::Bytes,
+    ) -> Result<Stream, MeshError> {
+        let tls = self.certs.client_config(src_id, dst_id).await?;
+        let tunnel_addr = SocketAddr::new(dst.ip(), PORT_TUNNEL);
+        // The pool key carries the source certificate's serial: after a
+        // renewal, new streams open a connection with the new certificate
+        // while the old connection serves its live streams until it idles out.
+        let serial = self.certs.manager.cert_info(src_id).map(|i| i.serial).unwrap_or_default();
+        let key = PoolKey {
+            src_identity: format!("{src_id}#{serial}"),
+            dst_identity: dst_id.to_string(),
+            dst: tunnel_addr,
+        };
+        // A QUIESCE goes over TCP: it must arrive while the peer node's
+        // daemons may be between QUIC sockets (a replaced daemon's UDP port
+        // passes to the new one only once it is gone), and a lost answer
+        // would cost the stream.
+        let quic_ok = !matches!(headers.resume, ResumeExt::Quiesce { .. });
+        let dial = self.quic_endpoint.as_ref().filter(|_| quic_ok).map(|endpoint| quic::Dial {
             endpoint: endpoint.clone(),
             tls: Arc::clone(&tls),
-            server_name: tls::sni_string(&dst_id),
+            server_name: tls::sni_string(dst_id),
         });
-        let sni = tls::sni_for(&dst_id);
+        let sni = tls::sni_for(dst_id);
         let histogram = self.handshake_seconds.clone();
         let mark = self.socket_mark;
         let connector = move || async move {
@@ -207,7 +234,31 @@ impl Mesh {
             histogram.observe(started.elapsed().as_secs_f64());
             tls
         };
-        Ok(self.client.connect(&key, dst, &headers, early, dial.as_ref(), connector).await?)
+        Ok(self.client.connect(&key, dst, headers, early, dial.as_ref(), connector).await?)
+    }
+}
+
+impl crate::resumable::Dialer for Mesh {
+    fn request<'a>(
+        &'a self,
+        stream: &'a PausedStream,
+        ext: ResumeExt,
+    ) -> Pin<Box<dyn Future<Output = Result<Stream, RequestError>> + Send + 'a>> {
+        Box::pin(async move {
+            let parse = |s: &str| {
+                s.parse::<SpiffeId>()
+                    .map_err(|e| RequestError::Failed(format!("identity {s:?}: {e}")))
+            };
+            let (src, dst) = (parse(&stream.local_identity)?, parse(&stream.peer_identity)?);
+            let headers = ConnectHeaders { resume: ext, ..ConnectHeaders::default() };
+            match self.dial(&src, &dst, stream.peer, &headers, bytes::Bytes::new()).await {
+                Ok(s) => Ok(s),
+                Err(MeshError::Tunnel(tlsmesh_tunnel::Error::Refused {
+                    status, reason, ..
+                })) => Err(RequestError::Refused { status, reason }),
+                Err(e) => Err(RequestError::Failed(e.to_string())),
+            }
+        })
     }
 }
 

@@ -37,7 +37,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     accept::Backoff,
-    conns::{ConnGuard, ConnInfo, ConnTable, Direction, Transfer},
+    conns::{ConnGuard, ConnInfo, ConnTable, Direction, Offered, PausedStream, Transfer},
     kernel::OrigDst,
     mesh::Mesh,
     scope::Drain,
@@ -122,13 +122,22 @@ impl Proxy {
 }
 
 /// A connection taken over from the previous daemon, not relayed yet.
-#[derive(Debug)]
 pub struct Adopted {
     pod: Arc<PodEntry>,
-    guard: ConnGuard,
-    sockets: (TcpStream, TcpStream),
-    pod_first: bool,
-    point: SplicePoint,
+    what: Moved,
+}
+
+impl std::fmt::Debug for Adopted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Adopted").field("pod", &self.pod.key()).finish_non_exhaustive()
+    }
+}
+
+enum Moved {
+    /// A relay of two sockets.
+    Relay { guard: ConnGuard, sockets: (TcpStream, TcpStream), pod_first: bool, point: SplicePoint },
+    /// A paused resumable tunnel stream.
+    Stream(crate::resumable::Relay),
 }
 
 impl Proxy {
@@ -143,30 +152,67 @@ impl Proxy {
         sockets: [OwnedFd; 2],
         point: SplicePoint,
     ) -> io::Result<Adopted> {
-        let tcp = |fd: OwnedFd| -> io::Result<TcpStream> {
-            let s = socket2::Socket::from(fd);
-            if s.r#type()? != socket2::Type::STREAM {
-                return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a stream socket"));
-            }
-            let s = std::net::TcpStream::from(s);
-            s.peer_addr()?;
-            s.set_nonblocking(true)?;
-            TcpStream::from_std(s)
-        };
         let [a, b] = sockets;
-        let sockets = (tcp(a)?, tcp(b)?);
+        let sockets = (tcp_socket(a)?, tcp_socket(b)?);
         let pod_first = info.direction == Direction::Outbound;
         let guard = self.conns.adopt(info);
-        Ok(Adopted { pod: Arc::clone(pod), guard, sockets, pod_first, point })
+        Ok(Adopted {
+            pod: Arc::clone(pod),
+            what: Moved::Relay { guard, sockets, pod_first, point },
+        })
+    }
+}
+
+impl Proxy {
+    /// Takes over a paused resumable tunnel stream the previous daemon
+    /// relayed for `pod`: its entry, its app socket and how to resume it.
+    pub fn adopt_stream(
+        &self,
+        pod: &Arc<PodEntry>,
+        info: ConnInfo,
+        app: OwnedFd,
+        stream: PausedStream,
+    ) -> io::Result<Adopted> {
+        let Some(mesh) = &self.mesh else {
+            return Err(io::Error::other("no tunnel here (no CA configured)"));
+        };
+        let app = tcp_socket(app)?;
+        let guard = self.conns.adopt(info);
+        let relay = crate::resumable::Relay {
+            guard,
+            app,
+            pod: pod.key(),
+            stream,
+            registry: Arc::clone(&mesh.streams),
+            dialer: Arc::clone(mesh) as Arc<dyn crate::resumable::Dialer>,
+        };
+        Ok(Adopted { pod: Arc::clone(pod), what: Moved::Stream(relay) })
     }
 }
 
 impl Adopted {
     /// Relays it on, as a task of its pod's scope.
     pub fn start(self) {
-        let Adopted { pod, guard, sockets: (a, b), pod_first, point } = self;
-        pod.scope.spawn(relay_sockets(guard, a, b, pod_first, point));
+        match self.what {
+            Moved::Relay { guard, sockets: (a, b), pod_first, point } => {
+                self.pod.scope.spawn(relay_sockets(guard, a, b, pod_first, point));
+            }
+            Moved::Stream(relay) => self.pod.scope.spawn(relay.run(None)),
+        }
     }
+}
+
+/// A socket passed by the previous daemon, checked to be a connected TCP
+/// socket.
+fn tcp_socket(fd: OwnedFd) -> io::Result<TcpStream> {
+    let s = socket2::Socket::from(fd);
+    if s.r#type()? != socket2::Type::STREAM {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a stream socket"));
+    }
+    let s = std::net::TcpStream::from(s);
+    s.peer_addr()?;
+    s.set_nonblocking(true)?;
+    TcpStream::from_std(s)
 }
 
 /// Relays the two sockets of `guard`'s entry (`first` is the outbound
@@ -212,7 +258,8 @@ pub(crate) async fn relay_sockets(
                 return;
             }
             Some(SpliceEnd::Paused(at)) => {
-                if guard.hand_off(moved(&at), at, [first.as_fd(), second.as_fd()]).await {
+                let what = Offered::Relay { point: at, sockets: [first.as_fd(), second.as_fd()] };
+                if guard.hand_off(moved(&at), what).await {
                     // The next daemon relays it: close our copies, no reset.
                     return;
                 }

@@ -19,7 +19,9 @@ use std::{
 };
 
 use tlsmesh_identity::{tls, Identity};
-use tlsmesh_tunnel::{hbone, quic, Accepted, ConnectRequest, Handler, Refusal};
+use tlsmesh_tunnel::{
+    hbone, quic, Accepted, ConnectRequest, Handler, Refusal, ResponseExt, ResumeExt,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -32,7 +34,7 @@ use crate::{
     authz::{self, Denial},
     certs::workload_id,
     config::Transport,
-    conns::{ConnInfo, ConnTable, Direction, Failure, Route, Transfer},
+    conns::{ConnInfo, ConnTable, Direction, Failure, PausedStream, Route, StreamRole, Transfer},
     scope::Drain,
     state::{NodeState, PodEntry},
     stats::Stats,
@@ -392,6 +394,25 @@ async fn handle(
             Failure::IdentityError,
         );
     };
+    // The extension's control requests: only the stream's peer, by token.
+    let peer = peer_id.to_string();
+    match &req.resume {
+        ResumeExt::Quiesce { token, sent } => {
+            let mine = ctx.mesh.streams.quiesce(token, &pod.key(), &peer, *sent).await?;
+            return Ok(Accepted::answer(ResponseExt {
+                resumable: false,
+                quiesce_sent: Some(mine),
+            }));
+        }
+        ResumeExt::Resume { token, sent, received } => {
+            let attach =
+                ctx.mesh.streams.resume(token, &pod.key(), &peer, *sent, *received).await?;
+            return Ok(Accepted::attach(move |io| {
+                let _ = attach.send(io);
+            }));
+        }
+        ResumeExt::Offer { .. } | ResumeExt::None => {}
+    }
     let td = inv.inv.trust_domain.clone();
     let decision = authz::authorize(
         &ctx.state.policy(),
@@ -451,6 +472,31 @@ async fn handle(
                 transport: Some(transport),
                 dst_service: None,
             });
+            // A resumable stream: the daemon relays it itself (it can move
+            // at an upgrade of either node). It needs the client pod's
+            // address, where its QUIESCE would go.
+            if let (ResumeExt::Offer { token }, Some(client)) = (&req.resume, req.forwarded_for) {
+                let relay = crate::resumable::Relay {
+                    guard,
+                    app: up,
+                    pod: pod.key(),
+                    stream: PausedStream {
+                        token: token.clone(),
+                        role: StreamRole::Server,
+                        local_identity: pod.identity.clone(),
+                        peer_identity: peer_id.to_string(),
+                        peer: client,
+                        sent: 0,
+                        received: 0,
+                        app_write_done: false,
+                    },
+                    registry: Arc::clone(&ctx.mesh.streams),
+                    dialer: Arc::clone(&ctx.mesh) as Arc<dyn crate::resumable::Dialer>,
+                };
+                let scope = pod.scope.clone();
+                return Ok(Accepted::attach(move |io| scope.spawn(relay.run(Some(io))))
+                    .with_ext(ResponseExt { resumable: true, quiesce_sent: None }));
+            }
             // The tunnel is the splice's first side, the pod's socket the
             // second. If the stream's task is cancelled instead, the guard
             // drops with the closure.

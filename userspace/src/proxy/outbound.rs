@@ -9,7 +9,7 @@ use tracing::{info_span, warn, Instrument};
 use super::{dropped, reset, Proxy};
 use crate::{
     authz,
-    conns::{ConnGuard, ConnInfo, Direction, Failure, Route, Transfer},
+    conns::{ConnGuard, ConnInfo, Direction, Failure, PausedStream, Route, StreamRole, Transfer},
     inventory::{self, Pod},
     state::PodEntry,
     stats::Stats,
@@ -143,7 +143,9 @@ async fn tunnel(
     // Boxed: the pool's connect future (TLS and HTTP/2 handshakes) is
     // large, and inline it would be reserved in every connection's task for
     // the connection's whole life; boxed it is freed once the stream is open.
-    let opening = Box::pin(mesh.open(&pod.pod, dst_pod, dst, peer.port(), early));
+    let token = crate::resumable::new_token();
+    let offer = tlsmesh_tunnel::ResumeExt::Offer { token: token.clone() };
+    let opening = Box::pin(mesh.open(&pod.pod, dst_pod, dst, peer.port(), early, offer));
     let mut stream = match opening.await {
         Ok(s) => s,
         Err(e) => {
@@ -159,7 +161,31 @@ async fn tunnel(
         tlsmesh_tunnel::Transport::Tcp => crate::config::Transport::Tcp,
         tlsmesh_tunnel::Transport::Quic => crate::config::Transport::Quic,
     });
+    let resumable = stream.response().resumable;
+    let peer_identity = info.dst_identity.clone();
     let mut guard = p.conns.open(info);
+    if let (true, Some(peer_identity)) = (resumable, peer_identity) {
+        // Both daemons speak the extension: the stream can move at an
+        // upgrade of either.
+        let relay = crate::resumable::Relay {
+            guard,
+            app: client,
+            pod: pod.key(),
+            stream: PausedStream {
+                token,
+                role: StreamRole::Client,
+                local_identity: pod.identity.clone(),
+                peer_identity,
+                peer: dst,
+                sent: early_len,
+                received: 0,
+                app_write_done: false,
+            },
+            registry: Arc::clone(&mesh.streams),
+            dialer: Arc::clone(mesh) as Arc<dyn crate::resumable::Dialer>,
+        };
+        return relay.run(Some(Box::new(stream))).await;
+    }
     let Some(o) = until_closed(&mut guard, tlsmesh_tunnel::splice(&mut client, &mut stream)).await
     else {
         stream.reset();
