@@ -4,8 +4,6 @@
 //! and QUIC header fields / reasons. Peers without the extension send none
 //! of it and ignore it, so interop with plain HBONE is unchanged.
 
-use crate::handler::Refusal;
-
 /// The extension fields of one tunnel request.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum ResumeExt {
@@ -123,19 +121,18 @@ impl ResumeExt {
     }
 
     /// Reads the fields back; a combination that is none of the requests,
-    /// a bad token or a bad count is a malformed request.
-    pub(crate) fn parse(get: impl Fn(Field) -> Option<String>) -> Result<Self, Refusal> {
+    /// a bad token or a bad count is a malformed request (`Err` says why).
+    pub(crate) fn parse(get: impl Fn(Field) -> Option<String>) -> Result<Self, String> {
         let [rt, qt, qs, rs, rr] = Field::ALL.map(&get);
         let token = |t: String| {
             if valid_token(&t) {
                 Ok(t)
             } else {
-                Err(Refusal::malformed("resume token is not 43 base64url characters"))
+                Err("resume token is not 43 base64url characters".to_owned())
             }
         };
         let count = |f: Field, v: String| {
-            v.parse::<u64>()
-                .map_err(|_| Refusal::malformed(format!("{} is not a byte count", f.header())))
+            v.parse::<u64>().map_err(|_| format!("{} is not a byte count", f.header()))
         };
         match (rt, qt, qs, rs, rr) {
             (None, None, None, None, None) => Ok(ResumeExt::None),
@@ -148,7 +145,7 @@ impl ResumeExt {
                 sent: count(Field::ResumeSent, s)?,
                 received: count(Field::ResumeReceived, r)?,
             }),
-            _ => Err(Refusal::malformed("an incomplete or mixed set of tlsmesh-resume fields")),
+            _ => Err("an incomplete or mixed set of tlsmesh-resume fields".to_owned()),
         }
     }
 }
@@ -197,7 +194,7 @@ mod tests {
 
     const T: &str = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNO-_";
 
-    fn roundtrip(e: &ResumeExt) -> Result<ResumeExt, Refusal> {
+    fn roundtrip(e: &ResumeExt) -> Result<ResumeExt, String> {
         let m: HashMap<&str, String> =
             e.fields().into_iter().map(|(f, v)| (f.header(), v)).collect();
         ResumeExt::parse(|f| m.get(f.header()).cloned())
@@ -224,7 +221,7 @@ mod tests {
         let bad = |pairs: &[(Field, &str)]| {
             let m: HashMap<&str, String> =
                 pairs.iter().map(|(f, v)| (f.header(), (*v).to_owned())).collect();
-            ResumeExt::parse(|f| m.get(f.header()).cloned()).unwrap_err().reason
+            ResumeExt::parse(|f| m.get(f.header()).cloned()).unwrap_err()
         };
         assert!(bad(&[(Field::ResumeToken, "short")]).contains("43"));
         assert!(bad(&[(Field::QuiesceToken, T)]).contains("incomplete"));

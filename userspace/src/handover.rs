@@ -25,8 +25,12 @@
 //!   relayed by both, and nothing is lost in between: nothing is buffered
 //!   in user space at a pause.
 //!
-//! Tunnel streams are not offered (their TLS, HTTP/2 and QUIC state is in
-//! user space): they drain as before.
+//! Tunnel streams cannot be passed that way (their TLS, HTTP/2 and QUIC
+//! state is in user space). A resumable one (both daemons speak
+//! docs/PROTOCOL.md §6) first pauses with its peer (`resumable`) and is
+//! then offered with its app socket and what resumes it; the new daemon
+//! resumes it over a new tunnel connection. Other tunnel streams drain as
+//! before.
 
 use std::{
     collections::HashMap,

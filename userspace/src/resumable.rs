@@ -20,7 +20,7 @@
 //! buffered bytes are discarded by a reset.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     future::Future,
     os::fd::AsFd,
     pin::Pin,
@@ -35,7 +35,7 @@ use tlsmesh_tunnel::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    sync::{mpsc, oneshot},
+    sync::oneshot,
 };
 use tracing::{debug, info, warn};
 
@@ -96,17 +96,59 @@ enum Control {
 /// Where the tunnel stream of an accepted RESUME goes.
 pub type Attach = oneshot::Sender<BoxIo>;
 
+/// A stream's control messages, from the tunnel server to its relay. Not
+/// a channel: messages are rare (a few per upgrade) and every open stream
+/// holds one, so it allocates nothing until a message comes.
+#[derive(Default)]
+struct Mailbox {
+    queue: Mutex<VecDeque<Control>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Mailbox {
+    fn send(&self, m: Control) {
+        lock(&self.queue).push_back(m);
+        self.notify.notify_one();
+    }
+
+    fn try_recv(&self) -> Option<Control> {
+        lock(&self.queue).pop_front()
+    }
+
+    /// The next message (cancel-safe: a message is taken only when
+    /// returned).
+    async fn recv(&self) -> Option<Control> {
+        loop {
+            if let Some(m) = self.try_recv() {
+                return Some(m);
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
 struct Entry {
-    pod: String,
-    peer_identity: String,
-    ctl: mpsc::Sender<Control>,
+    /// A keyed hash of the stream's pod and peer identity: who may reach
+    /// it (no copies of the strings in every entry).
+    who: u64,
+    ctl: Arc<Mailbox>,
+}
+
+/// A token as the registry's key (its 32 bytes; `None` for a malformed one).
+fn key(token: &str) -> Option<[u8; 32]> {
+    use base64::Engine as _;
+    let mut k = [0u8; 32];
+    let n = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode_slice(token, &mut k).ok()?;
+    (n == 32).then_some(k)
 }
 
 /// The resumable streams of this daemon, by token (a tunnel server looks a
 /// QUIESCE or RESUME up here).
 #[derive(Default)]
 pub struct Registry {
-    streams: Mutex<HashMap<String, Entry>>,
+    streams: Mutex<HashMap<[u8; 32], Entry>>,
+    /// Keys `Entry::who`.
+    hasher: std::hash::RandomState,
 }
 
 impl std::fmt::Debug for Registry {
@@ -118,12 +160,14 @@ impl std::fmt::Debug for Registry {
 /// A stream's place in the registry; dropping it removes the stream.
 struct Registration {
     registry: Arc<Registry>,
-    token: String,
+    key: Option<[u8; 32]>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        lock(&self.registry.streams).remove(&self.token);
+        if let Some(k) = &self.key {
+            lock(&self.registry.streams).remove(k);
+        }
     }
 }
 
@@ -144,31 +188,30 @@ impl Registry {
         self.len() == 0
     }
 
-    fn register(
-        self: &Arc<Self>,
-        pod: &str,
-        s: &PausedStream,
-    ) -> (Registration, mpsc::Receiver<Control>) {
-        let (tx, rx) = mpsc::channel(4);
-        lock(&self.streams).insert(
-            s.token.clone(),
-            Entry { pod: pod.to_owned(), peer_identity: s.peer_identity.clone(), ctl: tx },
-        );
-        (Registration { registry: Arc::clone(self), token: s.token.clone() }, rx)
+    fn who(&self, pod: &str, peer: &str) -> u64 {
+        use std::hash::BuildHasher as _;
+        self.hasher.hash_one((pod, peer))
     }
 
-    fn control(
-        &self,
-        token: &str,
-        pod: &str,
-        peer: &str,
-    ) -> Result<mpsc::Sender<Control>, Refusal> {
+    fn register(self: &Arc<Self>, pod: &str, s: &PausedStream) -> (Registration, Arc<Mailbox>) {
+        let rx = Arc::new(Mailbox::default());
+        let key = key(&s.token);
+        if let Some(k) = key {
+            let who = self.who(pod, &s.peer_identity);
+            lock(&self.streams).insert(k, Entry { who, ctl: Arc::clone(&rx) });
+        }
+        (Registration { registry: Arc::clone(self), key }, rx)
+    }
+
+    fn control(&self, token: &str, pod: &str, peer: &str) -> Result<Arc<Mailbox>, Refusal> {
+        let k = key(token).ok_or_else(unknown)?;
+        let who = self.who(pod, peer);
         let streams = lock(&self.streams);
-        let e = streams.get(token).ok_or_else(unknown)?;
-        if e.pod != pod || e.peer_identity != peer {
+        let e = streams.get(&k).ok_or_else(unknown)?;
+        if e.who != who {
             return Err(unknown());
         }
-        Ok(e.ctl.clone())
+        Ok(Arc::clone(&e.ctl))
     }
 
     /// The peer `peer` (its verified SPIFFE id) quiesces stream `token` of
@@ -183,7 +226,7 @@ impl Registry {
     ) -> Result<u64, Refusal> {
         let ctl = self.control(token, pod, peer)?;
         let (answer, rx) = oneshot::channel();
-        ctl.send(Control::Quiesce { sent, answer }).await.map_err(|_| unknown())?;
+        ctl.send(Control::Quiesce { sent, answer });
         rx.await.map_err(|_| Refusal::not_found("the stream closed while quiescing"))
     }
 
@@ -199,7 +242,7 @@ impl Registry {
     ) -> Result<Attach, Refusal> {
         let ctl = self.control(token, pod, peer)?;
         let (answer, rx) = oneshot::channel();
-        ctl.send(Control::Resume { sent, received, answer }).await.map_err(|_| unknown())?;
+        ctl.send(Control::Resume { sent, received, answer });
         match rx.await {
             Ok(Ok(attach)) => Ok(attach),
             Ok(Err(ResumeRefused::CountMismatch)) => {
@@ -240,7 +283,8 @@ impl Relay {
     /// Relays `tunnel` (or, with `None`, a stream taken over paused) until
     /// the stream ends, is closed, or moves to the next daemon.
     pub async fn run(mut self, tunnel: Option<BoxIo>) {
-        let (_registration, mut ctl) = self.registry.register(&self.pod, &self.stream);
+        let (_registration, ctl) = self.registry.register(&self.pod, &self.stream);
+        let ctl = &*ctl;
         let start = (self.stream.sent, self.stream.received);
         let mut r = match tunnel {
             Some(_) => Resume::open_at(start.0, start.1),
@@ -258,7 +302,10 @@ impl Relay {
         loop {
             let Some(mut t) = tunnel.take() else {
                 // Paused with no stream: wait for (or send) the resume.
-                match self.paused(&mut r, &mut ctl, &point, start, None).await {
+                // Boxed, and built in a statement of its own: an idle
+                // stream's task does not hold the pause's state.
+                let pausing = Box::pin(self.paused(&mut r, ctl, &point, start, None));
+                match pausing.await {
                     Ok(Paused::Resumed(t)) => {
                         tunnel = Some(t);
                         continue;
@@ -267,23 +314,7 @@ impl Relay {
                     Err(why) => return self.close(&point, start, &why),
                 }
             };
-            let mut msg = None;
-            let end = {
-                let stop = async {
-                    tokio::select! {
-                        () = self.guard.handover_requested() => {}
-                        m = ctl.recv() => match m {
-                            Some(m) => msg = Some(m),
-                            None => std::future::pending().await,
-                        },
-                    }
-                };
-                let splice = tlsmesh_tunnel::splice_pausable(&mut self.app, &mut t, point, stop);
-                tokio::select! {
-                    end = splice => Some(end),
-                    () = self.guard.closed() => None,
-                }
-            };
+            let (end, msg) = self.relay(&mut t, point, ctl).await;
             let at = match end {
                 None => return self.close(&point, start, "closed by the daemon (policy)"),
                 Some(SpliceEnd::Finished(out)) => {
@@ -302,17 +333,19 @@ impl Relay {
             let _ = r.tunnel_wrote(wrote);
             let _ = r.tunnel_received(at.b_to_a - point.b_to_a);
             point = at;
-            let quiesced = match msg {
+            let quiescing = match msg {
                 Some(Control::Resume { answer, .. }) => {
                     let _ = answer.send(Err(ResumeRefused::NotPaused));
                     tunnel = Some(t);
                     continue;
                 }
                 Some(Control::Quiesce { sent, answer }) => {
-                    self.peer_quiesced(&mut r, &mut t, &mut point, sent, answer, &mut ctl).await
+                    Box::pin(self.peer_quiesced(&mut r, &mut t, &mut point, sent, answer, ctl))
+                        as Pin<Box<dyn Future<Output = _> + Send + '_>>
                 }
-                None => self.quiesce(&mut r, &mut t, &mut point, &mut ctl).await,
+                None => Box::pin(self.quiesce(&mut r, &mut t, &mut point, ctl)),
             };
+            let quiesced = quiescing.await;
             match quiesced {
                 Ok(()) => {}
                 Err(Quiesce::NotPaused(why)) => {
@@ -326,12 +359,54 @@ impl Relay {
                 }
                 Err(Quiesce::Broken(why)) => return self.close(&point, start, &why),
             }
-            match self.paused(&mut r, &mut ctl, &point, start, Some(t)).await {
+            let pausing = Box::pin(self.paused(&mut r, ctl, &point, start, Some(t)));
+            match pausing.await {
                 Ok(Paused::Resumed(t)) => tunnel = Some(t),
                 Ok(Paused::HandedOver) => return,
                 Err(why) => return self.close(&point, start, &why),
             }
         }
+    }
+
+    /// Relays until the stream ends (`Finished`), the daemon closes it
+    /// (`None`), or it must pause (`Paused`, with the peer's message when
+    /// that is why).
+    async fn relay(
+        &mut self,
+        t: &mut BoxIo,
+        point: SplicePoint,
+        ctl: &Mailbox,
+    ) -> (Option<SpliceEnd>, Option<Control>) {
+        use std::{future::poll_fn, pin::pin, task::Poll};
+        // Polled by hand (no `select!`): every open stream's task holds
+        // this state while idle, so it is kept small.
+        let mut msg = None;
+        let end = {
+            let mut handover = pin!(self.guard.handover_requested());
+            let mut message = pin!(ctl.recv());
+            let mut closed = pin!(self.guard.closed());
+            let stop = poll_fn(|cx| {
+                if handover.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+                match message.as_mut().poll(cx) {
+                    Poll::Ready(m) => {
+                        msg = m;
+                        Poll::Ready(())
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            });
+            let mut splice = pin!(tlsmesh_tunnel::splice_pausable(&mut self.app, t, point, stop));
+            poll_fn(|cx| {
+                if closed.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                splice.as_mut().poll(cx).map(Some)
+            })
+            .await
+        };
+        (end, msg)
     }
 
     /// This daemon is going: QUIESCE the peer and read the old stream up
@@ -341,7 +416,7 @@ impl Relay {
         r: &mut Resume,
         t: &mut BoxIo,
         point: &mut SplicePoint,
-        ctl: &mut mpsc::Receiver<Control>,
+        ctl: &Mailbox,
     ) -> Result<(), Quiesce> {
         let acts = r.local_quiesce();
         closed(&acts).map_err(Quiesce::Broken)?;
@@ -379,7 +454,7 @@ impl Relay {
         point: &mut SplicePoint,
         peer_sent: u64,
         answer: oneshot::Sender<u64>,
-        ctl: &mut mpsc::Receiver<Control>,
+        ctl: &Mailbox,
     ) -> Result<(), Quiesce> {
         let acts = r.peer_quiesce(peer_sent);
         closed(&acts).map_err(Quiesce::Broken)?;
@@ -415,7 +490,7 @@ impl Relay {
     async fn paused(
         &mut self,
         r: &mut Resume,
-        ctl: &mut mpsc::Receiver<Control>,
+        ctl: &Mailbox,
         point: &SplicePoint,
         start: (u64, u64),
         old: Option<BoxIo>,
@@ -555,7 +630,7 @@ async fn drain(
     point: &mut SplicePoint,
     count: impl Future<Output = Result<u64, String>>,
     known: bool,
-    ctl: &mut mpsc::Receiver<Control>,
+    ctl: &Mailbox,
     answers: &mut Vec<oneshot::Sender<u64>>,
 ) -> Result<(), Drain> {
     tokio::pin!(count);
@@ -614,6 +689,110 @@ async fn drain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stream(token: &str) -> PausedStream {
+        PausedStream {
+            token: token.into(),
+            role: StreamRole::Server,
+            local_identity: "spiffe://td/ns/a/sa/server".into(),
+            peer_identity: "spiffe://td/ns/a/sa/client".into(),
+            peer: "10.0.0.1:40000".parse().unwrap(),
+            sent: 0,
+            received: 0,
+            app_write_done: false,
+        }
+    }
+
+    /// Only the stream's peer, for the stream's pod, with its token reaches
+    /// the stream; everything else gets the same 404.
+    #[tokio::test]
+    async fn only_the_peer_reaches_a_stream_by_its_token() {
+        let reg = Arc::new(Registry::default());
+        let token = new_token();
+        let (registration, ctl) = reg.register("a/server", &stream(&token));
+        let client = "spiffe://td/ns/a/sa/client";
+        for (tok, pod, peer) in [
+            (new_token().as_str(), "a/server", client),
+            (token.as_str(), "a/other", client),
+            (token.as_str(), "a/server", "spiffe://td/ns/a/sa/mallory"),
+        ] {
+            let e = reg.quiesce(tok, pod, peer, 1).await.unwrap_err();
+            assert_eq!(e, unknown());
+            let Err(e) = reg.resume(tok, pod, peer, 1, 1).await else { panic!("resumed") };
+            assert_eq!(e, unknown());
+        }
+        assert!(ctl.try_recv().is_none(), "nothing reached the stream");
+        // The peer does; the relay's answer is passed back.
+        let asking = {
+            let reg = Arc::clone(&reg);
+            let token = token.clone();
+            tokio::spawn(async move { reg.quiesce(&token, "a/server", client, 5).await })
+        };
+        let Some(Control::Quiesce { sent: 5, answer }) = ctl.recv().await else {
+            panic!("the quiesce reached the stream")
+        };
+        answer.send(9).unwrap();
+        assert_eq!(asking.await.unwrap().unwrap(), 9);
+        // A resume with counts that do not match is a 409.
+        let asking = {
+            let reg = Arc::clone(&reg);
+            let token = token.clone();
+            tokio::spawn(async move { reg.resume(&token, "a/server", client, 1, 2).await })
+        };
+        let Some(Control::Resume { answer, .. }) = ctl.recv().await else { panic!("resume") };
+        assert!(answer.send(Err(ResumeRefused::CountMismatch)).is_ok());
+        let Err(e) = asking.await.unwrap() else { panic!("resumed") };
+        assert_eq!(e.status, tlsmesh_tunnel::Status::Conflict);
+        // Once the relay is gone, so is the token.
+        drop(registration);
+        assert!(reg.is_empty());
+        assert_eq!(reg.quiesce(&token, "a/server", client, 1).await.unwrap_err(), unknown());
+    }
+
+    struct NoDialer;
+    impl Dialer for NoDialer {
+        fn request<'a>(
+            &'a self,
+            _: &'a PausedStream,
+            _: ResumeExt,
+        ) -> Pin<Box<dyn Future<Output = Result<tlsmesh_tunnel::Stream, RequestError>> + Send + 'a>>
+        {
+            Box::pin(async { Err(RequestError::Failed("none".into())) })
+        }
+    }
+
+    /// What an idle resumable stream's task holds (every open tunnel stream
+    /// pays it, on both nodes): the rare paths (quiesce, pause) are boxed.
+    #[tokio::test]
+    async fn an_idle_relay_is_small() {
+        let table = crate::conns::ConnTable::new(Arc::default());
+        let guard = table.open(crate::conns::ConnInfo {
+            direction: crate::conns::Direction::Outbound,
+            route: crate::conns::Route::Tunnel,
+            pod: "a/client".into(),
+            src: "10.0.0.1:4000".parse().unwrap(),
+            dst: "10.0.0.2:80".parse().unwrap(),
+            peer_pod: None,
+            src_identity: None,
+            dst_identity: None,
+            transport: None,
+            dst_service: None,
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let relay = Relay {
+            guard,
+            app,
+            pod: "a/client".into(),
+            stream: stream(&new_token()),
+            registry: Arc::default(),
+            dialer: Arc::new(NoDialer),
+        };
+        let f = relay.run(None);
+        let size = std::mem::size_of_val(&f);
+        eprintln!("resumable::Relay::run future: {size} bytes");
+        assert!(size < 2048, "an idle resumable stream's task grew to {size} bytes");
+    }
 
     #[test]
     fn tokens_are_43_unguessable_characters() {

@@ -181,7 +181,8 @@ fn parse_request(
         fields.push((f, header(f.header())?));
     }
     let resume =
-        ResumeExt::parse(|f| fields.iter().find(|(g, _)| *g == f).and_then(|(_, v)| v.clone()))?;
+        ResumeExt::parse(|f| fields.iter().find(|(g, _)| *g == f).and_then(|(_, v)| v.clone()))
+            .map_err(Refusal::malformed)?;
     Ok(ConnectRequest {
         resume,
         authority,

@@ -205,7 +205,8 @@ async fn read_request(
         .map_err(|_| Refusal::malformed("request header did not arrive in time"))??;
     let authority = validate_authority(&header.authority, local_addr, ctx.check_authority_ip)?;
     let resume =
-        ResumeExt::parse(|f| header.ext.iter().find(|(g, _)| *g == f).map(|(_, v)| v.clone()))?;
+        ResumeExt::parse(|f| header.ext.iter().find(|(g, _)| *g == f).map(|(_, v)| v.clone()))
+            .map_err(Refusal::malformed)?;
     Ok(ConnectRequest {
         resume,
         authority,
