@@ -9,7 +9,8 @@
 //! new one lists the connections. A daemon of another node is never a
 //! successor, and a connection the new daemon cannot take (its pod is not
 //! served there) stays with the old one: then the old daemon relays on and
-//! drains as before.
+//! drains as before — a tunnel stream, already paused with its peer, is
+//! resumed by the old daemon itself (the resume tests: tests/resume.rs).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -180,10 +181,10 @@ fn handover_refused_for_a_pod_the_new_daemon_does_not_serve_keeps_the_connection
     ) {
         return;
     }
-    let topo = Topology::build(1, 2).expect("topology");
+    let topo = Topology::build(2, 2).expect("topology");
     let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
     // The new daemon's inventory lacks the client pod: it cannot take its
-    // connection.
+    // connections.
     let without_client = write_inventory(&topo, "inv-without-client.toml", &|p| {
         if p.name == "n0p0" {
             Role::Absent
@@ -192,31 +193,45 @@ fn handover_refused_for_a_pod_the_new_daemon_does_not_serve_keeps_the_connection
         }
     });
     let mut old = Daemon::start(&topo, 0, &inv, &["--drain-timeout", "8"]);
+    let _d1 = Daemon::start(&topo, 1, &inv, &[]);
+    // A local delivery and a tunnel stream (resumable: it pauses with the
+    // peer before it is offered).
     let local = SocketAddr::new(topo.pod(0, 1).ip4.into(), 7000);
+    let remote = SocketAddr::new(topo.pod(1, 0).ip4.into(), 7000);
     echo_server(&topo.pod(0, 1).netns, local);
-    let s =
-        EchoStream::start(&topo.pod(0, 0).netns, local, 1024, Duration::from_millis(50), u64::MAX)
-            .expect("a local trickle");
-    assert!(s.wait_echoed(2 * KIB, Duration::from_secs(10)), "echo before");
+    echo_server(&topo.pod(1, 0).netns, remote);
+    let trickle = |dst| {
+        EchoStream::start(&topo.pod(0, 0).netns, dst, 1024, Duration::from_millis(50), u64::MAX)
+            .expect("a trickle")
+    };
+    let streams = [("local", trickle(local)), ("tunnel", trickle(remote))];
+    for (what, s) in &streams {
+        assert!(s.wait_echoed(2 * KIB, Duration::from_secs(10)), "{what}: echo before");
+    }
     let node = topo.node(0).clone();
     let new = Daemon::start_with_pin(&topo, &node, &old.pin_dir, &without_client, &[]);
     old.proc.signal(nix::sys::signal::Signal::SIGTERM);
-    // Refused: the old daemon relays on through its drain.
+    // Refused: the old daemon relays on through its drain; the paused
+    // tunnel stream it resumes itself.
     let refused = wait_for(Duration::from_secs(10), || {
-        old.log_text().contains("did not take a connection").then_some(())
+        let log = old.log_text();
+        (log.contains("did not take a connection") && log.contains("tunnel stream resumed"))
+            .then_some(())
     });
-    assert!(refused.is_some(), "the refusal is logged:\n{}", old.log_text());
-    let at = s.echoed();
-    assert!(
-        s.wait_echoed(at + 10 * KIB, Duration::from_secs(3)),
-        "the refused connection is still relayed by the old daemon ({} bytes)",
-        s.echoed()
-    );
+    assert!(refused.is_some(), "the refusals and the resume are logged:\n{}", old.log_text());
+    for (what, s) in &streams {
+        let at = s.echoed();
+        assert!(
+            s.wait_echoed(at + 10 * KIB, Duration::from_secs(3)),
+            "{what}: the refused connection is still relayed by the old daemon ({} bytes)",
+            s.echoed()
+        );
+    }
     assert!(old.proc.wait_timeout(Duration::from_secs(30)).is_some(), "the old daemon exits");
     assert!(old.log_text().contains("drain deadline reached"), "{}", old.log_text());
     // The new daemon sums up once the old one closed the socket.
     let summed = wait_for(Duration::from_secs(10), || {
-        new.log_text().contains("taken=0 refused=1").then_some(())
+        new.log_text().contains("taken=0 refused=2").then_some(())
     });
     let log = new.log_text();
     assert!(summed.is_some(), "{log}");

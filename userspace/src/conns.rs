@@ -613,24 +613,27 @@ impl Drop for ConnGuard {
     }
 }
 
+/// An entry for tests.
+#[cfg(test)]
+pub(crate) fn example_info() -> ConnInfo {
+    ConnInfo {
+        direction: Direction::Inbound,
+        route: Route::Plaintext,
+        pod: "ns/p".into(),
+        src: "10.0.0.1:4000".parse().unwrap(),
+        dst: "10.0.0.2:80".parse().unwrap(),
+        peer_pod: None,
+        src_identity: None,
+        dst_identity: None,
+        transport: None,
+        dst_service: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::example_info as info;
     use super::*;
-
-    fn info() -> ConnInfo {
-        ConnInfo {
-            direction: Direction::Inbound,
-            route: Route::Plaintext,
-            pod: "ns/p".into(),
-            src: "10.0.0.1:4000".parse().unwrap(),
-            dst: "10.0.0.2:80".parse().unwrap(),
-            peer_pod: None,
-            src_identity: None,
-            dst_identity: None,
-            transport: None,
-            dst_service: None,
-        }
-    }
 
     #[test]
     fn a_guard_is_the_entry_and_its_drop_counts() {

@@ -153,7 +153,9 @@ pub struct Registry {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry").field("streams", &lock(&self.streams).len()).finish()
+        f.debug_struct("Registry")
+            .field("streams", &lock(&self.streams).len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -623,6 +625,10 @@ enum Drain {
 ///
 /// A QUIESCE from the peer meanwhile (both moving at once) is the peer's
 /// answer; its own answer waits in `answers` until this side is paused.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the two streams, the machine and its point, the peer's count and its messages: one step of the driver"
+)]
 async fn drain(
     t: &mut BoxIo,
     app: &mut TcpStream,
@@ -766,18 +772,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_relay_is_small() {
         let table = crate::conns::ConnTable::new(Arc::default());
-        let guard = table.open(crate::conns::ConnInfo {
-            direction: crate::conns::Direction::Outbound,
-            route: crate::conns::Route::Tunnel,
-            pod: "a/client".into(),
-            src: "10.0.0.1:4000".parse().unwrap(),
-            dst: "10.0.0.2:80".parse().unwrap(),
-            peer_pod: None,
-            src_identity: None,
-            dst_identity: None,
-            transport: None,
-            dst_service: None,
-        });
+        let guard = table.open(crate::conns::example_info());
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let app = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let relay = Relay {
