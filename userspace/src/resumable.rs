@@ -287,16 +287,20 @@ impl Relay {
     pub async fn run(mut self, tunnel: Option<BoxIo>) {
         let (_registration, ctl) = self.registry.register(&self.pod, &self.stream);
         let ctl = &*ctl;
-        let start = (self.stream.sent, self.stream.received);
+        let (sent, received) = (self.stream.sent, self.stream.received);
         let mut r = match tunnel {
-            Some(_) => Resume::open_at(start.0, start.1),
-            None => Resume::paused_at(start.0, start.1),
+            Some(_) => Resume::open_at(sent, received),
+            None => Resume::paused_at(sent, received),
         };
+        // What this daemon moved is counted from here: a fresh stream from
+        // 0 (its early data was sent by this daemon too), a stream taken
+        // over from where the previous daemon paused it.
+        let start = if tunnel.is_some() { (0, 0) } else { (sent, received) };
         // The app side is read again after a pause (an EOF it gave is
         // given again); the tunnel side only until its end reached the app.
         let mut point = SplicePoint {
-            a_to_b: start.0,
-            b_to_a: start.1,
+            a_to_b: sent,
+            b_to_a: received,
             a_to_b_done: false,
             b_to_a_done: self.stream.app_write_done,
         };
