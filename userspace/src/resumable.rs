@@ -314,6 +314,7 @@ impl Relay {
                 match pausing.await {
                     Ok(Paused::Resumed(t)) => {
                         tunnel = Some(t);
+                        point.a_to_b_done = false;
                         continue;
                     }
                     Ok(Paused::HandedOver) => return,
@@ -367,7 +368,12 @@ impl Relay {
             }
             let pausing = Box::pin(self.paused(&mut r, ctl, &point, start, Some(t)));
             match pausing.await {
-                Ok(Paused::Resumed(t)) => tunnel = Some(t),
+                Ok(Paused::Resumed(t)) => {
+                    // A new stream: an app that had half-closed gives its
+                    // EOF again, and the new stream gets its FIN.
+                    tunnel = Some(t);
+                    point.a_to_b_done = false;
+                }
                 Ok(Paused::HandedOver) => return,
                 Err(why) => return self.close(&point, start, &why),
             }
