@@ -17,11 +17,28 @@ use tlsmesh_cni::protocol::{Command as Verb, Request, Response};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tlsmesh-cni");
 
-fn temp_dir(tag: &str) -> PathBuf {
+/// A scratch directory of one test, removed when the test ends (passing or
+/// not), so a run leaves nothing in /tmp.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_dir(tag: &str) -> Scratch {
     let d = std::env::temp_dir().join(format!("tlsmesh-cni-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    Scratch(d)
 }
 
 fn prev_result() -> Value {
@@ -244,5 +261,4 @@ fn install_subcommand_chains_the_plugin() {
         conf["plugins"][2],
         json!({"type":"tlsmesh-cni","socketPath":"/var/run/tlsmesh/cni.sock","failOpen":false,"timeoutSeconds":15})
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }

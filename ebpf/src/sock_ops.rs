@@ -10,7 +10,10 @@
 //!    connection through — also a syncookie handshake's last ACK, which
 //!    meets sk_lookup after connect() returned. The daemon binds with
 //!    `IP_BIND_ADDRESS_NO_PORT`, so the port is chosen here by the 4-tuple
-//!    rather than by a bind-time scan.
+//!    rather than by a bind-time scan. Only deliveries into a netns this
+//!    daemon enrolled are recorded: the program sees every socket of the
+//!    cgroup tree, and another daemon's deliveries (a second instance on
+//!    the machine, as in the tests) are not this one's to track.
 //!
 //! Both ask for state callbacks; the entries are dropped when the socket
 //! closes.
@@ -31,7 +34,7 @@ use tlsmesh_common::{
     counter, ConnKey, DeliveryKey, SockAddr, DAEMON_MARK, DELIVERY_MARK, FAMILY_V4, FAMILY_V6,
 };
 
-use crate::maps::{bump, DELIVERIES, ORIG_BY_ADDR, ORIG_BY_COOKIE};
+use crate::maps::{bump, DELIVERIES, ENROLLED, ORIG_BY_ADDR, ORIG_BY_COOKIE};
 
 #[sock_ops]
 pub fn tlsmesh_sock_ops(ctx: SockOpsContext) -> u32 {
@@ -105,6 +108,12 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
         return Ok(());
     }
     if is_delivery(ctx) {
+        // SAFETY: helper over the program's own context.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        // SAFETY: a presence check; nothing is read through the pointer.
+        if unsafe { ENROLLED.get(netns) }.is_none() {
+            return Ok(());
+        }
         DELIVERIES.insert(&delivery_key(ctx), &1, 0).map_err(|_| ())?;
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
         bump(counter::DELIVERY_RECORDED);

@@ -237,3 +237,193 @@ fn handover_refused_for_a_pod_the_new_daemon_does_not_serve_keeps_the_connection
     assert!(summed.is_some(), "{log}");
     assert!(log.contains("is not served by this daemon"), "the new daemon says why:\n{log}");
 }
+
+// ---- Failure is safe (issue 14 point 4) ------------------------------------
+
+/// An echo server on node 0's second pod, port 7000.
+fn local_server(topo: &Topology) -> SocketAddr {
+    let local = SocketAddr::new(topo.pod(0, 1).ip4.into(), 7000);
+    echo_server(&topo.pod(0, 1).netns, local);
+    local
+}
+
+/// `n` trickles (1 KiB every 100 ms) from node 0's first pod to `local`,
+/// each echoed once.
+fn local_trickles(topo: &Topology, local: SocketAddr, n: usize) -> Vec<EchoStream> {
+    let streams: Vec<EchoStream> = (0..n)
+        .map(|_| {
+            EchoStream::start(
+                &topo.pod(0, 0).netns,
+                local,
+                1024,
+                Duration::from_millis(100),
+                u64::MAX,
+            )
+            .expect("start a trickle")
+        })
+        .collect();
+    for (i, s) in streams.iter().enumerate() {
+        assert!(s.wait_echoed(KIB, Duration::from_secs(10)), "trickle {i}: no echo");
+    }
+    streams
+}
+
+/// The entries of the kernel's delivery table (`TLSMESH_DELIVERIES`) under
+/// `pin_dir`: one per open delivery into a pod of this node.
+fn kernel_deliveries(pin_dir: &std::path::Path) -> usize {
+    use aya::maps::{HashMap, Map, MapData};
+    use tlsmesh_common::{maps, DeliveryKey};
+    let data = MapData::from_pin(pin_dir.join(maps::DELIVERIES)).expect("the pinned delivery map");
+    let map: HashMap<_, DeliveryKey, u32> =
+        HashMap::try_from(Map::LruHashMap(data)).expect("a hash map");
+    map.keys().filter(Result::is_ok).count()
+}
+
+/// How many connections `d`'s log says it handed over ("handed over").
+fn handed_over(d: &Daemon) -> usize {
+    d.log_text().matches("outcome=handed over").count()
+}
+
+/// Waits until exactly `n_closed` of `streams` were closed and the others
+/// still echo (5 KiB more each); returns the survivors.
+fn survivors(streams: Vec<EchoStream>, n_closed: usize) -> Vec<EchoStream> {
+    let total = streams.len();
+    let settled = wait_for(Duration::from_secs(20), || {
+        (streams.iter().filter(|s| s.closed()).count() >= n_closed).then_some(())
+    });
+    let closed = streams.iter().filter(|s| s.closed()).count();
+    assert!(settled.is_some() && closed == n_closed, "{closed} of {total} closed, not {n_closed}");
+    let alive: Vec<EchoStream> = streams.into_iter().filter(|s| !s.closed()).collect();
+    for (i, s) in alive.iter().enumerate() {
+        let at = s.echoed();
+        assert!(
+            s.wait_echoed(at + 5 * KIB, Duration::from_secs(10)),
+            "survivor {i}: no echo ({} bytes)",
+            s.echoed()
+        );
+    }
+    // Still exactly `n_closed`: a survivor was not closed meanwhile.
+    assert_eq!(alive.iter().filter(|s| s.closed()).count(), 0, "a survivor closed");
+    alive
+}
+
+#[test]
+fn a_new_daemon_that_dies_halfway_leaves_the_rest_with_the_old_one() {
+    if !require_root("a_new_daemon_that_dies_halfway_leaves_the_rest_with_the_old_one") {
+        return;
+    }
+    let topo = Topology::build(2, 2).expect("topology");
+    let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
+    let mut old = Daemon::start(&topo, 0, &inv, &["--drain-timeout", "60"]);
+    let local = local_server(&topo);
+    let streams = local_trickles(&topo, local, 20);
+    assert_eq!(kernel_deliveries(&old.pin_dir), 20, "one kernel entry per delivery");
+    // The new daemon takes five connections, then hangs at the sixth.
+    let node = topo.node(0).clone();
+    let mut new = Daemon::start_with_env(
+        &topo,
+        &node,
+        &old.pin_dir,
+        &inv,
+        &[],
+        &[("FAILPOINTS", "handover-take=5*off->return")],
+    );
+    old.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let pid = u64::from(new.proc.pid());
+    let five = wait_for(Duration::from_secs(20), || {
+        let dump = new.get("/config_dump").ok()?.1;
+        (dump["pid"].as_u64() == Some(pid) && dump["connections"].as_array()?.len() == 5)
+            .then_some(())
+    });
+    assert!(five.is_some(), "the new daemon took five:\n{}", new.log_text());
+    assert!(new.log_text().contains("fault injected"), "{}", new.log_text());
+    // It dies: its five end; the old daemon relays the other fifteen on.
+    new.proc.kill();
+    let alive = survivors(streams, 5);
+    let log = old.log_text();
+    assert!(log.contains("connection handover broke off"), "{log}");
+    let summed = wait_for(Duration::from_secs(10), || {
+        old.log_text().contains("handed_over=5 kept=15").then_some(())
+    });
+    assert!(summed.is_some(), "the old daemon sums up:\n{}", old.log_text());
+    assert_eq!(handed_over(&old), 5, "five entries ended as handed over");
+    // The kernel table agrees with the survivor's: fifteen, then none.
+    let agree =
+        wait_for(Duration::from_secs(20), || (kernel_deliveries(&old.pin_dir) == 15).then_some(()));
+    assert!(
+        agree.is_some(),
+        "kernel deliveries {} (the old daemon holds 15)",
+        kernel_deliveries(&old.pin_dir)
+    );
+    for (i, s) in alive.into_iter().enumerate() {
+        let n = s.finish(false).unwrap_or_else(|e| panic!("survivor {i}: {e}"));
+        assert!(n > 0);
+    }
+    // Holding none, the old daemon exits, long before its deadline.
+    assert!(old.proc.wait_timeout(Duration::from_secs(30)).is_some(), "{}", old.log_text());
+    assert!(!old.log_text().contains("drain deadline reached"), "{}", old.log_text());
+    let none =
+        wait_for(Duration::from_secs(20), || (kernel_deliveries(&old.pin_dir) == 0).then_some(()));
+    assert!(none.is_some(), "kernel deliveries left: {}", kernel_deliveries(&old.pin_dir));
+}
+
+#[test]
+fn an_old_daemon_killed_mid_handover_loses_only_what_it_still_held() {
+    if !require_root("an_old_daemon_killed_mid_handover_loses_only_what_it_still_held") {
+        return;
+    }
+    let topo = Topology::build(2, 2).expect("topology");
+    let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
+    // The old daemon offers five connections, then hangs before the sixth.
+    let node = topo.node(0).clone();
+    let pin_dir = topo.pin_dir("n0");
+    let mut old = Daemon::start_with_env(
+        &topo,
+        &node,
+        &pin_dir,
+        &inv,
+        &["--drain-timeout", "60"],
+        &[("FAILPOINTS", "handover-offer=5*off->return")],
+    );
+    let local = local_server(&topo);
+    let streams = local_trickles(&topo, local, 20);
+    let new = Daemon::start_with_pin(&topo, &node, &pin_dir, &inv, &[]);
+    old.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let pid = u64::from(new.proc.pid());
+    let five = wait_for(Duration::from_secs(20), || {
+        let dump = new.get("/config_dump").ok()?.1;
+        (dump["pid"].as_u64() == Some(pid) && dump["connections"].as_array()?.len() == 5)
+            .then_some(())
+    });
+    assert!(five.is_some(), "the new daemon took five:\n{}", new.log_text());
+    let held = wait_for(Duration::from_secs(10), || {
+        (old.log_text().matches("fault injected").count() == 15).then_some(())
+    });
+    assert!(held.is_some(), "fifteen offers held:\n{}", old.log_text());
+    // SIGKILL: what it still held ends with it; what it handed over lives.
+    old.proc.kill();
+    let alive = survivors(streams, 15);
+    let summed = wait_for(Duration::from_secs(10), || {
+        new.log_text().contains("taken=5 refused=0").then_some(())
+    });
+    assert!(summed.is_some(), "the new daemon sums up:\n{}", new.log_text());
+    assert_eq!(routes(&new), ["local"; 5], "the new daemon holds the five");
+    let agree =
+        wait_for(Duration::from_secs(30), || (kernel_deliveries(&pin_dir) == 5).then_some(()));
+    assert!(
+        agree.is_some(),
+        "kernel deliveries {} (the new daemon holds 5)",
+        kernel_deliveries(&pin_dir)
+    );
+    // The survivor serves new connections too.
+    netkit::echo_exchange(&topo.pod(0, 0).netns, local, 64 * 1024).expect("a fresh connection");
+    for (i, s) in alive.into_iter().enumerate() {
+        let n = s.finish(false).unwrap_or_else(|e| panic!("survivor {i}: {e}"));
+        assert!(n > 0);
+    }
+    let gone = wait_for(Duration::from_secs(10), || routes(&new).is_empty().then_some(()));
+    assert!(gone.is_some(), "entries end with their connections: {:?}", routes(&new));
+    let none =
+        wait_for(Duration::from_secs(20), || (kernel_deliveries(&pin_dir) == 0).then_some(()));
+    assert!(none.is_some(), "kernel deliveries left: {}", kernel_deliveries(&pin_dir));
+}

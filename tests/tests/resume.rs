@@ -162,3 +162,54 @@ fn a_stream_not_resumed_within_the_bound_is_closed() {
     assert!(log0.contains("resumable tunnel stream closed"), "{log0}");
     assert!(!log0.contains("tunnel stream resumed"), "{log0}");
 }
+
+/// A peer that does not answer the QUIESCE (here: its daemon is stopped
+/// with SIGSTOP for a few seconds) keeps the stream where it was: the
+/// moving daemon gives up after 4 s, relays the stream on itself and
+/// drains as without the extension; once the peer runs again, the stream
+/// goes on over the old tunnel connection, every byte intact, and the old
+/// daemon exits when the stream ends.
+#[test]
+fn a_stream_whose_peer_does_not_answer_the_quiesce_stays_with_the_old_daemon() {
+    use nix::sys::signal::Signal;
+    if !require_root("a_stream_whose_peer_does_not_answer_the_quiesce_stays_with_the_old_daemon") {
+        return;
+    }
+    let topo = Topology::build(2, 1).expect("topology");
+    let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
+    let mut d0 = Daemon::start(&topo, 0, &inv, &["--drain-timeout", "120"]);
+    let d1 = Daemon::start(&topo, 1, &inv, &[]);
+    let dst = SocketAddr::new(topo.pod(1, 0).ip4.into(), 7000);
+    echo_server(&topo.pod(1, 0).netns, dst);
+    let s =
+        EchoStream::start(&topo.pod(0, 0).netns, dst, 1024, Duration::from_millis(100), u64::MAX)
+            .expect("a trickle");
+    assert!(s.wait_echoed(2 * KIB, Duration::from_secs(10)), "echo before");
+    let node = topo.node(0).clone();
+    let new = Daemon::start_with_pin(&topo, &node, &d0.pin_dir, &inv, &[]);
+    d1.proc.signal(Signal::SIGSTOP);
+    d0.proc.signal(Signal::SIGTERM);
+    let kept = wait_for(Duration::from_secs(20), || {
+        d0.log_text().contains("could not be quiesced").then_some(())
+    });
+    d1.proc.signal(Signal::SIGCONT);
+    let log = d0.log_text();
+    assert!(kept.is_some(), "the old daemon keeps the stream:\n{log}");
+    assert!(log.contains("did not answer the QUIESCE within 4s"), "it says why:\n{log}");
+    let at = s.echoed();
+    assert!(
+        s.wait_echoed(at + 20 * KIB, Duration::from_secs(20)),
+        "the stream goes on over the old connection ({} bytes)",
+        s.echoed()
+    );
+    assert!(!s.closed(), "the stream is still open");
+    let n = s.finish(false).expect("every byte came back, in order");
+    assert!(n > at);
+    // Holding nothing more, the old daemon exits before its deadline.
+    assert!(d0.proc.wait_timeout(Duration::from_secs(30)).is_some(), "{}", d0.log_text());
+    let log = d0.log_text();
+    assert!(!log.contains("drain deadline reached"), "{log}");
+    assert!(!log.contains("resumable tunnel stream closed"), "{log}");
+    assert!(!d1.log_text().contains("resumable tunnel stream closed"), "{}", d1.log_text());
+    assert_eq!(tunnels(&new), 0, "the new daemon holds no stream");
+}

@@ -15,7 +15,11 @@
 //!
 //! The driver (the daemon) feeds events in and carries out the actions that
 //! come back; nothing here does IO or keeps time (the bound on a pause is the
-//! driver's timer, reported with [`Resume::timed_out`]).
+//! driver's timer, reported with [`Resume::timed_out`]). A pause that is
+//! given up (a QUIESCE with no answer in time, or one withdrawn by the
+//! peer, §6.3) is left by starting a fresh machine at the same counts
+//! ([`Resume::open_at`]): both sides read exactly what the other wrote, so
+//! the old stream simply carries on.
 
 /// Where one side of a resumable stream is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

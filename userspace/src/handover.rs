@@ -305,6 +305,7 @@ async fn take_over(
     p.send_json(me, &[]).await?;
     let (mut taken, mut refused) = (0, 0);
     while let Some((data, fds)) = p.recv().await? {
+        crate::faults::hold_if_fires(crate::faults::HANDOVER_TAKE).await;
         let offer: OfferMsg = parse(&data)?;
         let id = offer.id;
         match adopt(offer, fds, state, proxy) {
@@ -450,6 +451,7 @@ impl Taker for Successor {
         what: Offered<'a>,
     ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
         Box::pin(async move {
+            crate::faults::hold_if_fires(crate::faults::HANDOVER_OFFER).await;
             let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             match lock(&self.waiting).as_mut() {

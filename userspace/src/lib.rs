@@ -17,7 +17,8 @@
 //!   `authz` (pure decisions), `policies` (the policy in force, re-checks);
 //! - operations: `admin`, `metrics`, `stats`, `logging`, `kube_source`;
 //! - CLI: `cli`, `status`, `check`, `ca_cmd`; `config` (the one typed config);
-//! - `testing`: loopback fakes of the kernel edges, for tests.
+//! - `testing`: loopback fakes of the kernel edges, for tests; `faults`:
+//!   named fault points the failure tests arm (feature `failpoints`).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -33,6 +34,7 @@ pub mod cli;
 pub mod config;
 pub mod conns;
 pub mod deliver;
+pub mod faults;
 pub mod handover;
 pub use tlsmesh_inventory as inventory;
 pub mod kernel;

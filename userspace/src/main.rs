@@ -7,6 +7,9 @@ use tlsmesh::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Test builds only: the fault points FAILPOINTS names (see `faults`).
+    #[cfg(feature = "failpoints")]
+    let _faults = tlsmesh::faults::setup();
     // quinn pulls in rustls' ring feature next to aws-lc-rs: name the provider.
     let _ = rustls::crypto::CryptoProvider::install_default(
         (*tlsmesh_identity::tls::provider()).clone(),

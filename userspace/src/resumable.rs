@@ -51,6 +51,11 @@ pub const PAUSE_BOUND: Duration = Duration::from_secs(10);
 /// connection to a daemon that is gone answers nothing).
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Longest the peer may take to answer a QUIESCE. A peer that does not
+/// answer (stopped, overloaded, gone) keeps the stream where it is: it
+/// relays on with this daemon, as every stream does without the extension.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(4);
+
 /// A fresh stream token: 32 bytes from the OS CSPRNG, base64url.
 pub fn new_token() -> String {
     use base64::Engine as _;
@@ -364,6 +369,12 @@ impl Relay {
                     tunnel = Some(t);
                     continue;
                 }
+                Err(Quiesce::Withdrawn) => {
+                    info!("the peer withdrew its QUIESCE; tunnel stream relays on where it was");
+                    r = Resume::open_at(r.sent(), r.received());
+                    tunnel = Some(t);
+                    continue;
+                }
                 Err(Quiesce::Broken(why)) => return self.close(&point, start, &why),
             }
             let pausing = Box::pin(self.paused(&mut r, ctl, &point, start, Some(t)));
@@ -436,7 +447,12 @@ impl Relay {
         let stream = self.stream.clone();
         let dialer = Arc::clone(&self.dialer);
         let ask = async move {
-            let s = dialer.request(&stream, ext).await.map_err(|e| e.to_string())?;
+            let s = tokio::time::timeout(QUIESCE_TIMEOUT, dialer.request(&stream, ext))
+                .await
+                .map_err(|_| {
+                    format!("the peer did not answer the QUIESCE within {QUIESCE_TIMEOUT:?}")
+                })?
+                .map_err(|e| e.to_string())?;
             s.response().quiesce_sent.ok_or_else(|| "the peer's answer carried no count".to_owned())
         };
         let mut answers = Vec::new();
@@ -481,8 +497,14 @@ impl Relay {
         match drained {
             Ok(()) => {
                 // Answered only now: the peer may go once it has ours.
-                for a in answers {
-                    let _ = a.send(r.sent());
+                // Every send is tried (no short cut): each waiting request
+                // gets the count.
+                let delivered =
+                    answers.into_iter().fold(false, |any, a| a.send(r.sent()).is_ok() | any);
+                if !delivered {
+                    // The peer gave up waiting (it reset its QUIESCE): it
+                    // relays on over the old stream, and so does this side.
+                    return Err(Quiesce::Withdrawn);
                 }
                 debug!(
                     sent = r.sent(),
@@ -619,6 +641,9 @@ fn closed(acts: &[Action]) -> Result<(), String> {
 enum Quiesce {
     /// The peer did not pause: the stream may relay on as it was.
     NotPaused(String),
+    /// The peer asked for the pause and then gave up waiting for the
+    /// answer: both sides relay on over the old stream.
+    Withdrawn,
     /// The stream cannot go on.
     Broken(String),
 }

@@ -230,7 +230,22 @@ async fn handle_stream(
         }
     };
     let authority = request.authority;
-    let accepted = match handler.connect(request).await {
+    // A client that resets the stream before the answer (a QUIESCE it
+    // gave up waiting for, a connect it abandoned) drops the handler's
+    // work: nothing is done for a request nobody waits for.
+    let connecting = tokio::select! {
+        biased;
+        reason = std::future::poll_fn(|cx| respond.poll_reset(cx)) => Err(reason),
+        r = handler.connect(request) => Ok(r),
+    };
+    let connected = match connecting {
+        Ok(r) => r,
+        Err(reason) => {
+            tracing::debug!(peer = %ctx.peer_addr, %authority, reset = ?reason, "client reset the stream before the answer");
+            return;
+        }
+    };
+    let accepted = match connected {
         Ok(a) => a,
         Err(refusal) => {
             tracing::debug!(peer = %ctx.peer_addr, %authority, status = refusal.status.code(), reason = %refusal.reason, "tunnel request refused");
