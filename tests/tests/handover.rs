@@ -276,7 +276,19 @@ fn kernel_deliveries(pin_dir: &std::path::Path) -> usize {
     let data = MapData::from_pin(pin_dir.join(maps::DELIVERIES)).expect("the pinned delivery map");
     let map: HashMap<_, DeliveryKey, u32> =
         HashMap::try_from(Map::LruHashMap(data)).expect("a hash map");
-    map.keys().filter(Result::is_ok).count()
+    map.keys().flatten().count()
+}
+
+/// Waits until `d` owns the admin API (the old daemon let it go) and holds
+/// `n` connections.
+fn wait_holds(d: &Daemon, n: usize) {
+    let pid = u64::from(d.proc.pid());
+    let holds = wait_for(Duration::from_secs(20), || {
+        let dump = d.get("/config_dump").ok()?.1;
+        (dump["pid"].as_u64() == Some(pid) && dump["connections"].as_array()?.len() == n)
+            .then_some(())
+    });
+    assert!(holds.is_some(), "the new daemon took {n}:\n{}", d.log_text());
 }
 
 /// How many connections `d`'s log says it handed over ("handed over").
@@ -329,13 +341,7 @@ fn a_new_daemon_that_dies_halfway_leaves_the_rest_with_the_old_one() {
         &[("FAILPOINTS", "handover-take=5*off->return")],
     );
     old.proc.signal(nix::sys::signal::Signal::SIGTERM);
-    let pid = u64::from(new.proc.pid());
-    let five = wait_for(Duration::from_secs(20), || {
-        let dump = new.get("/config_dump").ok()?.1;
-        (dump["pid"].as_u64() == Some(pid) && dump["connections"].as_array()?.len() == 5)
-            .then_some(())
-    });
-    assert!(five.is_some(), "the new daemon took five:\n{}", new.log_text());
+    wait_holds(&new, 5);
     assert!(new.log_text().contains("fault injected"), "{}", new.log_text());
     // It dies: its five end; the old daemon relays the other fifteen on.
     new.proc.kill();
@@ -362,9 +368,9 @@ fn a_new_daemon_that_dies_halfway_leaves_the_rest_with_the_old_one() {
     // Holding none, the old daemon exits, long before its deadline.
     assert!(old.proc.wait_timeout(Duration::from_secs(30)).is_some(), "{}", old.log_text());
     assert!(!old.log_text().contains("drain deadline reached"), "{}", old.log_text());
-    let none =
+    let emptied =
         wait_for(Duration::from_secs(20), || (kernel_deliveries(&old.pin_dir) == 0).then_some(()));
-    assert!(none.is_some(), "kernel deliveries left: {}", kernel_deliveries(&old.pin_dir));
+    assert!(emptied.is_some(), "kernel deliveries left: {}", kernel_deliveries(&old.pin_dir));
 }
 
 #[test]
@@ -389,13 +395,7 @@ fn an_old_daemon_killed_mid_handover_loses_only_what_it_still_held() {
     let streams = local_trickles(&topo, local, 20);
     let new = Daemon::start_with_pin(&topo, &node, &pin_dir, &inv, &[]);
     old.proc.signal(nix::sys::signal::Signal::SIGTERM);
-    let pid = u64::from(new.proc.pid());
-    let five = wait_for(Duration::from_secs(20), || {
-        let dump = new.get("/config_dump").ok()?.1;
-        (dump["pid"].as_u64() == Some(pid) && dump["connections"].as_array()?.len() == 5)
-            .then_some(())
-    });
-    assert!(five.is_some(), "the new daemon took five:\n{}", new.log_text());
+    wait_holds(&new, 5);
     let held = wait_for(Duration::from_secs(10), || {
         (old.log_text().matches("fault injected").count() == 15).then_some(())
     });
@@ -423,7 +423,7 @@ fn an_old_daemon_killed_mid_handover_loses_only_what_it_still_held() {
     }
     let gone = wait_for(Duration::from_secs(10), || routes(&new).is_empty().then_some(()));
     assert!(gone.is_some(), "entries end with their connections: {:?}", routes(&new));
-    let none =
+    let emptied =
         wait_for(Duration::from_secs(20), || (kernel_deliveries(&pin_dir) == 0).then_some(()));
-    assert!(none.is_some(), "kernel deliveries left: {}", kernel_deliveries(&pin_dir));
+    assert!(emptied.is_some(), "kernel deliveries left: {}", kernel_deliveries(&pin_dir));
 }

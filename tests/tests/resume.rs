@@ -125,16 +125,17 @@ fn quic_tunnel_streams_survive_an_upgrade_of_either_node() {
     streams_survive_an_upgrade_of_either_node("quic");
 }
 
-/// A paused stream that nobody resumes within the bound is closed, as
-/// without the extension: the source's new daemon cannot reach the
-/// destination (its certificates are from another CA, so every RESUME
-/// handshake fails), the destination closes its side after 10 s, the
-/// client sees its connection end.
-#[test]
-fn a_stream_not_resumed_within_the_bound_is_closed() {
-    if !require_root("a_stream_not_resumed_within_the_bound_is_closed") {
-        return;
-    }
+/// Two nodes, a daemon each (node 0's with a 120 s drain), and one trickle
+/// (1 KiB every 100 ms) from node 0's pod to an echo server on node 1's.
+struct One {
+    topo: Topology,
+    inv: std::path::PathBuf,
+    d0: Daemon,
+    d1: Daemon,
+    s: EchoStream,
+}
+
+fn one_trickle_across() -> One {
     let topo = Topology::build(2, 1).expect("topology");
     let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
     let d0 = Daemon::start(&topo, 0, &inv, &["--drain-timeout", "120"]);
@@ -145,6 +146,20 @@ fn a_stream_not_resumed_within_the_bound_is_closed() {
         EchoStream::start(&topo.pod(0, 0).netns, dst, 1024, Duration::from_millis(100), u64::MAX)
             .expect("a trickle");
     assert!(s.wait_echoed(2 * KIB, Duration::from_secs(10)), "echo before");
+    One { topo, inv, d0, d1, s }
+}
+
+/// A paused stream that nobody resumes within the bound is closed, as
+/// without the extension: the source's new daemon cannot reach the
+/// destination (its certificates are from another CA, so every RESUME
+/// handshake fails), the destination closes its side after 10 s, the
+/// client sees its connection end.
+#[test]
+fn a_stream_not_resumed_within_the_bound_is_closed() {
+    if !require_root("a_stream_not_resumed_within_the_bound_is_closed") {
+        return;
+    }
+    let One { topo, d0, d1, s, .. } = one_trickle_across();
     let other_ca = topo.scratch_dir().join("other-ca");
     let out = std::process::Command::new(netkit::tlsmesh_bin())
         .args(["ca", "init", "--trust-domain", "cluster.local", "--dir"])
@@ -175,16 +190,7 @@ fn a_stream_whose_peer_does_not_answer_the_quiesce_stays_with_the_old_daemon() {
     if !require_root("a_stream_whose_peer_does_not_answer_the_quiesce_stays_with_the_old_daemon") {
         return;
     }
-    let topo = Topology::build(2, 1).expect("topology");
-    let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
-    let mut d0 = Daemon::start(&topo, 0, &inv, &["--drain-timeout", "120"]);
-    let d1 = Daemon::start(&topo, 1, &inv, &[]);
-    let dst = SocketAddr::new(topo.pod(1, 0).ip4.into(), 7000);
-    echo_server(&topo.pod(1, 0).netns, dst);
-    let s =
-        EchoStream::start(&topo.pod(0, 0).netns, dst, 1024, Duration::from_millis(100), u64::MAX)
-            .expect("a trickle");
-    assert!(s.wait_echoed(2 * KIB, Duration::from_secs(10)), "echo before");
+    let One { topo, mut d0, d1, s, inv } = one_trickle_across();
     let node = topo.node(0).clone();
     let new = Daemon::start_with_pin(&topo, &node, &d0.pin_dir, &inv, &[]);
     d1.proc.signal(Signal::SIGSTOP);
