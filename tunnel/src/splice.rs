@@ -5,6 +5,11 @@
 //! writes out and flushes what it holds, and returns where it stopped
 //! ([`SplicePoint`]), so the two streams can be handed to another process
 //! (sockets: their whole state is in the kernel) and spliced on from there.
+//! While one direction's held bytes wait for their writer, the other keeps
+//! copying (a bounded amount, [`UNBLOCK_BUDGET`]): the peer of the stuck
+//! writer may itself be stuck writing to us — an echo, a request/response
+//! server with full windows both ways — and would never read again if we
+//! stopped reading it.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -23,6 +28,10 @@ const INITIAL_BUFFER: usize = 16 * 1024;
 /// copy buffer at all, and a chatty one (request/response) none between
 /// messages.
 const STACK_READ: usize = 4 * 1024;
+/// At most this many bytes are read, both directions together, while a
+/// pause waits for a direction's writer (see the module header). Enough to
+/// empty full socket buffers both ways; a pause that needs more waits.
+pub const UNBLOCK_BUDGET: u64 = 16 << 20;
 
 /// The result of a splice: bytes moved each way, and the error that ended it
 /// early, if any.
@@ -76,6 +85,7 @@ where
     let mut ba = Direction::resumed(DEFAULT_SPLICE_BUFFER, from.b_to_a, from.b_to_a_done);
     let mut stop = std::pin::pin!(stop);
     let mut stopping = false;
+    let mut budget = UNBLOCK_BUDGET;
     let res = poll_fn(|cx| {
         if !stopping && stop.as_mut().poll(cx).is_ready() {
             stopping = true;
@@ -87,11 +97,25 @@ where
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => false,
         };
-        let ba_ready = match ba.poll_step(cx, stopping, b, a) {
+        let ba_ready = match ba.poll_step(cx, stopping, b.as_mut(), a.as_mut()) {
             Poll::Ready(Ok(())) => true,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => false,
         };
+        if stopping && ab_ready != ba_ready {
+            // One direction's held bytes wait for their writer: keep the
+            // other one moving, in case that writer's peer waits for us.
+            let unblocked = if ab_ready {
+                ab.poll_unblock(cx, a, b, &mut budget)
+            } else {
+                ba.poll_unblock(cx, b, a, &mut budget)
+            };
+            if let Poll::Ready(Err(e)) = unblocked {
+                return Poll::Ready(Err(e));
+            }
+            // The other direction is pending: its writer wakes us.
+            return Poll::Pending;
+        }
         if ab_ready && ba_ready {
             Poll::Ready(Ok(stopping && !(ab.done && ba.done)))
         } else {
@@ -271,6 +295,55 @@ impl Direction {
         self.pos = 0;
         self.end = 0;
         Poll::Ready(Ok(()))
+    }
+
+    /// Pausing, while the other direction waits for its writer: copies on
+    /// (reads, writes, flushes) until the reader has nothing, the writer
+    /// blocks, or `budget` is spent. `Ready(Ok)` when there is nothing more
+    /// to do here (done, or no budget left).
+    fn poll_unblock<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+        budget: &mut u64,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            ready!(self.poll_write_held(cx, w.as_mut()))?;
+            if self.read_eof {
+                return self.poll_end(cx, w);
+            }
+            if *budget == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            if self.buf.is_empty() {
+                self.buf.resize(INITIAL_BUFFER, 0);
+            }
+            let cap = usize::try_from(*budget).unwrap_or(usize::MAX).min(self.buf.len());
+            self.pos = 0;
+            self.end = 0;
+            let mut rb = ReadBuf::new(&mut self.buf[..cap]);
+            match r.as_mut().poll_read(cx, &mut rb) {
+                Poll::Pending => return self.flush_then_pending(cx, w),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            let n = rb.filled().len();
+            if n == 0 {
+                self.read_eof = true;
+            } else {
+                self.end = n;
+                self.amount += n as u64;
+                *budget -= n as u64;
+            }
+        }
     }
 
     fn poll_copy<R, W>(
@@ -482,6 +555,69 @@ mod tests {
         let mut back = Vec::new();
         a_app.read_to_end(&mut back).await.unwrap();
         assert!(back.is_empty());
+    }
+
+    /// A pause in full flow both ways, against an echo peer that writes
+    /// each chunk back before it reads the next (so it stops reading while
+    /// its writes are stuck): the pause completes — the splice keeps
+    /// reading the echo while its own held bytes wait — and, resumed, every
+    /// byte comes back once and in order.
+    #[tokio::test]
+    async fn a_pause_in_full_flow_against_an_echo_completes() {
+        // A wide app side (the splice reads, and holds, up to its whole
+        // buffer at once) and a narrow peer side.
+        let (a_app, mut a) = tokio::io::duplex(1 << 20);
+        let (mut b, mut b_peer) = tokio::io::duplex(8 * 1024);
+        let echo = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = b_peer.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    b_peer.shutdown().await.unwrap();
+                    return;
+                }
+                b_peer.write_all(&buf[..n]).await.unwrap();
+            }
+        });
+        let total = 4_000_000usize;
+        let data: Vec<u8> = (0..total).map(|i| u8::try_from(i * 7 % 253).unwrap()).collect();
+        let (mut a_read, mut a_write) = tokio::io::split(a_app);
+        let d2 = data.clone();
+        let writer = tokio::spawn(async move {
+            a_write.write_all(&d2).await.unwrap();
+            a_write.shutdown().await.unwrap();
+        });
+        let reader = tokio::spawn(async move {
+            let mut back = Vec::new();
+            a_read.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut point = SplicePoint::default();
+        let mut pauses = 0;
+        let outcome = loop {
+            let stop = tokio::time::sleep(std::time::Duration::from_millis(1));
+            let paused = tokio::time::timeout(
+                std::time::Duration::from_secs(20),
+                splice_pausable(&mut a, &mut b, point, stop),
+            )
+            .await
+            .expect("the pause completes (no deadlock with the echo)");
+            match paused {
+                SpliceEnd::Paused(p) => {
+                    pauses += 1;
+                    point = p;
+                }
+                SpliceEnd::Finished(o) => break o,
+            }
+            assert!(pauses <= 100_000, "no end after {pauses} pauses");
+        };
+        assert!(outcome.error.is_none(), "{:?}", outcome.error);
+        writer.await.unwrap();
+        echo.await.unwrap();
+        let back = reader.await.unwrap();
+        assert!(pauses > 0, "the test never paused");
+        assert_eq!(back.len(), total);
+        assert!(back == data, "bytes were lost, repeated or reordered across {pauses} pauses");
     }
 
     /// A direction that ended before the pause stays ended after it: the

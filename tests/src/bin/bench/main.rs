@@ -344,7 +344,20 @@ fn run_upgrade(opts: &Opts, out_dir: &Path) -> Result<(), String> {
     let most = usize::try_from(limit.saturating_sub(2_000) / 2 / 1_000 * 1_000)
         .unwrap_or(10_000)
         .clamp(1_000, 10_000);
-    let levels: Vec<usize> = if opts.quick { vec![1_000] } else { vec![1_000, most] };
+    // A tunnel stream holds one socket in the upgraded daemon: 10,000 fit.
+    let tunnel_most = usize::try_from(limit.saturating_sub(2_000) / 1_000 * 1_000)
+        .unwrap_or(10_000)
+        .clamp(1_000, 10_000);
+    let levels: Vec<(upgrade::Route, usize)> = if opts.quick {
+        vec![(upgrade::Route::Local, 1_000), (upgrade::Route::Tunnel, 1_000)]
+    } else {
+        vec![
+            (upgrade::Route::Local, 1_000),
+            (upgrade::Route::Local, most),
+            (upgrade::Route::Tunnel, 1_000),
+            (upgrade::Route::Tunnel, tunnel_most),
+        ]
+    };
     let md = upgrade::markdown(&upgrade::run(&levels)?);
     let path = out_dir.join("upgrade.md");
     fs::write(&path, &md).map_err(|e| format!("write {}: {e}", path.display()))?;

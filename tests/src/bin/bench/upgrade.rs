@@ -1,8 +1,11 @@
-//! The upgrade figure (issue 14): one node, a client and a server pod (both
-//! enrolled, so their connections are local deliveries), N idle connections
-//! held open, a trickle (1 KiB echoed every 10 ms) and a bulk echo stream
-//! running; a second daemon is started beside the first and the first gets
-//! SIGTERM. Measured: the time from SIGTERM to the old daemon's exit (it
+//! The upgrade figure (issue 14): a client and a server pod, both enrolled,
+//! N idle connections held open, a trickle (1 KiB echoed every 10 ms) and a
+//! bulk echo stream running; a second daemon is started beside the client
+//! node's and that one gets SIGTERM. Two routes: both pods on one node
+//! (local deliveries: the sockets are handed over), and the pods on two
+//! nodes (tunnel streams over TCP: each is quiesced with the server node's
+//! daemon, its app socket handed over, and resumed by the new daemon over
+//! a new tunnel connection, docs/PROTOCOL.md §6). Measured: the time from SIGTERM to the old daemon's exit (it
 //! exits as soon as it handed its table over), the longest pause of the
 //! trickle's echo and of the bulk stream around the handover against the
 //! same streams' longest pause in the seconds before (the baseline of the
@@ -17,9 +20,29 @@ use std::{
 
 use netkit::{echo_server, wait_for, write_inventory, Daemon, EchoStream, Role, Topology};
 
+/// Which connections move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Both pods on the upgraded node: local deliveries.
+    Local,
+    /// The server pod on a second node: tunnel streams (TCP).
+    Tunnel,
+}
+
+impl Route {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Tunnel => "tunnel (TCP)",
+        }
+    }
+}
+
 /// One level's figures.
 #[derive(Debug, Clone)]
 pub struct Figures {
+    /// What moved.
+    pub route: Route,
     /// Idle connections opened (and asked for).
     pub idle: (usize, usize),
     /// SIGTERM to the old daemon's exit.
@@ -36,9 +59,9 @@ pub struct Figures {
     pub intact: Result<(), String>,
 }
 
-/// Measures each level in a topology of its own.
-pub fn run(levels: &[usize]) -> Result<Vec<Figures>, String> {
-    levels.iter().map(|&n| one(n)).collect()
+/// Measures each (route, level) in a topology of its own.
+pub fn run(levels: &[(Route, usize)]) -> Result<Vec<Figures>, String> {
+    levels.iter().map(|&(route, n)| one(route, n)).collect()
 }
 
 fn ms(d: Duration) -> String {
@@ -49,17 +72,20 @@ fn ms(d: Duration) -> String {
 pub fn markdown(figs: &[Figures]) -> String {
     let mut s = String::from(
         "## Upgrade: connections handed over to the new daemon\n\n\
-         One node; N idle local connections, a trickle (1 KiB echoed every 10 ms) and a bulk \
-         echo stream through the daemon; a new daemon started beside it, then SIGTERM to the old \
-         one. Pauses are the longest gap between two echoes, in the seconds before the upgrade \
+         N idle connections, a trickle (1 KiB echoed every 10 ms) and a bulk echo stream \
+         through the client node's daemon — local deliveries (both pods on that node) or tunnel \
+         streams (the server pod on a second node; each stream is quiesced with that node's \
+         daemon and resumed by the new one); a new daemon started beside it, then SIGTERM to the \
+         old one. Pauses are the longest gap between two echoes, in the seconds before the upgrade \
          (baseline, same run) and from SIGTERM to one second after the old daemon exited.\n\n\
-         | idle connections | SIGTERM → old daemon gone | trickle pause (before → during) | bulk pause (before → during) | taken over | open afterwards | streams intact |\n\
-         |---|---|---|---|---|---|---|\n",
+         | route | idle connections | SIGTERM → old daemon gone | trickle pause (before → during) | bulk pause (before → during) | taken over | open afterwards | streams intact |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     for f in figs {
         let _ = writeln!(
             s,
-            "| {} of {} | {} | {} → {} | {} → {} | {} | {} | {} |",
+            "| {} | {} of {} | {} | {} → {} | {} → {} | {} | {} | {} |",
+            f.route.as_str(),
             f.idle.0,
             f.idle.1,
             ms(f.handover),
@@ -78,12 +104,28 @@ pub fn markdown(figs: &[Figures]) -> String {
     s
 }
 
-fn one(level: usize) -> Result<Figures, String> {
-    eprintln!("bench: upgrade with {level} idle connections");
-    let topo = Topology::build(1, 2).map_err(|e| format!("build the topology: {e}"))?;
+fn one(route: Route, level: usize) -> Result<Figures, String> {
+    eprintln!("bench: upgrade with {level} idle connections, {}", route.as_str());
+    let (topo, server) = match route {
+        Route::Local => {
+            let topo = Topology::build(1, 2).map_err(|e| format!("build the topology: {e}"))?;
+            let server = topo.pod(0, 1).clone();
+            (topo, server)
+        }
+        Route::Tunnel => {
+            let topo = Topology::build(2, 1).map_err(|e| format!("build the topology: {e}"))?;
+            let server = topo.pod(1, 0).clone();
+            (topo, server)
+        }
+    };
     let inv = write_inventory(&topo, "inventory.toml", &|_| Role::Strict);
-    let (client, server) = (topo.pod(0, 0).clone(), topo.pod(0, 1).clone());
+    let client = topo.pod(0, 0).clone();
     let first = start(&topo, &inv, None)?;
+    // The server node's daemon (tunnel streams): it stays.
+    let peer = match route {
+        Route::Local => None,
+        Route::Tunnel => Some(start_node(&topo, &inv, 1)?),
+    };
     let _holder = crate::apps::Holder::start(&topo, &server, crate::apps::HOLD_PORT)?;
     let echo = SocketAddr::new(server.ip4.into(), 7000);
     echo_server(&server.netns, echo);
@@ -141,7 +183,11 @@ fn one(level: usize) -> Result<Figures, String> {
         trickle.finish(false).and_then(|_| bulk.finish(false)).map(drop).map_err(|e| e.to_string());
     drop(opened);
     crate::tlsmesh::stop_and_uninstall(second)?;
+    if let Some(p) = peer {
+        crate::tlsmesh::stop_and_uninstall(p)?;
+    }
     Ok(Figures {
+        route,
         idle: (want - 2, level),
         handover,
         trickle_gap: (before.0, during.0),
@@ -162,8 +208,23 @@ fn with_log(e: &str, d: &Daemon) -> String {
 
 /// Starts node 0's daemon (beside `old`, on its pins, when given).
 fn start(topo: &Topology, inv: &std::path::Path, old: Option<&Daemon>) -> Result<Daemon, String> {
-    let node = topo.node(0).clone();
-    let pin = old.map_or_else(|| topo.pin_dir(&node.name), |d| d.pin_dir.clone());
+    let pin = old.map(|d| d.pin_dir.clone());
+    start_at(topo, inv, 0, pin)
+}
+
+/// Starts node `n`'s daemon on its own pins.
+fn start_node(topo: &Topology, inv: &std::path::Path, n: usize) -> Result<Daemon, String> {
+    start_at(topo, inv, n, None)
+}
+
+fn start_at(
+    topo: &Topology,
+    inv: &std::path::Path,
+    n: usize,
+    pin: Option<std::path::PathBuf>,
+) -> Result<Daemon, String> {
+    let node = topo.node(n).clone();
+    let pin = pin.unwrap_or_else(|| topo.pin_dir(&node.name));
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         Daemon::start_with_pin(topo, &node, &pin, inv, &["--drain-timeout", "120"])
     }))
