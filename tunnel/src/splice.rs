@@ -596,13 +596,13 @@ mod tests {
         let mut pauses = 0;
         let outcome = loop {
             let stop = tokio::time::sleep(std::time::Duration::from_millis(1));
-            let paused = tokio::time::timeout(
+            let end = tokio::time::timeout(
                 std::time::Duration::from_secs(20),
                 splice_pausable(&mut a, &mut b, point, stop),
             )
             .await
             .expect("the pause completes (no deadlock with the echo)");
-            match paused {
+            match end {
                 SpliceEnd::Paused(p) => {
                     pauses += 1;
                     point = p;
