@@ -147,14 +147,35 @@ fn key(token: &str) -> Option<[u8; 32]> {
     (n == 32).then_some(k)
 }
 
+/// At most this many of a going daemon's streams are moving (quiescing,
+/// offered, waiting for the new daemon's resume) at once; the others relay
+/// on until their turn. A stream stalls only while it moves itself, not
+/// for the whole handover of every stream before it.
+const MOVING_AT_ONCE: usize = 1024;
+
 /// The resumable streams of this daemon, by token (a tunnel server looks a
 /// QUIESCE or RESUME up here).
-#[derive(Default)]
 pub struct Registry {
     streams: Mutex<HashMap<[u8; 32], Entry>>,
     /// Keys `Entry::who`.
     hasher: std::hash::RandomState,
+    /// Turns to move at a handover ([`MOVING_AT_ONCE`]).
+    moving: Arc<tokio::sync::Semaphore>,
 }
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            streams: Mutex::default(),
+            hasher: std::hash::RandomState::default(),
+            moving: Arc::new(tokio::sync::Semaphore::new(MOVING_AT_ONCE)),
+        }
+    }
+}
+
+/// A turn to move (see [`MOVING_AT_ONCE`]), held until the stream was
+/// handed over or stays.
+type Turn = Option<tokio::sync::OwnedSemaphorePermit>;
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -310,6 +331,7 @@ impl Relay {
             b_to_a_done: self.stream.app_write_done,
         };
         let mut tunnel = tunnel;
+        let mut turn: Turn = None;
         loop {
             let Some(mut t) = tunnel.take() else {
                 // Paused with no stream: wait for (or send) the resume.
@@ -326,7 +348,7 @@ impl Relay {
                     Err(why) => return self.close(&point, start, &why),
                 }
             };
-            let (end, msg) = self.relay(&mut t, point, ctl).await;
+            let (end, msg) = self.relay(&mut t, point, ctl, &mut turn).await;
             let at = match end {
                 None => return self.close(&point, start, "closed by the daemon (policy)"),
                 Some(SpliceEnd::Finished(out)) => {
@@ -365,12 +387,14 @@ impl Relay {
                     // any more, or did not answer): relay on here.
                     info!(reason = %why, "tunnel stream could not be quiesced; it stays with this daemon");
                     self.guard.keep_here();
+                    turn = None;
                     r = Resume::open_at(r.sent(), r.received());
                     tunnel = Some(t);
                     continue;
                 }
                 Err(Quiesce::Withdrawn) => {
                     info!("the peer withdrew its QUIESCE; tunnel stream relays on where it was");
+                    turn = None;
                     r = Resume::open_at(r.sent(), r.received());
                     tunnel = Some(t);
                     continue;
@@ -382,6 +406,7 @@ impl Relay {
                 Ok(Paused::Resumed(t)) => {
                     // A new stream: an app that had half-closed gives its
                     // EOF again, and the new stream gets its FIN.
+                    turn = None;
                     tunnel = Some(t);
                     point.a_to_b_done = false;
                 }
@@ -399,8 +424,10 @@ impl Relay {
         t: &mut BoxIo,
         point: SplicePoint,
         ctl: &Mailbox,
+        turn: &mut Turn,
     ) -> (Option<SpliceEnd>, Option<Control>) {
         use std::{future::poll_fn, pin::pin, task::Poll};
+        type Waiting = Pin<Box<dyn Future<Output = Turn> + Send>>;
         // Polled by hand (no `select!`): every open stream's task holds
         // this state while idle, so it is kept small.
         let mut msg = None;
@@ -408,9 +435,20 @@ impl Relay {
             let mut handover = pin!(self.guard.handover_requested());
             let mut message = pin!(ctl.recv());
             let mut closed = pin!(self.guard.closed());
+            // Once the handover is asked for: waiting for a turn to move
+            // (boxed, made only then), relaying on meanwhile.
+            let mut waiting: Option<Waiting> = None;
+            let moving = &self.registry.moving;
             let stop = poll_fn(|cx| {
-                if handover.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(());
+                if waiting.is_none() && handover.as_mut().poll(cx).is_ready() {
+                    let sem = Arc::clone(moving);
+                    waiting = Some(Box::pin(async move { sem.acquire_owned().await.ok() }));
+                }
+                if let Some(w) = waiting.as_mut() {
+                    if let Poll::Ready(got) = w.as_mut().poll(cx) {
+                        *turn = got;
+                        return Poll::Ready(());
+                    }
                 }
                 match message.as_mut().poll(cx) {
                     Poll::Ready(m) => {
