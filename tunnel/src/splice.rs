@@ -327,23 +327,34 @@ impl Direction {
                 self.buf.resize(INITIAL_BUFFER, 0);
             }
             let cap = usize::try_from(*budget).unwrap_or(usize::MAX).min(self.buf.len());
-            self.pos = 0;
-            self.end = 0;
-            let mut rb = ReadBuf::new(&mut self.buf[..cap]);
-            match r.as_mut().poll_read(cx, &mut rb) {
+            match self.poll_fill(cx, r.as_mut(), cap) {
                 Poll::Pending => return self.flush_then_pending(cx, w),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {}
-            }
-            let n = rb.filled().len();
-            if n == 0 {
-                self.read_eof = true;
-            } else {
-                self.end = n;
-                self.amount += n as u64;
-                *budget -= n as u64;
+                Poll::Ready(Ok(n)) => *budget -= n as u64,
             }
         }
+    }
+
+    /// Reads into the buffer's first `cap` bytes, which are held from then
+    /// on: the count, 0 at end-of-stream.
+    fn poll_fill<R: AsyncRead + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Pin<&mut R>,
+        cap: usize,
+    ) -> Poll<io::Result<usize>> {
+        self.pos = 0;
+        self.end = 0;
+        let mut rb = ReadBuf::new(&mut self.buf[..cap]);
+        ready!(r.poll_read(cx, &mut rb))?;
+        let n = rb.filled().len();
+        if n == 0 {
+            self.read_eof = true;
+        } else {
+            self.end = n;
+            self.amount += n as u64;
+        }
+        Poll::Ready(Ok(n))
     }
 
     fn poll_copy<R, W>(
@@ -363,8 +374,7 @@ impl Direction {
                 if self.buf.is_empty() {
                     ready!(self.poll_read_unbuffered(cx, r.as_mut(), w.as_mut()))?;
                 } else {
-                    let mut rb = ReadBuf::new(&mut self.buf);
-                    match r.as_mut().poll_read(cx, &mut rb) {
+                    match self.poll_fill(cx, r.as_mut(), self.buf.len()) {
                         Poll::Pending => {
                             if self.buf.len() <= INITIAL_BUFFER {
                                 // Not a bulk stream: an idle connection holds
@@ -374,18 +384,12 @@ impl Direction {
                             return self.flush_then_pending(cx, w);
                         }
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Ready(Ok(())) => {}
-                    }
-                    let n = rb.filled().len();
-                    if n == 0 {
-                        self.read_eof = true;
-                    } else {
-                        self.end = n;
-                        self.amount += n as u64;
-                        if n == self.buf.len() && self.buf.len() < self.max {
-                            // A full read: the sender has more; grow for throughput.
-                            let grown = (self.buf.len() * 2).min(self.max);
-                            self.buf.resize(grown, 0);
+                        Poll::Ready(Ok(n)) => {
+                            if n == self.buf.len() && self.buf.len() < self.max {
+                                // A full read: the sender has more; grow for throughput.
+                                let grown = (self.buf.len() * 2).min(self.max);
+                                self.buf.resize(grown, 0);
+                            }
                         }
                     }
                 }
