@@ -124,9 +124,15 @@ pub struct CaptureConfig {
     /// Set to 1 once the daemon has written the configuration; until then the
     /// programs capture nothing.
     pub ready: u32,
-    /// Reserved, zero.
+    /// `CONFIG_LOG_DECISIONS`, other bits reserved (zero). Programs that
+    /// predate a bit ignore it, so a new bit needs no layout version.
     pub flags: u32,
 }
+
+/// `CaptureConfig.flags` bit: the programs log each capture decision
+/// through aya-log (off by default; switched at run time by the daemon's
+/// admin `/logging?ebpf=on`). Off, a decision costs one test of this bit.
+pub const CONFIG_LOG_DECISIONS: u32 = 1;
 
 /// Indices of the per-CPU counter array the programs bump.
 pub mod counter {
@@ -296,6 +302,23 @@ pub mod classify {
     pub fn v4_mapped_bytes(ip4: u32) -> [u8; 16] {
         let b = ip4.to_ne_bytes();
         [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]]
+    }
+
+    /// The 16 bytes of an IPv6 address held as four network-order words
+    /// (`bpf_sock_addr.user_ip6`, `SockAddr.addr`).
+    #[inline(always)]
+    pub fn v6_bytes(w: &[u32; 4]) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let q = w[i].to_ne_bytes();
+            b[i * 4] = q[0];
+            b[i * 4 + 1] = q[1];
+            b[i * 4 + 2] = q[2];
+            b[i * 4 + 3] = q[3];
+            i += 1;
+        }
+        b
     }
 
     /// A SYN arriving at a pod that inbound capture leaves alone: to a

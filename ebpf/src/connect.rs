@@ -6,8 +6,15 @@
 //! original destination is stored under the socket cookie and the connect is
 //! rewritten to 127.0.0.1 / ::1 at the outbound port, where the daemon owns a
 //! listener inside the pod's netns. Returning 1 always lets the syscall go on.
+//!
+//! With `CONFIG_LOG_DECISIONS` set, each decision about an enrolled pod's
+//! connect (captured, or bypassed and why) is logged through aya-log, keyed
+//! by the netns cookie (the daemon adds the pod's name).
 
-use core::ptr::{addr_of_mut, read_volatile, write_volatile};
+use core::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ptr::{addr_of_mut, read_volatile, write_volatile},
+};
 
 use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -15,9 +22,10 @@ use aya_ebpf::{
     programs::SockAddrContext,
     EbpfContext,
 };
+use aya_log_ebpf::{info, warn};
 use tlsmesh_common::{
-    classify::{v4_mapped_bytes, v4_never_captured, v4_of_mapped, v6_never_captured},
-    counter, SockAddr, FAMILY_V4, FAMILY_V6,
+    classify::{v4_mapped_bytes, v4_never_captured, v4_of_mapped, v6_bytes, v6_never_captured},
+    counter, CaptureConfig, SockAddr, CONFIG_LOG_DECISIONS, FAMILY_V4, FAMILY_V6,
 };
 
 use crate::maps::{bump, bypassed, config, ENROLLED, ORIG_BY_COOKIE};
@@ -67,7 +75,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), ()> {
     // SAFETY: as above, 4-byte context loads.
     let port = unsafe { u16::from_be(read_volatile(&(*sa).user_port) as u16) };
     let mut orig = SockAddr { family: FAMILY_V4, port: u32::from(port), addr: [0; 4] };
-    let (bytes, prefix_len, mapped);
+    let (bytes, prefix_len, mapped, dst);
     if v6 {
         // SAFETY: as above.
         let w = unsafe {
@@ -79,28 +87,21 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), ()> {
             ]
         };
         mapped = v4_of_mapped(&w).is_some();
+        let b = v6_bytes(&w);
+        dst = IpAddr::V6(Ipv6Addr::from(b));
         if v6_never_captured(&w) {
-            return bypass();
+            return bypass(ctx, &cfg, netns, dst, port, Skip::NeverCaptured);
         }
         orig.family = FAMILY_V6;
         orig.addr = w;
-        let mut b = [0u8; 16];
-        let mut i = 0;
-        while i < 4 {
-            let q = w[i].to_ne_bytes();
-            b[i * 4] = q[0];
-            b[i * 4 + 1] = q[1];
-            b[i * 4 + 2] = q[2];
-            b[i * 4 + 3] = q[3];
-            i += 1;
-        }
         bytes = b;
         prefix_len = 128;
     } else {
         // SAFETY: as above.
         let ip4 = unsafe { read_volatile(&(*sa).user_ip4) };
+        dst = IpAddr::V4(Ipv4Addr::from(ip4.to_ne_bytes()));
         if v4_never_captured(ip4) {
-            return bypass();
+            return bypass(ctx, &cfg, netns, dst, port, Skip::NeverCaptured);
         }
         orig.addr[0] = ip4;
         bytes = v4_mapped_bytes(ip4);
@@ -108,12 +109,24 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), ()> {
         mapped = false;
     }
     if bypassed(port, &bytes, prefix_len) {
-        return bypass();
+        return bypass(ctx, &cfg, netns, dst, port, Skip::BypassList);
     }
 
     // SAFETY: helper over the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    ORIG_BY_COOKIE.insert(cookie, orig, 0).map_err(|_| ())?;
+    if ORIG_BY_COOKIE.insert(cookie, orig, 0).is_err() {
+        if logging(&cfg) {
+            warn!(
+                ctx,
+                "connect not captured: netns={} dst={}:{} reason=orig-dst-map-full (the \
+                 original destination could not be recorded)",
+                netns,
+                dst,
+                port
+            );
+        }
+        return Err(());
+    }
 
     let new_port = u32::from((cfg.outbound_port as u16).to_be());
     // SAFETY: context writes the verifier allows for connect hooks; volatile
@@ -135,6 +148,16 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), ()> {
         write_volatile(addr_of_mut!((*sa).user_port), new_port);
     }
     bump(counter::CAPTURED);
+    if logging(&cfg) {
+        info!(
+            ctx,
+            "connect captured: netns={} dst={}:{} reason=enrolled (sent to the daemon's outbound \
+             listener)",
+            netns,
+            dst,
+            port
+        );
+    }
     // The test variant (a second, different object for the program
     // replacement test) also counts here; the product object never does.
     #[cfg(tlsmesh_variant)]
@@ -142,8 +165,49 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), ()> {
     Ok(())
 }
 
+/// Why an enrolled pod's connect was left alone.
+#[derive(Clone, Copy)]
+enum Skip {
+    /// Loopback, link-local or unspecified: never captured.
+    NeverCaptured,
+    /// A configured bypass port or CIDR (the daemon's own ports included).
+    BypassList,
+}
+
 #[inline(always)]
-fn bypass() -> Result<(), ()> {
+fn logging(cfg: &CaptureConfig) -> bool {
+    cfg.flags & CONFIG_LOG_DECISIONS != 0
+}
+
+#[inline(always)]
+fn bypass(
+    ctx: &SockAddrContext,
+    cfg: &CaptureConfig,
+    netns: u64,
+    dst: IpAddr,
+    port: u16,
+    why: Skip,
+) -> Result<(), ()> {
     bump(counter::BYPASSED);
+    if logging(cfg) {
+        match why {
+            Skip::NeverCaptured => info!(
+                ctx,
+                "connect bypassed: netns={} dst={}:{} reason=never-captured (loopback, \
+                 link-local or unspecified)",
+                netns,
+                dst,
+                port
+            ),
+            Skip::BypassList => info!(
+                ctx,
+                "connect bypassed: netns={} dst={}:{} reason=bypass-list (a configured bypass \
+                 port or CIDR, or a tlsmesh port)",
+                netns,
+                dst,
+                port
+            ),
+        }
+    }
     Ok(())
 }

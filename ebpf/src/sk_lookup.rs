@@ -9,17 +9,55 @@
 //! kernel reports the device that owns the address, not `lo`). With no
 //! listener (daemon down) the SYN is dropped: an enrolled pod never takes
 //! plaintext behind the daemon's back.
+//!
+//! With `CONFIG_LOG_DECISIONS` set, each steered, dropped or delivery SYN is
+//! logged through aya-log, keyed by the pod's address (`pod_ip`; this
+//! program type has no netns-cookie helper, the daemon adds the pod's name).
 
-use core::ptr::read_volatile;
-
-use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
-use tlsmesh_common::{
-    classify::inbound_left_alone, counter, DeliveryKey, IpKey, SockAddr, FAMILY_V6, PORT_TUNNEL,
+use core::{
+    net::{Ipv4Addr, Ipv6Addr},
+    ptr::read_volatile,
 };
 
-use crate::maps::{bump, DELIVERIES, INBOUND};
+use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
+use aya_log_ebpf::info;
+use tlsmesh_common::{
+    classify::{inbound_left_alone, v6_bytes},
+    counter, DeliveryKey, IpKey, SockAddr, CONFIG_LOG_DECISIONS,
+    FAMILY_V6, PORT_TUNNEL,
+};
+
+use crate::maps::{bump, config, DELIVERIES, INBOUND};
 
 const IPPROTO_TCP: u32 = 6;
+
+/// Logs one decision about a SYN (`local`/`remote`: `SockAddr`s) with the
+/// address type of its family: one log call per family keeps each call's
+/// arguments of one fixed type (the verifier rejects the spills of an
+/// `IpAddr` enum built at run time).
+macro_rules! decision {
+    ($ctx:expr, $family:expr, $local:expr, $remote:expr, $fmt:tt) => {
+        if $family == FAMILY_V6 {
+            info!(
+                $ctx,
+                $fmt,
+                Ipv6Addr::from(v6_bytes(&$local.addr)),
+                $local.port,
+                Ipv6Addr::from(v6_bytes(&$remote.addr)),
+                $remote.port
+            )
+        } else {
+            info!(
+                $ctx,
+                $fmt,
+                Ipv4Addr::from($local.addr[0].to_ne_bytes()),
+                $local.port,
+                Ipv4Addr::from($remote.addr[0].to_ne_bytes()),
+                $remote.port
+            )
+        }
+    };
+}
 
 #[sk_lookup]
 pub fn tlsmesh_sk_lookup(ctx: SkLookupContext) -> u32 {
@@ -67,16 +105,47 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     }
     let local = SockAddr { family, port, addr: key.addr };
     let delivery = DeliveryKey { src: remote, dst: local };
+    let logging = config().is_some_and(|c| c.flags & CONFIG_LOG_DECISIONS != 0);
     // SAFETY: read-only lookup of a plain value.
     if unsafe { DELIVERIES.get(delivery) }.is_some() {
         bump(counter::INBOUND_DELIVERY);
+        if logging {
+            decision!(
+                ctx,
+                family,
+                local,
+                remote,
+                "inbound SYN passed: pod_ip={} port={} from={}:{} reason=daemon-delivery (the \
+                 daemon's own connection into the pod)"
+            );
+        }
         return sk_action::SK_PASS;
     }
     if INBOUND.redirect_sk_lookup(ctx, key, 0).is_ok() {
         bump(counter::INBOUND_STEERED);
+        if logging {
+            decision!(
+                ctx,
+                family,
+                local,
+                remote,
+                "inbound SYN steered: pod_ip={} port={} from={}:{} reason=enrolled (sent to the \
+                 daemon's inbound listener)"
+            );
+        }
         sk_action::SK_PASS
     } else {
         bump(counter::INBOUND_DROPPED);
+        if logging {
+            decision!(
+                ctx,
+                family,
+                local,
+                remote,
+                "inbound SYN dropped: pod_ip={} port={} from={}:{} reason=no-daemon-listener (an \
+                 enrolled pod takes no plaintext behind the daemon's back)"
+            );
+        }
         sk_action::SK_DROP
     }
 }

@@ -1233,6 +1233,15 @@ impl Daemon {
 
     /// GET on the admin API (from inside the node netns): (status, JSON body).
     pub fn get(&self, path: &str) -> io::Result<(u16, serde_json::Value)> {
+        self.request("GET", path)
+    }
+
+    /// `POST path` on the admin API: status code and JSON body.
+    pub fn post(&self, path: &str) -> io::Result<(u16, serde_json::Value)> {
+        self.request("POST", path)
+    }
+
+    fn request(&self, method: &'static str, path: &str) -> io::Result<(u16, serde_json::Value)> {
         let path = path.to_string();
         Topology::in_netns(&self.netns, move || -> io::Result<(u16, serde_json::Value)> {
             use std::io::Read as _;
@@ -1241,7 +1250,10 @@ impl Daemon {
                 Duration::from_secs(2),
             )?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            write!(
+                s,
+                "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )?;
             let mut buf = String::new();
             s.read_to_string(&mut buf)?;
             let code = buf.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);

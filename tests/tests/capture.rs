@@ -485,3 +485,152 @@ fn same_node_enrolled_pods_skip_tls_and_a_vanishing_netns_is_survived() {
     let r = send(&client.netns, dst, 1 << 20).expect("the other pods are still served");
     assert_eq!(r.server_hash, r.local_hash);
 }
+
+/// The eBPF programs' decision log: off by default (nothing written), on
+/// at run time through the admin API, where each captured connect, each
+/// bypassed one and each inbound SYN steered or dropped appears in the
+/// daemon's log with its reason and pod; off again.
+#[test]
+fn ebpf_decisions_are_logged_with_their_reason_when_switched_on() {
+    if !require_root("ebpf_decisions_are_logged_with_their_reason_when_switched_on") {
+        return;
+    }
+    let topo = Topology::build(2, 1).expect("topology");
+    let (client, server) = (topo.pod(0, 0).clone(), topo.pod(1, 0).clone());
+    let inv = write_inventory(&topo, "inv.toml", &|p| {
+        if p.name == "n0p0" {
+            Role::Permissive
+        } else {
+            Role::Plain
+        }
+    });
+    let config = topo.scratch_dir().join("bypass.toml");
+    std::fs::write(&config, "bypass_ports = [9402]\n").expect("config");
+    let d = Daemon::start(&topo, 0, &inv, &["--config", &config.display().to_string()]);
+    assert_eq!(d.config_dump()["capture"]["decision_log"], "off", "off by default");
+    let to = |port| SocketAddr::new(server.ip4.into(), port);
+    for port in 9400..=9402 {
+        hash_server(&server.netns, to(port));
+    }
+    let intact = |r: std::io::Result<Sent>, what: &str| {
+        let r = r.unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(r.server_hash, r.local_hash, "{what}: bytes intact");
+    };
+    // While off, a captured connect is not logged (checked at the end, once
+    // later records have arrived: the ring is read in order).
+    intact(send(&client.netns, to(9400), 1024), "captured while the log is off");
+
+    let (code, body) = d.post("/logging?ebpf=maybe").expect("admin API");
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = d.post("/logging?ebpf=on").expect("admin API");
+    assert_eq!((code, body["ebpf"].as_str()), (200, Some("on")), "{body}");
+    assert_eq!(d.config_dump()["capture"]["decision_log"], "on");
+
+    intact(send(&client.netns, to(9401), 1024), "captured");
+    intact(send(&client.netns, to(9402), 1024), "a bypass port goes direct");
+    // Loopback inside the pod is never captured (nothing listens there).
+    let _ = send(&client.netns, "127.0.0.1:9403".parse().expect("addr"), 1);
+    // Plaintext into the permissive pod from the other node: steered.
+    let app = SocketAddr::new(client.ip4.into(), 8080);
+    hash_server(&client.netns, app);
+    intact(send(&server.netns, app, 1024), "plaintext into a permissive pod");
+    // An address of the pod that no inventory entry has: no daemon
+    // listener for it, the SYN is dropped.
+    let extra = "10.77.0.200";
+    netkit::sh(&["ip", "-n", &client.netns, "addr", "add", &format!("{extra}/32"), "dev", "eth0"])
+        .expect("extra address");
+    let node0 = topo.node(0).netns.clone();
+    netkit::sh(&["ip", "-n", &node0, "route", "add", &format!("{extra}/32"), "dev", "p0"])
+        .expect("route to it");
+    let dropped = Topology::in_netns(&node0, move || {
+        TcpStream::connect_timeout(
+            &format!("{extra}:8080").parse().expect("addr"),
+            Duration::from_secs(1),
+        )
+    });
+    let err = dropped.expect_err("a SYN to an address the daemon does not serve is dropped");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+
+    let pod = "pod=permissive/n0p0";
+    let s = server.ip4.to_string();
+    let c = client.ip4.to_string();
+    let expected: Vec<Vec<String>> = vec![
+        vec![
+            "connect captured:".into(),
+            format!("dst={s}:9401 "),
+            "reason=enrolled".into(),
+            pod.into(),
+        ],
+        vec![
+            "connect bypassed:".into(),
+            format!("dst={s}:9402 "),
+            "reason=bypass-list".into(),
+            pod.into(),
+        ],
+        vec![
+            "connect bypassed:".into(),
+            "dst=127.0.0.1:9403 ".into(),
+            "reason=never-captured".into(),
+            pod.into(),
+        ],
+        vec![
+            "inbound SYN steered:".into(),
+            format!("pod_ip={c} port=8080 "),
+            "reason=enrolled".into(),
+            pod.into(),
+        ],
+        vec![
+            "inbound SYN dropped:".into(),
+            format!("pod_ip={extra} port=8080 "),
+            "reason=no-daemon-listener".into(),
+            "pod=unknown".into(),
+        ],
+    ];
+    let logged = |log: &str, parts: &[String]| {
+        log.lines()
+            .filter(|l| l.contains("tlsmesh::ebpf") && parts.iter().all(|p| l.contains(p.as_str())))
+            .count()
+    };
+    let all = wait_for(Duration::from_secs(20), || {
+        let log = d.log_text();
+        expected.iter().all(|e| logged(&log, e) > 0).then_some(log)
+    });
+    let Some(log) = all else {
+        let log = d.log_text();
+        let missing: Vec<_> = expected.iter().filter(|e| logged(&log, e) == 0).collect();
+        panic!("not logged: {missing:?}\n--- daemon log ---\n{log}");
+    };
+    assert_eq!(logged(&log, &[format!("dst={s}:9400 ")]), 0, "nothing was logged while off");
+
+    // Off again: a captured connect is not logged; a marker after switching
+    // back on shows the ring was read past it.
+    let (code, body) = d.post("/logging?ebpf=off").expect("admin API");
+    assert_eq!((code, body["ebpf"].as_str()), (200, Some("off")), "{body}");
+    intact(send(&client.netns, to(9401), 1024), "captured with the log off again");
+    let _ = d.post("/logging?ebpf=on").expect("admin API");
+    intact(send(&client.netns, to(9402), 1024), "the marker");
+    let marker = [format!("dst={s}:9402 ")];
+    let log = wait_for(Duration::from_secs(20), || {
+        let log = d.log_text();
+        (logged(&log, &marker) >= 2).then_some(log)
+    })
+    .expect("the marker is logged");
+    assert_eq!(logged(&log, &expected[0]), 1, "the connect made while off again was not logged");
+    for l in log.lines().filter(|l| l.contains("tlsmesh::ebpf")) {
+        eprintln!("{l}");
+    }
+
+    // A restarted daemon re-adopts the links (same code) and runs its own
+    // load's instance in them, so it reads what they log: `--ebpf-log`
+    // logs from the start.
+    let (mut d, node) = (d, topo.node(0).clone());
+    d.proc.kill();
+    let args = ["--config", &config.display().to_string(), "--ebpf-log"];
+    let d2 = Daemon::start_with_pin(&topo, &node, &d.pin_dir, &inv, &args);
+    let dump = d2.config_dump();
+    assert_eq!(dump["capture"]["programs"]["tlsmesh_connect4"], "re-adopted", "{dump}");
+    assert_eq!(dump["capture"]["decision_log"], "on", "{dump}");
+    intact(send(&client.netns, to(9401), 1024), "captured by the restarted daemon");
+    wait_for(Duration::from_secs(20), || (logged(&d2.log_text(), &expected[0]) == 1).then_some(()))
+        .unwrap_or_else(|| panic!("the restarted daemon logs nothing:\n{}", d2.log_text()));
+}

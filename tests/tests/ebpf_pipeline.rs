@@ -76,6 +76,7 @@ fn connect4_rewrites_only_enrolled_pods() {
         bypass_ports: vec![],
         bypass_cidrs: vec![],
         object: None,
+        log_decisions: false,
     })
     .expect("install capture");
     let cookie = Netns::open(enrolled.netns_path()).unwrap().cookie().unwrap();

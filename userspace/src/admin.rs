@@ -1,8 +1,8 @@
 //! The admin API on localhost (default 127.0.0.1:15000), JSON out:
 //! `GET /healthz/ready`, `GET /stats` (daemon and kernel counters),
 //! `GET /config_dump` (effective config, enrolled pods, open connections,
-//! tunnels, certificates, problems), `POST /logging?level=…`,
-//! `POST /quitquitquit`. State changes only on POST (a GET there is 405).
+//! tunnels, certificates, problems), `POST /logging?level=…&ebpf=on|off`
+//! (the daemon's filter; the eBPF programs' decision log), `POST /quitquitquit`. State changes only on POST (a GET there is 405).
 //!
 //! One daemon owns the port at a time (no `SO_REUSEPORT`): while an old and
 //! a new daemon overlap, `tlsmesh status` reaches the old one until it starts
@@ -19,8 +19,14 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::NodeConfig, conns::ConnTable, kernel::KernelCounters, mesh::Mesh, metrics,
-    scope::Drain, state::NodeState, stats::Stats,
+    config::NodeConfig,
+    conns::ConnTable,
+    kernel::{DecisionSwitch, KernelCounters},
+    mesh::Mesh,
+    metrics,
+    scope::Drain,
+    state::NodeState,
+    stats::Stats,
 };
 
 /// What the admin API reads.
@@ -36,6 +42,8 @@ pub struct Admin {
     pub stats: Arc<Stats>,
     /// Kernel counters.
     pub kernel: Arc<dyn KernelCounters>,
+    /// The eBPF programs' decision log switch.
+    pub ebpf_log: Arc<dyn DecisionSwitch>,
     /// The tunnel side.
     pub mesh: Option<Arc<Mesh>>,
     /// Pin directory and how each program came to be attached.
@@ -123,7 +131,7 @@ const PATHS: [&str; 5] = [
     "GET /healthz/ready",
     "GET /stats",
     "GET /config_dump",
-    "POST /logging?level=",
+    "POST /logging?level=&ebpf=on|off",
     "POST /quitquitquit",
 ];
 
@@ -138,22 +146,7 @@ fn handle(req: &Request<Incoming>, a: &Admin) -> Response<Full<Bytes>> {
             Ok(()) => (StatusCode::OK, json!("ready")),
             Err(why) => (StatusCode::SERVICE_UNAVAILABLE, json!({ "not_ready": why })),
         },
-        "/logging" => {
-            let level = req
-                .uri()
-                .query()
-                .unwrap_or_default()
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("level="));
-            match level.map(crate::logging::set_level) {
-                Some(Ok(())) => (StatusCode::OK, json!({ "level": level })),
-                Some(Err(e)) => (StatusCode::BAD_REQUEST, json!({ "error": e })),
-                None => (
-                    StatusCode::BAD_REQUEST,
-                    json!({ "error": "use POST /logging?level=debug (any RUST_LOG filter)" }),
-                ),
-            }
-        }
+        "/logging" => logging(req.uri().query().unwrap_or_default(), a.ebpf_log.as_ref()),
         "/stats" => {
             let mut daemon = serde_json::to_value(a.stats.snapshot()).unwrap_or_default();
             daemon["active_connections"] = json!(a.conns.len());
@@ -180,11 +173,54 @@ fn handle(req: &Request<Incoming>, a: &Admin) -> Response<Full<Bytes>> {
     r
 }
 
+/// `POST /logging?level=F&ebpf=on|off`: either or both.
+fn logging(query: &str, ebpf: &dyn DecisionSwitch) -> (StatusCode, serde_json::Value) {
+    let arg = |name: &str| query.split('&').find_map(|kv| kv.strip_prefix(name));
+    let (level, switch) = (arg("level="), arg("ebpf="));
+    if level.is_none() && switch.is_none() {
+        return (
+            StatusCode::BAD_REQUEST,
+            json!({ "error": "use POST /logging?level=debug (any RUST_LOG filter) and/or \
+                              ?ebpf=on|off (the eBPF programs' capture decisions)" }),
+        );
+    }
+    let on = match switch {
+        None => None,
+        Some("on") => Some(true),
+        Some("off") => Some(false),
+        Some(v) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                json!({ "error": format!("ebpf={v}: use on or off") }),
+            )
+        }
+    };
+    if let Some(Err(e)) = level.map(crate::logging::set_level) {
+        return (StatusCode::BAD_REQUEST, json!({ "error": e }));
+    }
+    if let Some(Err(e)) = on.map(|on| ebpf.set_logging(on)) {
+        return (StatusCode::BAD_REQUEST, json!({ "error": e }));
+    }
+    if let Some(on) = on {
+        info!(on, "eBPF decision log switched");
+    }
+    let mut body = json!({ "ebpf": if ebpf.logging() { "on" } else { "off" } });
+    if let Some(l) = level {
+        body["level"] = json!(l);
+    }
+    (StatusCode::OK, body)
+}
+
 fn config_dump(a: &Admin) -> serde_json::Value {
     let mesh = a.mesh.as_deref();
     let mut capture = a.capture.clone();
     capture["deliveries_open"] = json!(a.kernel.deliveries_open());
     capture["reserved_counters"] = json!(a.kernel.reserved_counters());
+    capture["decision_log"] = json!(match (a.ebpf_log.can_log(), a.ebpf_log.logging()) {
+        (false, _) => "unavailable",
+        (true, true) => "on",
+        (true, false) => "off",
+    });
     let inv = a.state.inventory();
     json!({
         "pid": std::process::id(),

@@ -90,6 +90,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), AppError> {
         bypass_ports: cfg.bypass_ports.clone(),
         bypass_cidrs: cfg.cidrs(),
         object: cfg.ebpf_object.clone(),
+        log_decisions: cfg.ebpf_log,
     })?);
     for (prog, how) in capture.adoption() {
         info!(program = prog, adoption = %how, object = capture.digest(), "eBPF program in place");
@@ -131,6 +132,14 @@ pub async fn run(cfg: NodeConfig) -> Result<(), AppError> {
     let root = Scope::new();
     let drain = Drain::new();
     let kernel: Arc<dyn KernelCounters> = capture.clone();
+    match capture.decision_log_program() {
+        Some(id) => {
+            if let Err(e) = crate::ebpf_log::start(&root, id, Arc::clone(&node_state)) {
+                warn!(error = %e, "the eBPF programs' decisions cannot be logged");
+            }
+        }
+        None => info!("the loaded eBPF object has no decision log (/logging?ebpf=on refused)"),
+    }
     let orig_dst: Arc<dyn OrigDst> = capture.clone();
     let proxy = Proxy {
         state: Arc::clone(&node_state),
@@ -171,6 +180,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), AppError> {
             conns: conns.clone(),
             stats: Arc::clone(&stats),
             kernel: Arc::clone(&kernel),
+            ebpf_log: capture.clone(),
             mesh: mesh.clone(),
             capture: admin::capture_info(&capture),
             drain: drain.clone(),

@@ -18,7 +18,10 @@
 //! (compare-and-swap on the old program): capture never has a gap. A link
 //! whose program is the same code is re-adopted. `TLSMESH_META` records the
 //! layout version and the digest of the object in place, so the next daemon
-//! reports `replaced (old → new)`.
+//! reports `replaced (old → new)`. A link found running the same code from
+//! an earlier load is swapped to this daemon's instance too (reported
+//! re-adopted): every link then writes the decision log of this daemon's
+//! load (aya-log's `AYA_LOGS` ring is one map per load, not pinned).
 
 use std::{
     borrow::Cow,
@@ -43,11 +46,14 @@ use aya::{
 };
 use tlsmesh_common::{
     counter, maps, programs, CaptureConfig, CidrKey, ConnKey, DeliveryKey, Enrollment, IpKey,
-    ObjectMeta, SockAddr, FAMILY_V4, FAMILY_V6, MAP_LAYOUT_VERSION,
+    ObjectMeta, SockAddr, CONFIG_LOG_DECISIONS, FAMILY_V4, FAMILY_V6, MAP_LAYOUT_VERSION,
 };
 
+/// aya-log's ring buffer in the object (one per load, not pinned).
+const DECISION_RING: &str = "AYA_LOGS";
+
 use crate::{
-    kernel::{KernelCounters, OrigDst},
+    kernel::{DecisionSwitch, KernelCounters, OrigDst},
     netns::Netns,
 };
 
@@ -137,6 +143,8 @@ pub struct CaptureSettings {
     /// An eBPF object file to load instead of the embedded one (tests of
     /// program replacement; a hotfix build of the programs).
     pub object: Option<PathBuf>,
+    /// The programs log their decisions from the start (`CONFIG_LOG_DECISIONS`).
+    pub log_decisions: bool,
 }
 
 /// How an attachment came to be.
@@ -361,26 +369,40 @@ fn link_update(link: BorrowedFd<'_>, new: BorrowedFd<'_>, old: BorrowedFd<'_>) -
     unsafe { bpf(BPF_LINK_UPDATE, &attr) }.map(|_| ())
 }
 
-/// Keeps the pinned link at `path` running `prog` (tag `tag`): re-adopted
-/// when it runs the same code, swapped in place otherwise.
-fn adopt_link(
-    path: &Path,
-    prog: BorrowedFd<'_>,
+/// One of this daemon's loaded programs: its fd, kernel id and tag.
+#[derive(Clone, Copy)]
+struct Own<'a> {
+    fd: BorrowedFd<'a>,
+    id: u32,
     tag: u64,
-    from: &str,
-    to: &str,
-) -> Result<Adoption, CaptureError> {
+}
+
+impl<'a> Own<'a> {
+    fn of(prog: &'a aya::programs::Program, name: &'static str) -> Result<Self, CaptureError> {
+        let err = |source| CaptureError::Program { name, source };
+        let info = prog.info().map_err(err)?;
+        Ok(Self { fd: prog.fd().map_err(err)?.as_fd(), id: info.id(), tag: info.tag() })
+    }
+}
+
+/// Keeps the pinned link at `path` running this daemon's `own` program:
+/// re-adopted when the link runs the same code (swapped to this load's
+/// instance unless it is that already), swapped in place otherwise.
+fn adopt_link(path: &Path, own: Own<'_>, from: &str, to: &str) -> Result<Adoption, CaptureError> {
     let err = |source| CaptureError::Replace { path: path.to_path_buf(), source };
     let old = link_program(path)
         .ok_or_else(|| err(io::Error::other("cannot find the program the link runs")))?;
-    if old.tag() == tag {
+    if old.id() == own.id {
         return Ok(Adoption::Readopted);
     }
     let old_fd = old
         .fd()
         .map_err(|e| err(io::Error::other(format!("cannot open the link's program: {e}"))))?;
     let link = obj_get(path).map_err(err)?;
-    link_update(link.as_fd(), prog, old_fd.as_fd()).map_err(err)?;
+    link_update(link.as_fd(), own.fd, old_fd.as_fd()).map_err(err)?;
+    if old.tag() == own.tag {
+        return Ok(Adoption::Readopted);
+    }
     Ok(Adoption::Replaced { from: from.to_string(), to: to.to_string() })
 }
 
@@ -389,9 +411,11 @@ pub struct Capture {
     pin_dir: PathBuf,
     /// Digest of the object this daemon loaded.
     digest: String,
-    /// Kernel tag of the loaded `sk_lookup` program.
-    sk_lookup_tag: u64,
     ebpf: Mutex<Ebpf>,
+    config: Mutex<Array<MapData, CaptureConfig>>,
+    /// Kernel id of this load's connect4 program when the object carries
+    /// aya-log's ring (`AYA_LOGS`): where the decision log is read from.
+    log_program: Option<u32>,
     enrolled: Mutex<HashMap<MapData, u64, Enrollment>>,
     orig_by_addr: Mutex<HashMap<MapData, ConnKey, SockAddr>>,
     inbound: Mutex<SockHash<MapData, IpKey>>,
@@ -496,14 +520,13 @@ impl Capture {
                 let p: &mut CgroupSockAddr = prog.try_into().map_err(err)?;
                 p.load().map_err(err)?;
             }
-            let prog = ebpf.program_mut(name).ok_or(CaptureError::MissingProgram(name))?;
-            let tag = prog.info().map_err(err)?.tag();
             if link_path.exists() && PinnedLink::from_pin(&link_path).is_ok() {
-                let prog_fd = prog.fd().map_err(err)?.as_fd();
-                let how = adopt_link(&link_path, prog_fd, tag, &from, &digest)?;
+                let prog = ebpf.program(name).ok_or(CaptureError::MissingProgram(name))?;
+                let how = adopt_link(&link_path, Own::of(prog, name)?, &from, &digest)?;
                 adoption.insert(name, how);
                 continue;
             }
+            let prog = ebpf.program_mut(name).ok_or(CaptureError::MissingProgram(name))?;
             let _ = fs::remove_file(&link_path);
             let link: FdLink = if is_sock_ops {
                 let p: &mut SockOps = prog.try_into().map_err(err)?;
@@ -517,26 +540,21 @@ impl Capture {
             link.pin(&link_path).map_err(|e| pin_err(&e))?;
             adoption.insert(name, Adoption::Attached);
         }
-        let sk_lookup_tag = {
-            let err = |source| CaptureError::Program { name: programs::SK_LOOKUP, source };
+        {
+            let name = programs::SK_LOOKUP;
+            let err = |source| CaptureError::Program { name, source };
             let p: &mut SkLookup = ebpf
-                .program_mut(programs::SK_LOOKUP)
-                .ok_or(CaptureError::MissingProgram(programs::SK_LOOKUP))?
+                .program_mut(name)
+                .ok_or(CaptureError::MissingProgram(name))?
                 .try_into()
                 .map_err(err)?;
             p.load().map_err(err)?;
-            let tag = p.info().map_err(err)?.tag();
+            let own = Own::of(ebpf.program(name).ok_or(CaptureError::MissingProgram(name))?, name)?;
             // Every pod's pinned inbound link runs this daemon's program too.
             let mut found = Vec::new();
             for path in pins_with_prefix(&pin_dir, "sk_lookup_") {
                 if PinnedLink::from_pin(&path).is_ok() {
-                    found.push(adopt_link(
-                        &path,
-                        p.fd().map_err(err)?.as_fd(),
-                        tag,
-                        &from,
-                        &digest,
-                    )?);
+                    found.push(adopt_link(&path, own, &from, &digest)?);
                 }
             }
             let how = found
@@ -546,7 +564,14 @@ impl Capture {
                 .cloned()
                 .unwrap_or(Adoption::Attached);
             adoption.insert(programs::SK_LOOKUP, how);
-            tag
+        }
+        let log_program = match ebpf.map(DECISION_RING) {
+            Some(_) => {
+                let name = programs::CONNECT4;
+                let prog = ebpf.program(name).ok_or(CaptureError::MissingProgram(name))?;
+                Some(prog.info().map_err(|source| CaptureError::Program { name, source })?.id())
+            }
+            None => None,
         };
 
         let mut config: Array<MapData, CaptureConfig> = take(&mut ebpf, maps::CONFIG)?;
@@ -580,7 +605,7 @@ impl Capture {
             outbound_port: u32::from(settings.outbound_port),
             daemon_mark: settings.daemon_mark,
             ready: 1,
-            flags: 0,
+            flags: if settings.log_decisions { CONFIG_LOG_DECISIONS } else { 0 },
         };
         config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))?;
         // Every program now runs this object's code: record it.
@@ -590,8 +615,9 @@ impl Capture {
         Ok(Self {
             pin_dir,
             digest,
-            sk_lookup_tag,
             ebpf: Mutex::new(ebpf),
+            config: Mutex::new(config),
+            log_program,
             enrolled: Mutex::new(enrolled),
             orig_by_addr: Mutex::new(orig_by_addr),
             inbound: Mutex::new(inbound),
@@ -600,6 +626,29 @@ impl Capture {
             adoption,
             previous,
         })
+    }
+
+    /// The kernel id of a program whose maps include the decision log's
+    /// ring, `None` when the loaded object has none (an older or foreign
+    /// object given with `--ebpf-object`).
+    pub fn decision_log_program(&self) -> Option<u32> {
+        self.log_program
+    }
+
+    /// Whether the programs log their decisions now.
+    pub fn log_decisions(&self) -> bool {
+        let config = self.config.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        config.get(&0, 0).is_ok_and(|c| c.flags & CONFIG_LOG_DECISIONS != 0)
+    }
+
+    /// Switches the programs' decision log on or off (the next decision
+    /// sees it). The rest of the configuration is left as it is.
+    pub fn set_log_decisions(&self, on: bool) -> Result<(), CaptureError> {
+        let map_err = |source| CaptureError::Map { name: maps::CONFIG, source };
+        let mut config = self.config.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut c = config.get(&0, 0).map_err(map_err)?;
+        c.flags = if on { c.flags | CONFIG_LOG_DECISIONS } else { c.flags & !CONFIG_LOG_DECISIONS };
+        config.set(0, c, 0).map_err(map_err)
     }
 
     /// The digest of the object this daemon loaded.
@@ -653,20 +702,21 @@ impl Capture {
     /// Attaches inbound capture to a pod netns (re-adopts a pinned attachment).
     pub fn attach_inbound(&self, netns: &Netns, cookie: u64) -> Result<Adoption, CaptureError> {
         let path = self.sk_lookup_pin(cookie);
+        let name = programs::SK_LOOKUP;
         let mut ebpf = self.ebpf.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let err = |source| CaptureError::Program { name: programs::SK_LOOKUP, source };
-        let p: &mut SkLookup = ebpf
-            .program_mut(programs::SK_LOOKUP)
-            .ok_or(CaptureError::MissingProgram(programs::SK_LOOKUP))?
-            .try_into()
-            .map_err(err)?;
         if path.exists() && PinnedLink::from_pin(&path).is_ok() {
             // Pinned by an earlier daemon (or by the old daemon beside us
             // during an upgrade, with its own program): ours runs from now on.
             let from = self.previous.as_deref().unwrap_or("unknown");
-            let prog = p.fd().map_err(err)?.as_fd();
-            return adopt_link(&path, prog, self.sk_lookup_tag, from, &self.digest);
+            let own = Own::of(ebpf.program(name).ok_or(CaptureError::MissingProgram(name))?, name)?;
+            return adopt_link(&path, own, from, &self.digest);
         }
+        let err = |source| CaptureError::Program { name, source };
+        let p: &mut SkLookup = ebpf
+            .program_mut(name)
+            .ok_or(CaptureError::MissingProgram(name))?
+            .try_into()
+            .map_err(err)?;
         let _ = fs::remove_file(&path);
         let id = p.attach(netns.fd()).map_err(err)?;
         let link: FdLink = p.take_link(id).map_err(err)?.into();
@@ -869,6 +919,25 @@ impl OrigDst for Capture {
     }
 }
 
+impl DecisionSwitch for Capture {
+    fn can_log(&self) -> bool {
+        self.log_program.is_some()
+    }
+
+    fn logging(&self) -> bool {
+        self.log_decisions()
+    }
+
+    fn set_logging(&self, on: bool) -> Result<(), String> {
+        if on && self.log_program.is_none() {
+            return Err("the loaded eBPF object cannot log its decisions (it has no aya-log \
+                        ring; an older or foreign --ebpf-object?)"
+                .into());
+        }
+        self.set_log_decisions(on).map_err(|e| e.to_string())
+    }
+}
+
 impl KernelCounters for Capture {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         self.named_counters()
@@ -996,6 +1065,7 @@ mod tests {
             bypass_ports: vec![22, 15008],
             bypass_cidrs: vec![],
             object: None,
+            log_decisions: false,
         };
         let p = bypass_ports(&s);
         assert!(p.contains(&22) && p.contains(&15008) && p.contains(&15021));

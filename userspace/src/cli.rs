@@ -101,6 +101,9 @@ pub struct NodeArgs {
     /// Load this eBPF object instead of the built-in one.
     #[arg(long)]
     pub ebpf_object: Option<PathBuf>,
+    /// Log the eBPF programs' capture decisions from the start (`ebpf_log`).
+    #[arg(long)]
+    pub ebpf_log: bool,
     /// Names and labels of the workload-pair metrics (`metrics.compat`).
     #[arg(long, value_enum)]
     pub metrics_compat: Option<crate::config::MetricsCompat>,
@@ -179,6 +182,9 @@ impl NodeArgs {
         }
         if let Some(v) = &self.ebpf_object {
             c.ebpf_object = Some(v.clone());
+        }
+        if self.ebpf_log {
+            c.ebpf_log = true;
         }
         if let Some(v) = self.worker_threads {
             c.worker_threads = v;

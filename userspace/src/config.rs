@@ -154,6 +154,10 @@ pub struct NodeConfig {
     /// An eBPF object file to load instead of the one built in (a hotfix
     /// build of the programs; the replacement test). Unset: the built-in one.
     pub ebpf_object: Option<PathBuf>,
+    /// The eBPF programs log each capture decision (captured, bypassed and
+    /// why, inbound SYN steered or dropped) into the daemon's log. Off by
+    /// default; switched at run time with `POST /logging?ebpf=on|off`.
+    pub ebpf_log: bool,
     /// Admin API (localhost).
     pub admin_addr: SocketAddr,
     /// Prometheus metrics (`/metrics`).
@@ -203,6 +207,7 @@ impl Default for NodeConfig {
             pin_dir: PathBuf::from("/sys/fs/bpf/tlsmesh"),
             cgroup_root: PathBuf::new(),
             ebpf_object: None,
+            ebpf_log: false,
             admin_addr: SocketAddr::from(([127, 0, 0, 1], tlsmesh_common::PORT_ADMIN)),
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], tlsmesh_common::PORT_METRICS)),
             readiness_addr: SocketAddr::from(([0, 0, 0, 0], tlsmesh_common::PORT_READY)),

@@ -4,7 +4,8 @@
 //! - [`OrigDst`]: where a captured connection was going (the eBPF map);
 //! - [`PodNet`]: sockets inside one pod's network namespace (connect from
 //!   the pod; transparent delivery to the pod's application);
-//! - [`KernelCounters`]: what the eBPF side counted, for metrics and `/stats`.
+//! - [`KernelCounters`]: what the eBPF side counted, for metrics and `/stats`;
+//! - [`DecisionSwitch`]: the programs' decision log, on or off.
 //!
 //! The real implementations are `capture::Capture` and `deliver::PodNetns`;
 //! `testing` has loopback ones.
@@ -56,4 +57,15 @@ pub trait KernelCounters: Send + Sync {
     fn reserved_counters(&self) -> std::collections::BTreeMap<u32, u64> {
         std::collections::BTreeMap::new()
     }
+}
+
+/// The switch of the eBPF programs' decision log (`/logging?ebpf=on|off`).
+pub trait DecisionSwitch: Send + Sync {
+    /// Whether the loaded programs can log at all (their object carries the
+    /// log ring).
+    fn can_log(&self) -> bool;
+    /// Whether they log now.
+    fn logging(&self) -> bool;
+    /// Turns the log on or off.
+    fn set_logging(&self, on: bool) -> Result<(), String>;
 }

@@ -11,8 +11,9 @@
 //!   (tunnel client, per-pod tunnel servers, registry), `resumable`
 //!   (tunnel streams that move at an upgrade), `handover` (connections to
 //!   the next daemon), `accept` (accept-loop backoff);
-//! - kernel edges: `kernel` (the traits), `capture` (eBPF), `netns`,
-//!   `deliver` (transparent delivery into pods);
+//! - kernel edges: `kernel` (the traits), `capture` (eBPF), `ebpf_log`
+//!   (the programs' decision log), `netns`, `deliver` (transparent delivery
+//!   into pods);
 //! - identity and policy: `certs`, `policy` (the rules and objects),
 //!   `authz` (pure decisions), `policies` (the policy in force, re-checks);
 //! - operations: `admin`, `metrics`, `stats`, `logging`, `kube_source`;
@@ -34,6 +35,7 @@ pub mod cli;
 pub mod config;
 pub mod conns;
 pub mod deliver;
+pub mod ebpf_log;
 pub mod faults;
 pub mod handover;
 pub use tlsmesh_inventory as inventory;
