@@ -115,6 +115,26 @@ fn build(root: &Path, ebpf_dir: &Path, out: &Path, subdir: &str, extra_flags: &[
     std::fs::copy(&built, out).unwrap_or_else(|e| {
         fail(&format!("eBPF object {} missing after build: {e}", built.display()))
     });
+    strip_debug(out, &path);
+}
+
+/// Drops the DWARF sections from the object: bpf-linker needs them to
+/// write BTF, the loader reads only `.BTF`/`.BTF.ext`, and they are most of
+/// the object (1.7 MB of 1.9 with aya-log's formatting code), which the
+/// daemon embeds, hashes and parses at every start — resident memory.
+fn strip_debug(object: &Path, path: &OsString) {
+    let objcopy = [PathBuf::from("/usr/lib/llvm-22/bin/llvm-objcopy")]
+        .into_iter()
+        .chain(env::split_paths(path).map(|d| d.join("llvm-objcopy")))
+        .find(|p| p.is_file());
+    let Some(objcopy) = objcopy else {
+        println!("cargo:warning=llvm-objcopy not found: the eBPF object keeps its DWARF sections (larger daemon RSS); {SETUP_HINT}");
+        return;
+    };
+    let status = Command::new(&objcopy).arg("--strip-debug").arg(object).status();
+    if !status.is_ok_and(|s| s.success()) {
+        fail(&format!("{} --strip-debug {} failed", objcopy.display(), object.display()));
+    }
 }
 
 fn fail(msg: &str) -> ! {

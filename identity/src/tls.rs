@@ -39,7 +39,8 @@ use sha2::{Digest as _, Sha256};
 
 pub use resolve::{CertStore, SniResolver, StaticCertStore};
 pub use verify::{
-    rejection, PeerKind, PeerRejected, RejectReason, SpiffeClientVerifier, SpiffeServerVerifier,
+    rejection, rejection_kind_in, PeerKind, PeerRejected, RejectReason, SpiffeClientVerifier,
+    SpiffeServerVerifier,
 };
 
 use crate::keys::{CertInfo, KeyError};

@@ -6,6 +6,7 @@
 //! peers of open tunnels.
 
 mod deny;
+mod jwks;
 
 use std::fs;
 use std::path::Path;
@@ -16,6 +17,7 @@ use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 
 pub use deny::{DenyList, DenySet, Revoked};
+pub use jwks::{spiffe_bundle, REFRESH_HINT_SECS};
 
 use crate::keys::{certs_from_pem, certs_to_pem, KeyError};
 

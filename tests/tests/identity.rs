@@ -197,6 +197,34 @@ fn revocation_closes_open_tunnels(transport: &str) {
     );
     r.deny_and_expect_closed(&format!("# revoked serials\n{serial}\n"));
     assert!(r.d1.log_text().contains("revoked"), "the refusal names the revocation");
+    // The server counts the refused handshake per workload pair, flagged
+    // revoked, on the transport it came over.
+    let netns = r.d1.netns.clone();
+    let page = netkit::Topology::in_netns(&netns, || {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:15020").expect("metrics port");
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut page = String::new();
+        s.read_to_string(&mut page).unwrap();
+        page
+    });
+    let refused = page.lines().find(|l| {
+        l.starts_with("tlsmesh_tcp_connections_failed_total{reporter=\"destination\"")
+            && l.contains(&format!("transport=\"{transport}\""))
+            && l.contains("response_flags=\"revoked\"")
+    });
+    assert!(
+        refused.is_some_and(|l| !l.ends_with(" 0")),
+        "{transport}: no revoked handshake counted by the server:\n{page}"
+    );
+    if transport == "quic" {
+        let log = r.d1.log_text();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("QUIC tunnel handshake refused") && l.contains("revoked")),
+            "the QUIC server logs the refused handshake with its reason:\n{log}"
+        );
+    }
 }
 
 /// A revocation scenario: two strict nodes on `transport`, an (empty) deny

@@ -367,3 +367,55 @@ fn draining_sends_goaway_on_open_tunnel_connections() {
     let _ = s.read_to_end(&mut rest);
     assert!(d1.proc.wait_timeout(Duration::from_secs(20)).is_some(), "drained and exited");
 }
+
+/// The trust bundle as a SPIFFE bundle (JWKS): the admin API's and `tlsmesh
+/// ca bundle`'s agree and hold the CA's root; `tlsmesh logging` switches
+/// the eBPF decision log of the running daemon.
+#[test]
+fn spiffe_bundle_and_the_logging_command_reach_the_running_daemon() {
+    if !require_root("spiffe_bundle_and_the_logging_command_reach_the_running_daemon") {
+        return;
+    }
+    let topo = Topology::build(1, 1).expect("topology");
+    let inv = write_inventory(&topo, "inv.toml", &|_| Role::Strict);
+    let d = Daemon::start(&topo, 0, &inv, &[]);
+    let (code, api) = d.get("/spiffe_bundle").expect("admin API");
+    assert_eq!(code, 200, "{api}");
+    let pem = std::fs::read_to_string(topo.ca_dir().join("ca.pem")).expect("ca.pem");
+    let root_b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let keys = api["keys"].as_array().expect("keys");
+    assert_eq!(keys.len(), 1, "{api}");
+    assert_eq!((keys[0]["use"].as_str(), keys[0]["kty"].as_str()), (Some("x509-svid"), Some("EC")));
+    assert_eq!(keys[0]["x5c"][0].as_str(), Some(root_b64.as_str()), "x5c is the CA's root");
+    assert!(api["spiffe_sequence"].is_u64() && api["spiffe_refresh_hint"].is_u64(), "{api}");
+    let out = Command::new(tlsmesh_bin())
+        .args(["ca", "bundle", "--dir"])
+        .arg(topo.ca_dir())
+        .output()
+        .expect("tlsmesh ca bundle");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cli: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(cli["keys"], api["keys"], "the CLI and the daemon describe the same root");
+
+    let logging = |args: &[&str]| {
+        let bin = tlsmesh_bin();
+        let mut all = vec!["logging"];
+        all.extend_from_slice(args);
+        Topology::command_in(&d.netns, None, &bin.to_string_lossy(), &all)
+            .expect("command")
+            .output()
+            .expect("tlsmesh logging")
+    };
+    let out = logging(&["--ebpf", "on"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(r#""ebpf":"on""#));
+    assert_eq!(d.config_dump()["capture"]["decision_log"], "on");
+    let out = logging(&["--level", "%%%"]);
+    assert!(!out.status.success(), "a bad filter is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad log level"), "{out:?}");
+    let out = logging(&[]);
+    assert!(!out.status.success(), "nothing to change is a usage error");
+    let out = logging(&["--ebpf", "off", "--level", "info"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(d.config_dump()["capture"]["decision_log"], "off");
+}

@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 pub use pool::{Dial, Pool};
-pub use server::{serve, serve_until, OnConnection, ServerCtx};
+pub use server::{serve, serve_until, OnConnection, OnRefused, ServerCtx};
 
 use crate::error::Error;
 use crate::hbone::AlpnConfig;

@@ -2,7 +2,9 @@
 //! `GET /healthz/ready`, `GET /stats` (daemon and kernel counters),
 //! `GET /config_dump` (effective config, enrolled pods, open connections,
 //! tunnels, certificates, problems), `POST /logging?level=…&ebpf=on|off`
-//! (the daemon's filter; the eBPF programs' decision log), `POST /quitquitquit`. State changes only on POST (a GET there is 405).
+//! (the daemon's filter; the eBPF programs' decision log), `GET
+//! /spiffe_bundle` (the trust bundle as a SPIFFE bundle, a JWK Set),
+//! `POST /quitquitquit`. State changes only on POST (a GET there is 405).
 //!
 //! One daemon owns the port at a time (no `SO_REUSEPORT`): while an old and
 //! a new daemon overlap, `tlsmesh status` reaches the old one until it starts
@@ -127,10 +129,11 @@ pub fn root_fingerprints(roots: &[rustls_pki_types::CertificateDer<'_>]) -> Vec<
 }
 
 /// The paths, with the method each takes.
-const PATHS: [&str; 5] = [
+const PATHS: [&str; 6] = [
     "GET /healthz/ready",
     "GET /stats",
     "GET /config_dump",
+    "GET /spiffe_bundle",
     "POST /logging?level=&ebpf=on|off",
     "POST /quitquitquit",
 ];
@@ -156,6 +159,21 @@ fn handle(req: &Request<Incoming>, a: &Admin) -> Response<Full<Bytes>> {
             )
         }
         "/config_dump" => (StatusCode::OK, config_dump(a)),
+        "/spiffe_bundle" => match a.mesh.as_deref() {
+            None => (
+                StatusCode::NOT_FOUND,
+                json!({ "error": "no trust bundle: the tunnel is off (no CA configured)" }),
+            ),
+            Some(m) => {
+                let b = m.certs.bundle.current();
+                match tlsmesh_identity::trust::spiffe_bundle(b.roots(), b.generation()) {
+                    Ok(jwks) => (StatusCode::OK, jwks),
+                    Err(e) => {
+                        (StatusCode::INTERNAL_SERVER_ERROR, json!({ "error": e.to_string() }))
+                    }
+                }
+            }
+        },
         "/quitquitquit" => {
             info!("quitquitquit: draining");
             a.drain.start();

@@ -24,7 +24,7 @@ use crate::{
     config::{InventorySource, NodeConfig},
     conns::ConnTable,
     inventory::{self, Inventory},
-    kernel::{KernelCounters, OrigDst},
+    kernel::{DecisionSwitch as _, KernelCounters, OrigDst},
     mesh::{server::Inbound, Mesh},
     metrics::{self, Sources},
     pods::Reconciler,
@@ -132,13 +132,15 @@ pub async fn run(cfg: NodeConfig) -> Result<(), AppError> {
     let root = Scope::new();
     let drain = Drain::new();
     let kernel: Arc<dyn KernelCounters> = capture.clone();
-    match capture.decision_log_program() {
-        Some(id) => {
-            if let Err(e) = crate::ebpf_log::start(&root, id, Arc::clone(&node_state)) {
-                warn!(error = %e, "the eBPF programs' decisions cannot be logged");
-            }
+    let ebpf_log = Arc::new(crate::ebpf_log::DecisionLog::new(
+        Arc::clone(&capture),
+        Arc::clone(&node_state),
+        root.clone(),
+    ));
+    if cfg.ebpf_log {
+        if let Err(e) = ebpf_log.set_logging(true) {
+            warn!(error = %e, "the eBPF programs' decisions cannot be logged");
         }
-        None => info!("the loaded eBPF object has no decision log (/logging?ebpf=on refused)"),
     }
     let orig_dst: Arc<dyn OrigDst> = capture.clone();
     let proxy = Proxy {
@@ -180,7 +182,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), AppError> {
             conns: conns.clone(),
             stats: Arc::clone(&stats),
             kernel: Arc::clone(&kernel),
-            ebpf_log: capture.clone(),
+            ebpf_log: ebpf_log.clone(),
             mesh: mesh.clone(),
             capture: admin::capture_info(&capture),
             drain: drain.clone(),

@@ -1,4 +1,5 @@
-//! `tlsmesh ca`: create a CA, issue join tokens, and run the CA service.
+//! `tlsmesh ca`: create a CA, issue join tokens, print the trust bundle in
+//! the SPIFFE bundle format (JWKS), and run the CA service.
 //!
 //! `init` writes `ca.pem` and `ca.key` (0600). `token` adds a node's join
 //! token to the tokens file (0600) and prints it. `serve` signs workload
@@ -56,6 +57,16 @@ pub enum CaCommand {
         /// Node name.
         #[arg(long)]
         node: String,
+    },
+    /// Print the trust bundle as a SPIFFE bundle (JWK Set), for SPIRE
+    /// federation or any reader of the SPIFFE bundle format.
+    Bundle {
+        /// CA directory: its ca.pem (the root) is the bundle.
+        #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+        dir: Option<PathBuf>,
+        /// A PEM file with the root(s), e.g. the chart's trust bundle.
+        #[arg(long)]
+        file: Option<PathBuf>,
     },
     /// Run the CA service.
     Serve(Box<ServeArgs>),
@@ -178,11 +189,28 @@ pub fn run(cmd: CaCommand) -> Result<(), Box<dyn std::error::Error>> {
             println!("{token}");
             Ok(())
         }
+        CaCommand::Bundle { dir, file } => {
+            let path = file.or_else(|| dir.map(|d| d.join("ca.pem"))).ok_or("--dir or --file")?;
+            println!("{}", serde_json::to_string_pretty(&jwks_of_file(&path)?)?);
+            Ok(())
+        }
         CaCommand::Serve(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(serve(*args))
         }
     }
+}
+
+/// The SPIFFE bundle of the roots in a PEM file; its sequence is the
+/// file's modification time (seconds), which grows when the file changes.
+fn jwks_of_file(path: &std::path::Path) -> Result<serde_json::Value, String> {
+    let bundle = tlsmesh_identity::trust::TrustBundle::load("", path).map_err(|e| e.to_string())?;
+    let sequence = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    tlsmesh_identity::trust::spiffe_bundle(&bundle.roots(), sequence).map_err(|e| e.to_string())
 }
 
 fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {

@@ -53,7 +53,7 @@ use tlsmesh_common::{
 const DECISION_RING: &str = "AYA_LOGS";
 
 use crate::{
-    kernel::{DecisionSwitch, KernelCounters, OrigDst},
+    kernel::{KernelCounters, OrigDst},
     netns::Netns,
 };
 
@@ -916,25 +916,6 @@ pub fn socket_addr(s: &SockAddr) -> Option<SocketAddr> {
 impl OrigDst for Capture {
     fn take_orig_dst(&self, cookie: u64, client: SocketAddr) -> Option<SocketAddr> {
         Capture::take_orig_dst(self, cookie, client)
-    }
-}
-
-impl DecisionSwitch for Capture {
-    fn can_log(&self) -> bool {
-        self.log_program.is_some()
-    }
-
-    fn logging(&self) -> bool {
-        self.log_decisions()
-    }
-
-    fn set_logging(&self, on: bool) -> Result<(), String> {
-        if on && self.log_program.is_none() {
-            return Err("the loaded eBPF object cannot log its decisions (it has no aya-log \
-                        ring; an older or foreign --ebpf-object?)"
-                .into());
-        }
-        self.set_log_decisions(on).map_err(|e| e.to_string())
     }
 }
 

@@ -26,6 +26,9 @@ pub enum Command {
     Status(StatusArgs),
     /// Check that this node's tlsmesh is healthy; exits non-zero on a failure.
     Check(CheckArgs),
+    /// Change a running daemon's logging: its filter, and whether the eBPF
+    /// programs log their capture decisions.
+    Logging(LoggingArgs),
     /// The certificate authority: init, join tokens, the CA service.
     #[command(subcommand)]
     Ca(crate::ca_cmd::CaCommand),
@@ -242,6 +245,21 @@ pub struct StatusArgs {
     /// Read a saved `/config_dump` (JSON) instead of asking the daemon.
     #[arg(long, value_name = "DUMP")]
     pub file: Option<PathBuf>,
+}
+
+/// `tlsmesh logging`.
+#[derive(Debug, clap::Args)]
+pub struct LoggingArgs {
+    /// The daemon's log filter (`RUST_LOG` syntax, e.g. `debug`).
+    #[arg(long, required_unless_present = "ebpf")]
+    pub level: Option<String>,
+    /// The eBPF programs' decision log: each captured or bypassed connect
+    /// and each inbound SYN steered or dropped, with its reason and pod.
+    #[arg(long, value_parser = ["on", "off"])]
+    pub ebpf: Option<String>,
+    /// Admin API of the daemon.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
 }
 
 impl StatusArgs {

@@ -8,15 +8,20 @@
 //! pod each record is about — by netns cookie (`netns=`) or by address
 //! (`pod_ip=`) — and emits it as a `tracing` event with target
 //! `tlsmesh::ebpf`, so `RUST_LOG`/`/logging?level=` filter it like any other.
-//! Off, the programs test one bit per decision and write nothing.
+//! Off, the programs test one bit per decision and write nothing, and the
+//! ring is not even mapped: the reader starts at the first switch-on (and
+//! then stays, reading nothing while the log is off).
 
-use std::{net::IpAddr, sync::Arc};
+use std::{
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
 
 use aya_log::EbpfLogger;
 use tokio::io::{unix::AsyncFd, Interest};
 use tracing::{info, warn};
 
-use crate::{scope::Scope, state::NodeState};
+use crate::{capture::Capture, kernel::DecisionSwitch, scope::Scope, state::NodeState, sync::lock};
 
 /// Why the decision log cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -79,9 +84,53 @@ impl log::Log for Forward {
     fn flush(&self) {}
 }
 
+/// The decision log's switch: the flag in the programs' configuration, and
+/// the reader, started when the log is first switched on.
+pub struct DecisionLog {
+    capture: Arc<Capture>,
+    state: Arc<NodeState>,
+    /// Owns the reader task.
+    scope: Scope,
+    reading: Mutex<bool>,
+}
+
+impl DecisionLog {
+    /// The switch of `capture`'s programs; records name pods from `state`;
+    /// the reader runs in `scope`.
+    pub fn new(capture: Arc<Capture>, state: Arc<NodeState>, scope: Scope) -> Self {
+        Self { capture, state, scope, reading: Mutex::new(false) }
+    }
+}
+
+impl DecisionSwitch for DecisionLog {
+    fn can_log(&self) -> bool {
+        self.capture.decision_log_program().is_some()
+    }
+
+    fn logging(&self) -> bool {
+        self.capture.log_decisions()
+    }
+
+    fn set_logging(&self, on: bool) -> Result<(), String> {
+        if on {
+            let Some(program) = self.capture.decision_log_program() else {
+                return Err("the loaded eBPF object cannot log its decisions (it has no \
+                            aya-log ring; an older or foreign --ebpf-object?)"
+                    .into());
+            };
+            let mut reading = lock(&self.reading);
+            if !*reading {
+                start(&self.scope, program, Arc::clone(&self.state)).map_err(|e| e.to_string())?;
+                *reading = true;
+            }
+        }
+        self.capture.set_log_decisions(on).map_err(|e| e.to_string())
+    }
+}
+
 /// Starts reading the decision log of the load that `program` (a kernel
 /// program id) belongs to, until `scope` ends.
-pub fn start(scope: &Scope, program: u32, state: Arc<NodeState>) -> Result<(), EbpfLogError> {
+fn start(scope: &Scope, program: u32, state: Arc<NodeState>) -> Result<(), EbpfLogError> {
     let logger = EbpfLogger::init_from_id_with_logger(program, Forward { state })
         .map_err(|source| EbpfLogError::Open { program, source })?;
     // SAFETY: the fd is the ring map's, owned by `logger`, which the

@@ -67,6 +67,13 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Command::Logging(args) => match tlsmesh::status::logging(&args) {
+            Ok(answer) => {
+                println!("{answer}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
         Command::Status(args) => match tlsmesh::status::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),

@@ -2,7 +2,8 @@
 //! reads the daemon's admin API (or a saved `/config_dump` with `--file`)
 //! and prints one view, like `istioctl ztunnel-config`, as a table, JSON or
 //! YAML. Rendering is pure (`render_*` over the dump's JSON); the IO is
-//! [`fetch`] and the file read.
+//! [`fetch`] and the file read. Also `tlsmesh logging` ([`logging`]), the
+//! one admin-API change the CLI makes.
 
 use std::{
     io::{Read, Write},
@@ -12,7 +13,7 @@ use std::{
 
 use serde_json::{json, Value};
 
-use crate::cli::{StatusArgs, StatusFormat, StatusView};
+use crate::cli::{LoggingArgs, StatusArgs, StatusFormat, StatusView};
 
 /// Errors of `tlsmesh status`.
 #[derive(Debug, thiserror::Error)]
@@ -33,14 +34,42 @@ pub fn fetch(
     addr: std::net::SocketAddr,
     path: &str,
 ) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    request(addr, "GET", path).map(|(_, body)| body)
+}
+
+/// One admin API request: the status code and the JSON body.
+fn request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+) -> Result<(u16, serde_json::Value), Box<dyn std::error::Error>> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         .map_err(|e| format!("cannot reach the tlsmesh admin API at {addr}: {e} (is the daemon running on this node?)"))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
+    let code = buf.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = buf.split_once("\r\n\r\n").map(|x| x.1).ok_or("malformed admin API response")?;
-    Ok(serde_json::from_str(body)?)
+    Ok((code, serde_json::from_str(body)?))
+}
+
+/// `tlsmesh logging`: POSTs the change to `/logging`, returns what the
+/// daemon answered (its filter and whether the eBPF programs log).
+pub fn logging(args: &LoggingArgs) -> Result<String, StatusError> {
+    let level = args.level.as_ref().map(|l| format!("level={}", l.replace('&', "%26")));
+    let ebpf = args.ebpf.as_ref().map(|e| format!("ebpf={e}"));
+    let path =
+        format!("/logging?{}", [level, ebpf].into_iter().flatten().collect::<Vec<_>>().join("&"));
+    let (code, body) =
+        request(args.admin_addr, "POST", &path).map_err(|e| StatusError::Admin(e.to_string()))?;
+    if code != 200 {
+        return Err(StatusError::Admin(body["error"].as_str().unwrap_or("refused").to_string()));
+    }
+    Ok(body.to_string())
 }
 
 /// Runs the command.

@@ -87,6 +87,9 @@ fn refusal(result: &Result<SpiffeId, io::Error>) -> (PeerRejected, String) {
     let text = tls.to_string();
     let rejected =
         rejection(&tls).unwrap_or_else(|| panic!("not a tlsmesh refusal: {text}")).clone();
+    // Where only the text survives (QUIC's transport error), the kind can
+    // be read back from it.
+    assert_eq!(super::rejection_kind_in(&text), Some(rejected.reason.kind()), "{text}");
     (rejected, text)
 }
 

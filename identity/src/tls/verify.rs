@@ -62,6 +62,28 @@ pub enum RejectReason {
     Revoked(Revoked),
 }
 
+/// Every [`RejectReason::kind`], for [`rejection_kind_in`].
+const KINDS: [&str; 9] = [
+    "foreign_ca",
+    "expired",
+    "not_yet_valid",
+    "bad_chain",
+    "no_spiffe_id",
+    "foreign_trust_domain",
+    "wrong_kind",
+    "wrong_identity",
+    "revoked",
+];
+
+/// The [`RejectReason::kind`] named in the text of a refusal (a
+/// [`PeerRejected`] shown as `peer … refused (<kind>): …`), where only the
+/// text survived: QUIC's transport error carries the TLS error as a string.
+pub fn rejection_kind_in(text: &str) -> Option<&'static str> {
+    let (_, rest) = text.split_once(" refused (")?;
+    let (kind, _) = rest.split_once(')')?;
+    KINDS.into_iter().find(|k| *k == kind)
+}
+
 impl RejectReason {
     /// A short stable label for metrics.
     pub fn kind(&self) -> &'static str {
@@ -119,7 +141,7 @@ impl fmt::Display for RejectReason {
 
 /// A refused peer: who (as far as its certificate says) and why.
 #[derive(Clone, thiserror::Error)]
-#[error("peer {peer} refused: {reason}")]
+#[error("peer {peer} refused ({}): {reason}", reason.kind())]
 pub struct PeerRejected {
     /// `<spiffe id> (serial <hex>)`, or what could be read of it.
     pub peer: String,

@@ -31,6 +31,23 @@ pub struct ServerCtx {
     /// kept until the connection ends (e.g. a registration that lets the
     /// caller close the connection when the peer's certificate is revoked).
     pub on_connection: Option<OnConnection>,
+    /// Called when a client's handshake fails, with the client's address
+    /// and the error (`None`: it timed out), so the caller can count the
+    /// refusal; the connection is gone by then.
+    pub on_refused: Option<OnRefused>,
+}
+
+/// A hook for every client whose QUIC handshake failed.
+#[derive(Clone)]
+pub struct OnRefused(pub Arc<RefusedHook>);
+
+/// The function behind [`OnRefused`].
+pub type RefusedHook = dyn Fn(SocketAddr, Option<&quinn::ConnectionError>) + Send + Sync;
+
+impl std::fmt::Debug for OnRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnRefused")
+    }
 }
 
 /// A hook for every accepted QUIC connection: gets the connection (which it
@@ -57,6 +74,7 @@ impl Default for ServerCtx {
             header_timeout: Duration::from_secs(10),
             splice_buffer: DEFAULT_SPLICE_BUFFER,
             on_connection: None,
+            on_refused: None,
         }
     }
 }
@@ -126,15 +144,24 @@ async fn serve_conn(
     handler: Arc<dyn Handler>,
 ) -> Result<(), Error> {
     let peer = incoming.remote_address();
+    let refused = |e: Option<&quinn::ConnectionError>| {
+        if let Some(hook) = &ctx.on_refused {
+            (hook.0)(peer, e);
+        }
+    };
     let conn = match tokio::time::timeout(ctx.handshake_timeout, incoming).await {
         Err(_) => {
+            refused(None);
             return Err(Error::Timeout {
                 dst: peer,
                 what: "waiting for the QUIC handshake",
                 after: ctx.handshake_timeout,
-            })
+            });
         }
-        Ok(Err(e)) => return Err(Error::Quic { dst: peer, reason: e.to_string() }),
+        Ok(Err(e)) => {
+            refused(Some(&e));
+            return Err(Error::Quic { dst: peer, reason: e.to_string() });
+        }
         Ok(Ok(c)) => c,
     };
     let alpn = conn

@@ -230,6 +230,7 @@ async fn quic_server(
     let _close = CloseOnDrop(endpoint.clone());
     let sctx = quic::ServerCtx {
         on_connection: Some(track_quic_inbound(&ctx.mesh, &pod)),
+        on_refused: Some(count_quic_refused(&ctx, &pod, addr)),
         ..quic::ServerCtx::default()
     };
     quic::serve_until(endpoint, sctx, handler, ctx.drain.signal()).await;
@@ -265,17 +266,40 @@ async fn bind_with_retry(ctx: &Inbound, pod: &PodEntry, addr: SocketAddr) -> Opt
 
 /// The `response_flags` of a TLS error: revoked, identity, or TLS.
 pub(crate) fn tls_failure(e: &rustls::Error) -> Failure {
-    use tlsmesh_identity::tls::RejectReason as R;
-    match tls::rejection(e).map(|r| &r.reason) {
-        Some(R::Revoked(_)) => Failure::Revoked,
-        Some(
-            R::NoSpiffeId { .. }
-            | R::ForeignTrustDomain { .. }
-            | R::WrongKind { .. }
-            | R::WrongIdentity { .. },
-        ) => Failure::IdentityError,
+    tls::rejection(e).map_or(Failure::TlsFailed, |r| failure_of_kind(r.reason.kind()))
+}
+
+/// The `response_flags` of a refusal's `RejectReason::kind`.
+fn failure_of_kind(kind: &str) -> Failure {
+    match kind {
+        "revoked" => Failure::Revoked,
+        "no_spiffe_id" | "foreign_trust_domain" | "wrong_kind" | "wrong_identity" => {
+            Failure::IdentityError
+        }
         _ => Failure::TlsFailed,
     }
+}
+
+/// The `response_flags` of a failed QUIC handshake, from quinn's error
+/// text (`None`: timed out): quinn keeps the TLS refusal only as text,
+/// which names its kind.
+fn quic_failure(error_text: Option<&str>) -> Failure {
+    error_text.and_then(tls::rejection_kind_in).map_or(Failure::TlsFailed, failure_of_kind)
+}
+
+/// Counts a client whose QUIC handshake to `pod` failed, as the HBONE
+/// server does: the refused counter, the workload-pair metrics, a warning.
+fn count_quic_refused(ctx: &Inbound, pod: &Arc<PodEntry>, local: SocketAddr) -> quic::OnRefused {
+    let (stats, conns, pod) = (Arc::clone(&ctx.stats), ctx.conns.clone(), Arc::clone(pod));
+    quic::OnRefused(Arc::new(move |peer, e| {
+        Stats::inc(&stats.inbound_tunnel_refused);
+        let why = quic_failure(e.map(ToString::to_string).as_deref());
+        conns.refused(&handshake_info(&pod, peer, local, Transport::Quic), why);
+        match e {
+            Some(e) => warn!(pod = %pod.key(), %peer, reason = %e, "QUIC tunnel handshake refused"),
+            None => warn!(pod = %pod.key(), %peer, "QUIC tunnel handshake timed out"),
+        }
+    }))
 }
 
 /// A tunnel connection to `pod` whose handshake failed: the peer is known
@@ -517,5 +541,22 @@ async fn handle(
                 Failure::ConnectFailed,
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quic_refusal_keeps_its_reason_through_the_text() {
+        let revoked = "the cryptographic handshake failed: error 46: invalid peer certificate: \
+                       peer spiffe://td/ns/a/sa/b (serial 01) refused (revoked): serial 01 is on \
+                       the deny list";
+        assert_eq!(quic_failure(Some(revoked)), Failure::Revoked);
+        let wrong = "invalid peer certificate: peer x refused (wrong_identity): y";
+        assert_eq!(quic_failure(Some(wrong)), Failure::IdentityError);
+        assert_eq!(quic_failure(Some("peer sent no certificates")), Failure::TlsFailed);
+        assert_eq!(quic_failure(None), Failure::TlsFailed, "a timed-out handshake");
     }
 }
