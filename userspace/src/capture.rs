@@ -452,6 +452,15 @@ pub fn is_bpffs(path: &Path) -> bool {
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
+/// The object's `sk_lookup` program.
+fn sk_lookup_mut(ebpf: &mut Ebpf) -> Result<&mut SkLookup, CaptureError> {
+    let name = programs::SK_LOOKUP;
+    ebpf.program_mut(name)
+        .ok_or(CaptureError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| CaptureError::Program { name, source })
+}
+
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CaptureError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -542,13 +551,9 @@ impl Capture {
         }
         {
             let name = programs::SK_LOOKUP;
-            let err = |source| CaptureError::Program { name, source };
-            let p: &mut SkLookup = ebpf
-                .program_mut(name)
-                .ok_or(CaptureError::MissingProgram(name))?
-                .try_into()
-                .map_err(err)?;
-            p.load().map_err(err)?;
+            sk_lookup_mut(&mut ebpf)?
+                .load()
+                .map_err(|source| CaptureError::Program { name, source })?;
             let own = Own::of(ebpf.program(name).ok_or(CaptureError::MissingProgram(name))?, name)?;
             // Every pod's pinned inbound link runs this daemon's program too.
             let mut found = Vec::new();
@@ -712,11 +717,7 @@ impl Capture {
             return adopt_link(&path, own, from, &self.digest);
         }
         let err = |source| CaptureError::Program { name, source };
-        let p: &mut SkLookup = ebpf
-            .program_mut(name)
-            .ok_or(CaptureError::MissingProgram(name))?
-            .try_into()
-            .map_err(err)?;
+        let p = sk_lookup_mut(&mut ebpf)?;
         let _ = fs::remove_file(&path);
         let id = p.attach(netns.fd()).map_err(err)?;
         let link: FdLink = p.take_link(id).map_err(err)?.into();

@@ -2,7 +2,7 @@
 //!
 //! With the switch on (`ebpf_log`, `--ebpf-log`, or at run time `POST
 //! /logging?ebpf=on`), connect4/6 log every decision about an enrolled pod's
-//! connect (captured, or bypassed and why) and sk_lookup every inbound SYN
+//! connect (captured, or bypassed and why) and `sk_lookup` every inbound SYN
 //! it steers, passes or drops, through aya-log's ring buffer. This module
 //! reads that ring (one task, owned by the daemon's root scope), names the
 //! pod each record is about — by netns cookie (`netns=`) or by address

@@ -91,7 +91,7 @@ mod tests {
     fn an_ec_root_becomes_an_x509_svid_key_with_its_point_and_certificate() {
         let (ca, _) = Ca::generate_root("td", Duration::from_secs(3600)).unwrap();
         let root = ca.roots()[0].clone();
-        let b = spiffe_bundle(&[root.clone()], 7).unwrap();
+        let b = spiffe_bundle(std::slice::from_ref(&root), 7).unwrap();
         assert_eq!(b["spiffe_sequence"], 7);
         assert_eq!(b["spiffe_refresh_hint"], REFRESH_HINT_SECS);
         let k = &b["keys"][0];

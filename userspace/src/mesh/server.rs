@@ -295,9 +295,10 @@ fn count_quic_refused(ctx: &Inbound, pod: &Arc<PodEntry>, local: SocketAddr) -> 
         Stats::inc(&stats.inbound_tunnel_refused);
         let why = quic_failure(e.map(ToString::to_string).as_deref());
         conns.refused(&handshake_info(&pod, peer, local, Transport::Quic), why);
-        match e {
-            Some(e) => warn!(pod = %pod.key(), %peer, reason = %e, "QUIC tunnel handshake refused"),
-            None => warn!(pod = %pod.key(), %peer, "QUIC tunnel handshake timed out"),
+        if let Some(e) = e {
+            warn!(pod = %pod.key(), %peer, reason = %e, "QUIC tunnel handshake refused");
+        } else {
+            warn!(pod = %pod.key(), %peer, "QUIC tunnel handshake timed out");
         }
     }))
 }
