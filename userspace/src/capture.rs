@@ -378,7 +378,9 @@ struct Own<'a> {
 }
 
 impl<'a> Own<'a> {
-    fn of(prog: &'a aya::programs::Program, name: &'static str) -> Result<Self, CaptureError> {
+    /// The loaded program `name` of `ebpf`.
+    fn of(ebpf: &'a Ebpf, name: &'static str) -> Result<Self, CaptureError> {
+        let prog = ebpf.program(name).ok_or(CaptureError::MissingProgram(name))?;
         let err = |source| CaptureError::Program { name, source };
         let info = prog.info().map_err(err)?;
         Ok(Self { fd: prog.fd().map_err(err)?.as_fd(), id: info.id(), tag: info.tag() })
@@ -530,8 +532,7 @@ impl Capture {
                 p.load().map_err(err)?;
             }
             if link_path.exists() && PinnedLink::from_pin(&link_path).is_ok() {
-                let prog = ebpf.program(name).ok_or(CaptureError::MissingProgram(name))?;
-                let how = adopt_link(&link_path, Own::of(prog, name)?, &from, &digest)?;
+                let how = adopt_link(&link_path, Own::of(&ebpf, name)?, &from, &digest)?;
                 adoption.insert(name, how);
                 continue;
             }
@@ -554,7 +555,7 @@ impl Capture {
             sk_lookup_mut(&mut ebpf)?
                 .load()
                 .map_err(|source| CaptureError::Program { name, source })?;
-            let own = Own::of(ebpf.program(name).ok_or(CaptureError::MissingProgram(name))?, name)?;
+            let own = Own::of(&ebpf, name)?;
             // Every pod's pinned inbound link runs this daemon's program too.
             let mut found = Vec::new();
             for path in pins_with_prefix(&pin_dir, "sk_lookup_") {
@@ -571,11 +572,7 @@ impl Capture {
             adoption.insert(programs::SK_LOOKUP, how);
         }
         let log_program = match ebpf.map(DECISION_RING) {
-            Some(_) => {
-                let name = programs::CONNECT4;
-                let prog = ebpf.program(name).ok_or(CaptureError::MissingProgram(name))?;
-                Some(prog.info().map_err(|source| CaptureError::Program { name, source })?.id())
-            }
+            Some(_) => Some(Own::of(&ebpf, programs::CONNECT4)?.id),
             None => None,
         };
 
@@ -713,7 +710,7 @@ impl Capture {
             // Pinned by an earlier daemon (or by the old daemon beside us
             // during an upgrade, with its own program): ours runs from now on.
             let from = self.previous.as_deref().unwrap_or("unknown");
-            let own = Own::of(ebpf.program(name).ok_or(CaptureError::MissingProgram(name))?, name)?;
+            let own = Own::of(&ebpf, name)?;
             return adopt_link(&path, own, from, &self.digest);
         }
         let err = |source| CaptureError::Program { name, source };
