@@ -26,6 +26,10 @@ APT_PACKAGES=(
   # The real Prometheus (and promtool) the prometheus_* tests scrape the
   # daemons with (tests/tests/prometheus.rs starts its own, in a netns).
   prometheus
+  # A real node for the local cluster (scripts/cluster.sh, `cargo xtask
+  # cluster`): container runtime, CNI plugins, a static userland for the
+  # locally built images, what kubelet and kube-proxy call.
+  containerd runc containernetworking-plugins busybox-static conntrack socat iptables
 )
 
 missing=()

@@ -28,12 +28,23 @@ KUBE_VERSION=v1.20.2
 DEBIAN_UPSTREAM='really1.20.2'
 CACHE=${TLSMESH_KUBE_CACHE:-/var/cache/tlsmesh/kubernetes-$KUBE_VERSION}
 BINS=(kube-apiserver kube-controller-manager)
+# What a real node runs (`cargo xtask cluster`, docs/CLUSTER.md): built from the
+# same tree after the control plane. Optional: a failure here is recorded in
+# $CACHE/node-build.failed (with the log's tail) and does not fail the control
+# plane, which the API tests need; `cargo xtask cluster up` reports it.
+NODE_BINS=(kubelet kube-scheduler kube-proxy kubectl)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LINK="$REPO/target/tools/kubernetes/bin"
 
 have_all() {
   local b
   for b in "${BINS[@]}"; do
+    [[ -x "$CACHE/bin/$b" ]] || return 1
+  done
+  # The node binaries count as present once built, or once their build failed
+  # (recorded, not retried on every bootstrap: rm the marker to retry).
+  [[ -f "$CACHE/node-build.failed" ]] && return 0
+  for b in "${NODE_BINS[@]}"; do
     [[ -x "$CACHE/bin/$b" ]] || return 1
   done
 }
@@ -127,8 +138,31 @@ for b in "${BINS[@]}"; do
     || die "$OUT/$b --version does not say $KUBE_VERSION"
   cp "$OUT/$b" "$CACHE/bin.new/$b"
 done
+
+say "building ${NODE_BINS[*]} $KUBE_VERSION for the local cluster (a few more minutes)"
+what=""
+for b in "${NODE_BINS[@]}"; do what+="cmd/$b "; done
+rm -f "$CACHE/node-build.failed"
+if (
+  cd "$TREE"
+  export GOPROXY=off GOFLAGS=-mod=vendor CGO_ENABLED=0 \
+    KUBE_GIT_VERSION=$KUBE_VERSION KUBE_GIT_TREE_STATE=clean \
+    GOCACHE="$WORK/gocache" GOPATH="$WORK/gopath"
+  nice -n 19 make WHAT="${what% }"
+) >"$WORK/build-node.log" 2>&1; then
+  for b in "${NODE_BINS[@]}"; do
+    if [[ -x $OUT/$b ]]; then
+      cp "$OUT/$b" "$CACHE/bin.new/$b"
+    else
+      echo "the build left no $b" >>"$CACHE/node-build.failed"
+    fi
+  done
+else
+  { echo "make WHAT=\"${what% }\" failed; the last lines of its log:"; tail -n 25 "$WORK/build-node.log"; } >"$CACHE/node-build.failed"
+  say "warning: the node binaries did not build (see $CACHE/node-build.failed); the control plane is fine"
+fi
 rm -rf "$CACHE/bin"
 mv "$CACHE/bin.new" "$CACHE/bin"
 rm -rf "$WORK"
 link_checkout
-say "built ${BINS[*]} $KUBE_VERSION into $CACHE/bin in $((SECONDS - t0)) s"
+say "built ${BINS[*]} ${NODE_BINS[*]} $KUBE_VERSION into $CACHE/bin in $((SECONDS - t0)) s"

@@ -1,4 +1,4 @@
-//! Developer workflows: `cargo xtask setup | test | demo | bench | kube-scale | cleanup | build`.
+//! Developer workflows: `cargo xtask setup | test | demo | bench | kube-scale | cluster | cleanup | build`.
 //!
 //! Each command first runs the idempotent bootstrap (scripts/bootstrap.sh:
 //! apt packages, bpf-linker, the Kubernetes control plane the
@@ -53,10 +53,36 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// A real two-node Kubernetes cluster on this machine (kubelet,
+    /// containerd, bridge CNI, kube-proxy; scripts/cluster.sh, docs/CLUSTER.md).
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
     /// Remove namespaces, cgroups and pins a killed test run left behind.
     Cleanup,
     /// Set up and build the release binary.
     Build,
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum ClusterAction {
+    /// Set up, then start the control plane and two nodes and wait until both are Ready (idempotent).
+    Up,
+    /// Stop everything `up` started and remove its state, netns, mounts and cgroups.
+    Down,
+    /// What runs, and whether the nodes are Ready (exit status 0 only when all is up).
+    Status,
+}
+
+impl ClusterAction {
+    fn arg(self) -> &'static str {
+        match self {
+            ClusterAction::Up => "up",
+            ClusterAction::Down => "down",
+            ClusterAction::Status => "status",
+        }
+    }
 }
 
 fn root() -> PathBuf {
@@ -187,6 +213,12 @@ fn real_main() -> Result<()> {
         }
         Cmd::Cleanup => {
             cleanup()?;
+        }
+        Cmd::Cluster { action } => {
+            if matches!(action, ClusterAction::Up) {
+                setup()?;
+            }
+            run(Command::new("bash").args(["scripts/cluster.sh", action.arg()]))?;
         }
         Cmd::Test { args } => {
             setup()?;
