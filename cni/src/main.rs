@@ -8,7 +8,11 @@ use std::{
     io::{Read as _, Write as _},
     path::PathBuf,
     process::ExitCode,
-    time::Duration,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
 };
 
 use tlsmesh_cni::{
@@ -125,6 +129,15 @@ fn installer(args: &[String], remove: bool) -> ExitCode {
         }
     }
     let poll = a.watch.unwrap_or(Duration::from_secs(2));
+    // Run as its container's PID 1, which the kernel sends no default
+    // SIGTERM action: without this the pod waits out its whole grace period.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        if let Err(e) = signal_hook::flag::register(sig, Arc::clone(&stop)) {
+            eprintln!("tlsmesh-cni: cannot handle signal {sig}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     loop {
         match install::install_conf(&a.opts) {
             Ok(done) => {
@@ -148,6 +161,13 @@ fn installer(args: &[String], remove: bool) -> ExitCode {
                 }
             }
         }
-        std::thread::sleep(poll);
+        let until = Instant::now() + poll;
+        while Instant::now() < until {
+            if stop.load(Ordering::Relaxed) {
+                println!("tlsmesh-cni: stopping (signal)");
+                return ExitCode::SUCCESS;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     net::IpAddr,
     sync::{Arc, Mutex, RwLock},
+    time::Duration,
 };
 
 use serde::Serialize;
@@ -159,6 +160,9 @@ pub struct NodeState {
     services: Mutex<ServicePicker>,
     started: watch::Sender<bool>,
     draining: watch::Sender<bool>,
+    /// Bumped at every [`NodeState::set_inventory`]: what
+    /// [`NodeState::wait_inventory`] waits on.
+    published: watch::Sender<u64>,
 }
 
 impl NodeState {
@@ -174,6 +178,7 @@ impl NodeState {
             services: Mutex::new(ServicePicker::new()),
             started: watch::channel(false).0,
             draining: watch::channel(false).0,
+            published: watch::channel(0).0,
         }
     }
 
@@ -195,6 +200,31 @@ impl NodeState {
         }
         lock(&self.services).retain_known(&inv);
         *write(&self.inventory) = Arc::new(InventoryIndex::new(inv, probes));
+        self.published.send_modify(|n| *n += 1);
+    }
+
+    /// The first inventory in which `ready` holds, waiting at most `bound`
+    /// for new ones to be published; after that, the current one. (A pod
+    /// another node just started connects before this node's watch has its
+    /// address: the API server publishes it a moment later.)
+    pub async fn wait_inventory(
+        &self,
+        bound: Duration,
+        ready: impl Fn(&InventoryIndex) -> bool,
+    ) -> Arc<InventoryIndex> {
+        // Subscribed before the first look: no publication in between is missed.
+        let mut published = self.published.subscribe();
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let inv = self.inventory();
+            if ready(&inv) {
+                return inv;
+            }
+            match tokio::time::timeout_at(deadline, published.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return self.inventory(),
+            }
+        }
     }
 
     /// The authorization policy in force (policy objects and the TOML

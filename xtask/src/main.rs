@@ -39,6 +39,11 @@ enum Cmd {
         /// Node-to-node transport for the demo.
         #[arg(long, default_value = "tcp")]
         transport: String,
+        /// On a real local Kubernetes cluster instead (docs/CLUSTER.md):
+        /// cluster up, helm install, the demo with real pods; the cluster
+        /// stays up (`cargo xtask cluster down` removes it).
+        #[arg(long)]
+        cluster: bool,
     },
     /// Set up, build (release), and run the benchmark.
     Bench {
@@ -73,6 +78,9 @@ enum ClusterAction {
     Down,
     /// What runs, and whether the nodes are Ready (exit status 0 only when all is up).
     Status,
+    /// Build the release binaries and the tlsmesh image, then install the
+    /// chart into the running cluster with Helm, as a user would.
+    Install,
 }
 
 impl ClusterAction {
@@ -81,6 +89,7 @@ impl ClusterAction {
             ClusterAction::Up => "up",
             ClusterAction::Down => "down",
             ClusterAction::Status => "status",
+            ClusterAction::Install => "install",
         }
     }
 }
@@ -215,8 +224,11 @@ fn real_main() -> Result<()> {
             cleanup()?;
         }
         Cmd::Cluster { action } => {
-            if matches!(action, ClusterAction::Up) {
+            if matches!(action, ClusterAction::Up | ClusterAction::Install) {
                 setup()?;
+            }
+            if matches!(action, ClusterAction::Install) {
+                run(cargo().args(["build", "--release", "-p", "tlsmesh", "-p", "tlsmesh-cni"]))?;
             }
             run(Command::new("bash").args(["scripts/cluster.sh", action.arg()]))?;
         }
@@ -231,7 +243,18 @@ fn real_main() -> Result<()> {
             }
             eprintln!("xtask: all tests passed in {:.0?}", t0.elapsed());
         }
-        Cmd::Demo { transport } => {
+        Cmd::Demo { cluster: true, .. } => {
+            setup()?;
+            run(cargo().args(["build", "--release", "-p", "tlsmesh", "-p", "tlsmesh-cni"]))?;
+            for step in ["up", "install", "demo"] {
+                run(Command::new("bash").args(["scripts/cluster.sh", step]))?;
+            }
+            eprintln!(
+                "xtask: the cluster stays up (KUBECONFIG=/var/lib/tlsmesh-cluster/admin.kubeconfig); \
+                 cargo xtask cluster down removes it"
+            );
+        }
+        Cmd::Demo { transport, cluster: false } => {
             setup()?;
             build_release_bins()?;
             run(Command::new(root().join("target/release/demo")).args(["--transport", &transport]))?;

@@ -58,6 +58,13 @@ pub struct Inbound {
 /// Longest a tunnel TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest a stream waits for this node to learn the claimed client address
+/// (`forwarded: for`) when no pod has it yet: a pod just started on another
+/// node connects before the API server has published its address to this
+/// node's watch. Then the address is checked as always; after the bound the
+/// stream goes on with the peer node as the source (not the claim).
+const UNKNOWN_CLIENT_WAIT: Duration = Duration::from_secs(3);
+
 /// Starts `pod`'s tunnel servers in its scope: HBONE on each TCP listener,
 /// QUIC on each address of `udp` (with its socket, or `None` when the bind
 /// failed and is to be retried).
@@ -438,6 +445,21 @@ async fn handle(
         }
         ResumeExt::Offer { .. } | ResumeExt::None => {}
     }
+    // A claimed client address no pod has (yet): wait, bounded, for the
+    // inventory that has it — else the app would see the peer node's address.
+    let inv = match req.forwarded_for {
+        Some(f) if inv.pod_by_ip(f.ip()).is_none() => {
+            let t0 = std::time::Instant::now();
+            let newer = ctx
+                .state
+                .wait_inventory(UNKNOWN_CLIENT_WAIT, |i| i.pod_by_ip(f.ip()).is_some())
+                .await;
+            debug!(claimed = %f, waited_ms = t0.elapsed().as_millis(), known = newer.pod_by_ip(f.ip()).is_some(),
+                "waited for the claimed client address to be published");
+            newer
+        }
+        _ => Arc::clone(&inv),
+    };
     let td = inv.inv.trust_domain.clone();
     let decision = authz::authorize(
         &ctx.state.policy(),
