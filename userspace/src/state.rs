@@ -448,6 +448,53 @@ mod tests {
         assert_eq!(idx.probe_sources(), &want);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn wait_inventory_returns_the_first_inventory_that_has_what_is_asked_or_the_current_at_the_bound(
+    ) {
+        let s = Arc::new(NodeState::new(StateSettings::default()));
+        let ip: IpAddr = "10.1.0.7".parse().unwrap();
+        let with = |names: &[(&str, &str)]| {
+            let mut inv = Inventory { trust_domain: "td".into(), ..Inventory::default() };
+            for (n, a) in names {
+                let p = pod(n, a);
+                inv.pods.insert(p.key(), p);
+            }
+            inv
+        };
+        // Published later, by another task: the wait sees it.
+        let publisher = {
+            let s = Arc::clone(&s);
+            let (a, b) =
+                (with(&[("a", "10.1.0.1")]), with(&[("a", "10.1.0.1"), ("b", "10.1.0.7")]));
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                s.set_inventory(a); // not yet
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                s.set_inventory(b);
+            })
+        };
+        let t0 = tokio::time::Instant::now();
+        let inv = s.wait_inventory(Duration::from_secs(3), |i| i.pod_by_ip(ip).is_some()).await;
+        assert_eq!(inv.pod_by_ip(ip).map(|p| p.name.as_str()), Some("b"));
+        assert_eq!(
+            t0.elapsed(),
+            Duration::from_millis(200),
+            "returned at the publication that had it"
+        );
+        publisher.await.unwrap();
+        // Never published: the current inventory, at the bound.
+        let other: IpAddr = "10.1.0.99".parse().unwrap();
+        let t0 = tokio::time::Instant::now();
+        let inv = s.wait_inventory(Duration::from_secs(3), |i| i.pod_by_ip(other).is_some()).await;
+        assert!(inv.pod_by_ip(other).is_none());
+        assert_eq!(inv.pod_by_ip(ip).map(|p| p.name.as_str()), Some("b"));
+        assert_eq!(t0.elapsed(), Duration::from_secs(3));
+        // Already there: no wait at all.
+        let t0 = tokio::time::Instant::now();
+        let _ = s.wait_inventory(Duration::from_secs(3), |i| i.pod_by_ip(ip).is_some()).await;
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+    }
+
     #[test]
     fn problems_of_each_source_replace_only_their_own() {
         let s = NodeState::new(StateSettings::default());
