@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# A real two-node Kubernetes cluster on this machine (`cargo xtask cluster
-# up|down|status`; docs/CLUSTER.md). Everything runs as processes of this
-# machine, nothing in VMs:
+# A real two-node Kubernetes cluster on this machine, and tlsmesh installed
+# into it with Helm (`cargo xtask cluster up|down|status|install`, `cargo
+# xtask demo --cluster`; docs/CLUSTER.md). Everything runs as processes of
+# this machine, nothing in VMs:
 #
 #   host netns   bridge tmc0 172.30.0.1/24 — etcd (127.0.0.1:12379),
 #                kube-apiserver (172.30.0.1:6443), kube-controller-manager,
@@ -13,17 +14,20 @@
 #                pod ranges via their eth0 addresses)
 #
 # so cross-node pod traffic crosses the tmc0 bridge, where a capture sees it.
-# Images are built locally (no registry is reachable): tlsmesh.local/pause
-# (scripts/cluster/pause.c, static) and tlsmesh.local/busybox (Debian's
-# busybox-static), as OCI archives imported into each node's containerd.
+# Each node's containerd and kubelet also share a mount namespace of their
+# own (node_up says which paths are the node's). Images are built locally
+# (no registry is reachable) as OCI archives imported into each node's
+# containerd: tlsmesh.local/pause (scripts/cluster/pause.c, static),
+# tlsmesh.local/busybox (Debian's busybox-static) and tlsmesh.local/tlsmesh.
 #
 # Processes run detached (setsid) with their PID in $DIR/pids and their log
 # in $DIR/logs; `down` ends exactly those (and the containers their
-# containerds started), unmounts what they mounted under $DIR, removes the
-# netns, pod netns, cgroups, links and $DIR. `up` is idempotent: what runs is
-# kept, what is missing is started. Components run in the host's mount
-# namespace (nsenter --net, not `ip netns exec`, which remounts /sys and
-# would hide /sys/fs/cgroup from the kubelet).
+# containerds started, and the shims, by the $DIR on their command lines),
+# removes the netns, links, routes, cgroups, the mount points `up` made and
+# $DIR, and checks that nothing is left. `up` is idempotent: what runs is
+# kept, what is missing is started. Components enter a node with nsenter
+# (--net, and --mount for the kubelet), not `ip netns exec`, which remounts
+# /sys and would hide /sys/fs/cgroup from the kubelet.
 set -euo pipefail
 
 say()  { printf '\033[1mcluster:\033[0m %s\n' "$*" >&2; }
@@ -51,6 +55,8 @@ BUSYBOX_IMAGE=tlsmesh.local/busybox:1.35
 TLSMESH_IMAGE=tlsmesh.local/tlsmesh
 TLSMESH_VERSION=0.1.0
 HELM_PYTHON=$REPO/target/tools/helm-venv/bin/python
+# The tlsmesh binaries the image is built from (and `tlsmesh ca init` run).
+BINARIES=${TLSMESH_BINARIES:-$REPO/target/release}
 CNI_BIN=/usr/lib/cni
 CGROUP_V1=(cpu cpuacct cpuset memory devices freezer blkio pids systemd)
 READY_TIMEOUT=${TLSMESH_CLUSTER_TIMEOUT:-180}
@@ -338,7 +344,7 @@ images() {
 # names — the machine's own glibc, so the CNI plugin the installer copies to
 # the node runs there too. No shell, no package manager.
 tlsmesh_image() {
-  local out=$REPO/target/cluster/images rel=${TLSMESH_BINARIES:-$REPO/target/release} root b lib
+  local out=$REPO/target/cluster/images rel=$BINARIES root b lib
   for b in tlsmesh tlsmesh-cni; do
     [[ -x $rel/$b ]] || die "no $rel/$b: cargo build --release -p tlsmesh -p tlsmesh-cni (cargo xtask cluster install does; TLSMESH_BINARIES names another directory)"
   done
@@ -617,7 +623,7 @@ install() {
       || die "cannot import the tlsmesh image into $(node_name "$i")"
   done
   local ca=$DIR/tlsmesh-ca
-  [[ -f $ca/ca.pem ]] || "$REPO/target/release/tlsmesh" ca init --dir "$ca" --trust-domain cluster.local >/dev/null \
+  [[ -f $ca/ca.pem ]] || "$BINARIES/tlsmesh" ca init --dir "$ca" --trust-domain cluster.local >/dev/null \
     || die "tlsmesh ca init failed"
   kubectl create namespace tlsmesh-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
   kubectl -n tlsmesh-system create secret generic tlsmesh-ca \
