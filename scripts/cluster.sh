@@ -637,10 +637,21 @@ install() {
   "$HELM_PYTHON" "$REPO/scripts/helm-install.py" install "$DIR/admin.kubeconfig" "$REPO/deploy/helm/tlsmesh" "$values" \
     || die "helm install failed (message above)"
   wait_for "the tlsmesh DaemonSet on $NODES nodes" 120 daemonset_ready \
-    || { kubectl -n tlsmesh-system get pods -o wide >&2; die "the tlsmesh DaemonSet is not ready"; }
+    || { kubectl -n tlsmesh-system get pods -o wide >&2; daemon_logs_tail >&2; die "the tlsmesh DaemonSet is not ready"; }
   wait_for "the tlsmesh CA" 120 kubectl -n tlsmesh-system wait --for=condition=Available deployment/tlsmesh-ca --timeout=1s \
     || { kubectl -n tlsmesh-system get pods -o wide >&2; die "the tlsmesh CA is not available"; }
   say "tlsmesh installed: DaemonSet ready on $NODES nodes, CA available"
+}
+
+# The last lines of each daemon container (and of its previous run).
+daemon_logs_tail() {
+  local p
+  for p in $(kubectl -n tlsmesh-system get pods -l app.kubernetes.io/name=tlsmesh-node -o name); do
+    echo "--- $p (previous run) ---"
+    kubectl -n tlsmesh-system logs "$p" -c node --previous --tail=15 2>&1 || true
+    echo "--- $p ---"
+    kubectl -n tlsmesh-system logs "$p" -c node --tail=15 2>&1 || true
+  done
 }
 
 daemonset_ready() {

@@ -53,6 +53,8 @@ pub struct Options {
     pub fail_open: bool,
     /// `timeoutSeconds` in the plugin entry.
     pub timeout_seconds: u64,
+    /// `excludeNamespaces` in the plugin entry.
+    pub exclude_namespaces: Vec<String>,
 }
 
 impl Default for Options {
@@ -63,6 +65,7 @@ impl Default for Options {
             socket_path: PathBuf::from(DEFAULT_SOCKET),
             fail_open: false,
             timeout_seconds: DEFAULT_TIMEOUT_SECONDS,
+            exclude_namespaces: vec!["kube-system".to_owned()],
         }
     }
 }
@@ -74,6 +77,7 @@ pub fn plugin_entry(opts: &Options) -> Value {
         "socketPath": opts.socket_path,
         "failOpen": opts.fail_open,
         "timeoutSeconds": opts.timeout_seconds,
+        "excludeNamespaces": opts.exclude_namespaces,
     })
 }
 

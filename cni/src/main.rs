@@ -24,7 +24,7 @@ use tlsmesh_cni::{
 const USAGE: &str =
     "usage: tlsmesh-cni                   (as a CNI plugin: CNI_COMMAND etc. in the environment)
        tlsmesh-cni install [--bin-dir DIR] [--conf-dir DIR] [--socket-path PATH]
-                           [--fail-open] [--timeout-seconds N] [--wait] [--watch SECONDS]
+                           [--fail-open] [--exclude-namespace NS]… [--timeout-seconds N] [--wait] [--watch SECONDS]
        tlsmesh-cni uninstall [--bin-dir DIR] [--conf-dir DIR]";
 
 fn main() -> ExitCode {
@@ -75,6 +75,12 @@ fn parse_install(args: &[String]) -> Result<InstallArgs, String> {
             "--conf-dir" => a.opts.conf_dir = PathBuf::from(value()?),
             "--socket-path" => a.opts.socket_path = PathBuf::from(value()?),
             "--fail-open" => a.opts.fail_open = true,
+            "--exclude-namespace" => {
+                let ns = value()?;
+                if !a.opts.exclude_namespaces.contains(&ns) {
+                    a.opts.exclude_namespaces.push(ns);
+                }
+            }
             "--timeout-seconds" => {
                 a.opts.timeout_seconds =
                     value()?.parse().map_err(|e| format!("--timeout-seconds: {e}"))?;

@@ -81,6 +81,11 @@ pub struct NetConf {
     /// How long to wait for the daemon's answer on ADD.
     #[serde(default = "default_timeout")]
     pub timeout_seconds: u64,
+    /// Pods of these namespaces are left alone without asking the daemon
+    /// (as Istio's `exclude_namespaces`): tlsmesh's own namespace, whose CA
+    /// must start before any daemon can join it, and `kube-system`.
+    #[serde(default = "default_excluded")]
+    pub exclude_namespaces: Vec<String>,
     /// The result of the plugins before this one.
     #[serde(default)]
     pub prev_result: Option<Value>,
@@ -92,6 +97,10 @@ fn default_socket() -> PathBuf {
 
 fn default_timeout() -> u64 {
     DEFAULT_TIMEOUT_SECONDS
+}
+
+fn default_excluded() -> Vec<String> {
+    vec!["kube-system".to_owned()]
 }
 
 /// Why the daemon gave no answer.
@@ -331,6 +340,12 @@ fn add<S: BuildHasher>(
             format!("tlsmesh-cni: sandbox {} is not a Kubernetes pod (no K8S_POD_NAME in CNI_ARGS); left alone", inv.container_id),
         );
     };
+    if conf.exclude_namespaces.iter().any(|x| x == ns) {
+        return Outcome::ok(
+            pass_through(conf, prev),
+            format!("tlsmesh-cni: pod {ns}/{name}: namespace {ns} is excluded (excludeNamespaces); left alone"),
+        );
+    }
     let req = request(Command::Add, &inv, ns, name, result_ips(prev));
     let timeout = Duration::from_secs(conf.timeout_seconds.max(1));
     let socket = conf.socket_path.display();
@@ -469,6 +484,21 @@ mod tests {
         let out = run(&env("ADD"), open.as_bytes(), &mut d);
         assert_eq!(out.exit_code, 0);
         assert!(out.stderr.contains("WARNING"));
+    }
+
+    #[test]
+    fn excluded_namespaces_pass_without_asking_the_daemon() {
+        // The daemon is down: an excluded namespace's pod still starts (the
+        // CA in tlsmesh's own namespace must, before any daemon can join it).
+        let mut d = Fake { answer: None, seen: vec![] };
+        let conf = CONF.replacen('{', r#"{"excludeNamespaces":["tlsmesh-system","shop"],"#, 1);
+        let out = run(&env("ADD"), conf.as_bytes(), &mut d);
+        assert_eq!(out.exit_code, 0, "{out:?}");
+        assert!(d.seen.is_empty(), "the daemon was not asked");
+        assert!(out.stderr.contains("excluded"), "{out:?}");
+        // Not excluded (the default is kube-system only): fails closed as before.
+        let out = run(&env("ADD"), CONF.as_bytes(), &mut d);
+        assert_eq!(out.exit_code, 1);
     }
 
     #[test]

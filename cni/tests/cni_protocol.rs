@@ -250,7 +250,7 @@ fn install_subcommand_chains_the_plugin() {
         .arg(&bin)
         .arg("--conf-dir")
         .arg(&net)
-        .args(["--timeout-seconds", "15"])
+        .args(["--timeout-seconds", "15", "--exclude-namespace", "tlsmesh-system"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -259,6 +259,7 @@ fn install_subcommand_chains_the_plugin() {
         serde_json::from_slice(&std::fs::read(net.join("10-calico.conflist")).unwrap()).unwrap();
     assert_eq!(
         conf["plugins"][2],
-        json!({"type":"tlsmesh-cni","socketPath":"/var/run/tlsmesh/cni.sock","failOpen":false,"timeoutSeconds":15})
+        json!({"type":"tlsmesh-cni","socketPath":"/var/run/tlsmesh/cni.sock","failOpen":false,"timeoutSeconds":15,
+               "excludeNamespaces":["kube-system","tlsmesh-system"]})
     );
 }

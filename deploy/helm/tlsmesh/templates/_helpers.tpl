@@ -37,6 +37,8 @@ tlsmesh-ca.{{ .Release.Namespace }}.svc:{{ .Values.ca.port }}
 - {{ .Values.cni.socketPath }}
 - --timeout-seconds
 - {{ .Values.cni.timeoutSeconds | quote }}
+- --exclude-namespace
+- {{ .Release.Namespace }}
 {{- if .Values.cni.failOpen }}
 - --fail-open
 {{- end }}
