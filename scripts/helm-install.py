@@ -47,17 +47,15 @@ def main(argv: list[str]) -> int:
             values = json.loads(values_text)
             installed = any(r.get("name") == RELEASE for r in cfg.list(all_states=True))
             if installed:
-                release = cfg.upgrade(chart_dir, RELEASE, values, namespace=NAMESPACE,
+                cfg.upgrade(chart_dir, RELEASE, values, namespace=NAMESPACE,
                                       timeout=TIMEOUT_SECONDS)
             else:
-                release = cfg.install(chart_dir, RELEASE, values, namespace=NAMESPACE,
+                cfg.install(chart_dir, RELEASE, values, namespace=NAMESPACE,
                                       timeout=TIMEOUT_SECONDS)
     except HelmError as e:
         print(f"helm-install: {command} {chart_dir or RELEASE}: {e}", file=sys.stderr)
         return 1
-    info = release.get("info", {}) if isinstance(release, dict) else {}
-    print(f"helm-install: {RELEASE} {'upgraded' if installed else 'installed'}: "
-          f"status {info.get('status', '?')}, revision {release.get('version', '?')}")
+    print(f"helm-install: {RELEASE} {'upgraded' if installed else 'installed'}")
     return 0
 
 
