@@ -695,6 +695,11 @@ EOF
 pod_phase() { kubectl -n "$1" get pod "$2" -o 'jsonpath={.status.phase}' 2>/dev/null; }
 pod_ip_of() { kubectl -n "$1" get pod "$2" -o 'jsonpath={.status.podIP}'; }
 pod_running() { [[ $(pod_phase "$1" "$2") == Running ]]; }
+# A namespace takes pods once its `default` ServiceAccount has its token
+# Secret: on 1.20 the ServiceAccount admission refuses a pod before that
+# ("No API token found"), and the token controller adds it a moment after
+# the ServiceAccount itself.
+sa_ready() { [[ -n $(kubectl -n "$1" get serviceaccount default -o 'jsonpath={.secrets[0].name}' 2>/dev/null) ]]; }
 pod_done() { [[ $(pod_phase "$1" "$2") =~ ^(Succeeded|Failed)$ ]]; }
 
 # ask_from NS NAME NODE TARGET…: a one-shot client pod that asks each
@@ -746,9 +751,8 @@ demo() {
   done
   kubectl label namespace demo-strict tlsmesh.io/mode=strict >/dev/null
   kubectl label namespace demo-permissive tlsmesh.io/mode=permissive >/dev/null
-  local sa
   for ns in demo-strict demo-plain demo-permissive demo-late; do
-    wait_for "the default ServiceAccount of $ns" 30 kubectl -n "$ns" get serviceaccount default
+    wait_for "the default ServiceAccount token of $ns" 30 sa_ready "$ns"
   done
 
   step "1: an enrolled server on $n1, a Service in front of it"

@@ -208,11 +208,16 @@ async fn pods_across_nodes(client: &Client) {
         .await
         .expect("create the test namespace");
     // The namespace's `default` ServiceAccount (the controller-manager makes
-    // it) must exist before a pod can be created in it.
+    // it) must have its token Secret before a pod can be created in it: on
+    // 1.20 the ServiceAccount admission refuses the pod until then ("No API
+    // token found"), and the token controller adds it after the account.
     let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &ns);
     let deadline = Instant::now() + WAIT;
-    while sas.get_opt("default").await.ok().flatten().is_none() {
-        assert!(Instant::now() < deadline, "no default ServiceAccount in {ns}");
+    let has_token = |sa: &k8s_openapi::api::core::v1::ServiceAccount| {
+        sa.secrets.as_ref().is_some_and(|s| !s.is_empty())
+    };
+    while !sas.get_opt("default").await.ok().flatten().is_some_and(|sa| has_token(&sa)) {
+        assert!(Instant::now() < deadline, "no default ServiceAccount token in {ns}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
