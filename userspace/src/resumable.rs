@@ -310,108 +310,114 @@ enum Paused {
 impl Relay {
     /// Relays `tunnel` (or, with `None`, a stream taken over paused) until
     /// the stream ends, is closed, or moves to the next daemon.
-    pub async fn run(mut self, tunnel: Option<BoxIo>) {
-        let (_registration, ctl) = self.registry.register(&self.pod, &self.stream);
-        let ctl = &*ctl;
-        let (sent, received) = (self.stream.sent, self.stream.received);
-        let mut r = match tunnel {
-            Some(_) => Resume::open_at(sent, received),
-            None => Resume::paused_at(sent, received),
-        };
-        // What this daemon moved is counted from here: a fresh stream from
-        // 0 (its early data was sent by this daemon too), a stream taken
-        // over from where the previous daemon paused it.
-        let start = if tunnel.is_some() { (0, 0) } else { (sent, received) };
-        // The app side is read again after a pause (an EOF it gave is
-        // given again); the tunnel side only until its end reached the app.
-        let mut point = SplicePoint {
-            a_to_b: sent,
-            b_to_a: received,
-            a_to_b_done: false,
-            b_to_a_done: self.stream.app_write_done,
-        };
-        let mut tunnel = tunnel;
-        let mut turn: Turn = None;
-        loop {
-            let Some(mut t) = tunnel.take() else {
-                // Paused with no stream: wait for (or send) the resume.
-                // Boxed, and built in a statement of its own: an idle
-                // stream's task does not hold the pause's state.
-                let pausing = Box::pin(self.paused(&mut r, ctl, &point, start, None));
+    ///
+    /// A plain `fn` returning the relay's future, not an `async fn`: an
+    /// `async fn` keeps its arguments twice in the future (the captured
+    /// values and the locals they are moved to), and every open stream's
+    /// task holds this future.
+    pub fn run(mut self, mut tunnel: Option<BoxIo>) -> impl Future<Output = ()> {
+        async move {
+            let (_registration, ctl) = self.registry.register(&self.pod, &self.stream);
+            let ctl = &*ctl;
+            let (sent, received) = (self.stream.sent, self.stream.received);
+            let mut r = match tunnel {
+                Some(_) => Resume::open_at(sent, received),
+                None => Resume::paused_at(sent, received),
+            };
+            // What this daemon moved is counted from here: a fresh stream from
+            // 0 (its early data was sent by this daemon too), a stream taken
+            // over from where the previous daemon paused it.
+            let start = if tunnel.is_some() { (0, 0) } else { (sent, received) };
+            // The app side is read again after a pause (an EOF it gave is
+            // given again); the tunnel side only until its end reached the app.
+            let mut point = SplicePoint {
+                a_to_b: sent,
+                b_to_a: received,
+                a_to_b_done: false,
+                b_to_a_done: self.stream.app_write_done,
+            };
+            let mut turn: Turn = None;
+            loop {
+                let Some(mut t) = tunnel.take() else {
+                    // Paused with no stream: wait for (or send) the resume.
+                    // Boxed, and built in a statement of its own: an idle
+                    // stream's task does not hold the pause's state.
+                    let pausing = Box::pin(self.paused(&mut r, ctl, &point, start, None));
+                    match pausing.await {
+                        Ok(Paused::Resumed(t)) => {
+                            tunnel = Some(t);
+                            point.a_to_b_done = false;
+                            continue;
+                        }
+                        Ok(Paused::HandedOver) => return,
+                        Err(why) => return self.close(&point, start, &why),
+                    }
+                };
+                let (end, msg) = self.relay(&mut t, point, ctl, &mut turn).await;
+                let at = match end {
+                    None => return self.close(&point, start, "closed by the daemon (policy)"),
+                    Some(SpliceEnd::Finished(out)) => {
+                        let t = moved(out.a_to_b, out.b_to_a, start);
+                        match out.error {
+                            Some(e) => self.guard.failed(t, e),
+                            None => self.guard.finished(t),
+                        }
+                        return;
+                    }
+                    Some(SpliceEnd::Paused(at)) => at,
+                };
+                // What the splice moved since the last pause, for the machine.
+                let wrote = at.a_to_b - point.a_to_b;
+                r.app_read(wrote);
+                let _ = r.tunnel_wrote(wrote);
+                let _ = r.tunnel_received(at.b_to_a - point.b_to_a);
+                point = at;
+                let quiescing = match msg {
+                    Some(Control::Resume { answer, .. }) => {
+                        let _ = answer.send(Err(ResumeRefused::NotPaused));
+                        tunnel = Some(t);
+                        continue;
+                    }
+                    Some(Control::Quiesce { sent, answer }) => {
+                        Box::pin(self.peer_quiesced(&mut r, &mut t, &mut point, sent, answer, ctl))
+                            as Pin<Box<dyn Future<Output = _> + Send + '_>>
+                    }
+                    None => Box::pin(self.quiesce(&mut r, &mut t, &mut point, ctl)),
+                };
+                let quiesced = quiescing.await;
+                match quiesced {
+                    Ok(()) => {}
+                    Err(Quiesce::NotPaused(why)) => {
+                        // The peer never paused (it does not know the stream
+                        // any more, or did not answer): relay on here.
+                        info!(reason = %why, "tunnel stream could not be quiesced; it stays with this daemon");
+                        self.guard.keep_here();
+                        turn = None;
+                        r = Resume::open_at(r.sent(), r.received());
+                        tunnel = Some(t);
+                        continue;
+                    }
+                    Err(Quiesce::Withdrawn) => {
+                        info!("the peer withdrew its QUIESCE; tunnel stream relays on where it was");
+                        turn = None;
+                        r = Resume::open_at(r.sent(), r.received());
+                        tunnel = Some(t);
+                        continue;
+                    }
+                    Err(Quiesce::Broken(why)) => return self.close(&point, start, &why),
+                }
+                let pausing = Box::pin(self.paused(&mut r, ctl, &point, start, Some(t)));
                 match pausing.await {
                     Ok(Paused::Resumed(t)) => {
+                        // A new stream: an app that had half-closed gives its
+                        // EOF again, and the new stream gets its FIN.
+                        turn = None;
                         tunnel = Some(t);
                         point.a_to_b_done = false;
-                        continue;
                     }
                     Ok(Paused::HandedOver) => return,
                     Err(why) => return self.close(&point, start, &why),
                 }
-            };
-            let (end, msg) = self.relay(&mut t, point, ctl, &mut turn).await;
-            let at = match end {
-                None => return self.close(&point, start, "closed by the daemon (policy)"),
-                Some(SpliceEnd::Finished(out)) => {
-                    let t = moved(out.a_to_b, out.b_to_a, start);
-                    match out.error {
-                        Some(e) => self.guard.failed(t, e),
-                        None => self.guard.finished(t),
-                    }
-                    return;
-                }
-                Some(SpliceEnd::Paused(at)) => at,
-            };
-            // What the splice moved since the last pause, for the machine.
-            let wrote = at.a_to_b - point.a_to_b;
-            r.app_read(wrote);
-            let _ = r.tunnel_wrote(wrote);
-            let _ = r.tunnel_received(at.b_to_a - point.b_to_a);
-            point = at;
-            let quiescing = match msg {
-                Some(Control::Resume { answer, .. }) => {
-                    let _ = answer.send(Err(ResumeRefused::NotPaused));
-                    tunnel = Some(t);
-                    continue;
-                }
-                Some(Control::Quiesce { sent, answer }) => {
-                    Box::pin(self.peer_quiesced(&mut r, &mut t, &mut point, sent, answer, ctl))
-                        as Pin<Box<dyn Future<Output = _> + Send + '_>>
-                }
-                None => Box::pin(self.quiesce(&mut r, &mut t, &mut point, ctl)),
-            };
-            let quiesced = quiescing.await;
-            match quiesced {
-                Ok(()) => {}
-                Err(Quiesce::NotPaused(why)) => {
-                    // The peer never paused (it does not know the stream
-                    // any more, or did not answer): relay on here.
-                    info!(reason = %why, "tunnel stream could not be quiesced; it stays with this daemon");
-                    self.guard.keep_here();
-                    turn = None;
-                    r = Resume::open_at(r.sent(), r.received());
-                    tunnel = Some(t);
-                    continue;
-                }
-                Err(Quiesce::Withdrawn) => {
-                    info!("the peer withdrew its QUIESCE; tunnel stream relays on where it was");
-                    turn = None;
-                    r = Resume::open_at(r.sent(), r.received());
-                    tunnel = Some(t);
-                    continue;
-                }
-                Err(Quiesce::Broken(why)) => return self.close(&point, start, &why),
-            }
-            let pausing = Box::pin(self.paused(&mut r, ctl, &point, start, Some(t)));
-            match pausing.await {
-                Ok(Paused::Resumed(t)) => {
-                    // A new stream: an app that had half-closed gives its
-                    // EOF again, and the new stream gets its FIN.
-                    turn = None;
-                    tunnel = Some(t);
-                    point.a_to_b_done = false;
-                }
-                Ok(Paused::HandedOver) => return,
-                Err(why) => return self.close(&point, start, &why),
             }
         }
     }

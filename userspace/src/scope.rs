@@ -38,14 +38,7 @@ impl Scope {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let token = self.token.clone();
-        self.tasks.spawn(async move {
-            tokio::select! {
-                biased;
-                () = token.cancelled() => {}
-                () = fut => {}
-            }
-        });
+        self.tasks.spawn(Scoped { cancelled: self.token.clone().cancelled_owned(), fut });
     }
 
     /// True once the scope was ended (or its parent was).
@@ -68,6 +61,32 @@ impl Scope {
         self.token.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A scope's task: `fut` until the scope ends. A future of its own, not
+    /// an `async` block with a `select!`: that block held `fut` twice (the
+    /// captured value and the copy `select!` polls), so every connection's
+    /// task paid its state twice.
+    struct Scoped<F> {
+        #[pin]
+        cancelled: tokio_util::sync::WaitForCancellationFutureOwned,
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Scoped<F> {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let this = self.project();
+        // The end of the scope first: a cancelled task is not polled again.
+        if this.cancelled.poll(cx).is_ready() {
+            return std::task::Poll::Ready(());
+        }
+        this.fut.poll(cx)
     }
 }
 
@@ -120,6 +139,27 @@ mod tests {
         fn drop(&mut self) {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    /// A task holds its future once: the scope adds only its cancellation
+    /// future (the old `async` + `select!` wrapper doubled every task).
+    #[test]
+    fn a_scoped_task_holds_its_future_once() {
+        let big = async {
+            let state = [7u8; 4096];
+            std::future::pending::<()>().await;
+            std::hint::black_box(state);
+        };
+        let inner = std::mem::size_of_val(&big);
+        let scoped = Scoped { cancelled: CancellationToken::new().cancelled_owned(), fut: big };
+        let size = std::mem::size_of_val(&scoped);
+        let overhead = std::mem::size_of::<tokio_util::sync::WaitForCancellationFutureOwned>();
+        assert!(inner >= 4096);
+        // (at most one alignment's padding on top)
+        assert!(
+            size <= inner + overhead + std::mem::align_of_val(&scoped),
+            "a scoped task of a {inner}-byte future is {size} bytes: more than the future and the token's wait ({overhead})"
+        );
     }
 
     #[tokio::test]

@@ -184,7 +184,13 @@ async fn tunnel(
             registry: Arc::clone(&mesh.streams),
             dialer: Arc::clone(mesh) as Arc<dyn crate::resumable::Dialer>,
         };
-        return relay.run(Some(Box::new(stream))).await;
+        // A task of its own, in the pod's scope: this connection's task
+        // ends here, so the stream's whole life costs the relay's state
+        // only, not also this task's set-up (the connect, the policy
+        // decision, the connection's description).
+        let run = relay.run(Some(Box::new(stream))).instrument(tracing::Span::current());
+        pod.scope.spawn(run);
+        return;
     }
     let Some(o) = until_closed(&mut guard, tlsmesh_tunnel::splice(&mut client, &mut stream)).await
     else {
