@@ -337,12 +337,16 @@ impl Relay {
                 b_to_a_done: self.stream.app_write_done,
             };
             let mut turn: Turn = None;
+            // What the app wrote while this side drained a peer's QUIESCE
+            // (see `drain`): not sent on the old stream, it goes first on
+            // the stream this side relays on.
+            let mut held: Vec<u8> = Vec::new();
             loop {
                 let Some(mut t) = tunnel.take() else {
                     // Paused with no stream: wait for (or send) the resume.
                     // Boxed, and built in a statement of its own: an idle
                     // stream's task does not hold the pause's state.
-                    let pausing = Box::pin(self.paused(&mut r, ctl, &point, start, None));
+                    let pausing = Box::pin(self.paused(&mut r, ctl, &point, start, None, false));
                     match pausing.await {
                         Ok(Paused::Resumed(t)) => {
                             tunnel = Some(t);
@@ -353,6 +357,11 @@ impl Relay {
                         Err(why) => return self.close(&point, start, &why),
                     }
                 };
+                if !held.is_empty() {
+                    if let Err(e) = send_held(&mut t, &mut held, &mut r, &mut point).await {
+                        return self.close(&point, start, &e);
+                    }
+                }
                 let (end, msg) = self.relay(&mut t, point, ctl, &mut turn).await;
                 let at = match end {
                     None => return self.close(&point, start, "closed by the daemon (policy)"),
@@ -379,8 +388,9 @@ impl Relay {
                         continue;
                     }
                     Some(Control::Quiesce { sent, answer }) => {
-                        Box::pin(self.peer_quiesced(&mut r, &mut t, &mut point, sent, answer, ctl))
-                            as Pin<Box<dyn Future<Output = _> + Send + '_>>
+                        Box::pin(self.peer_quiesced(
+                            &mut r, &mut t, &mut point, sent, answer, ctl, &mut held,
+                        )) as Pin<Box<dyn Future<Output = _> + Send + '_>>
                     }
                     None => Box::pin(self.quiesce(&mut r, &mut t, &mut point, ctl)),
                 };
@@ -406,7 +416,9 @@ impl Relay {
                     }
                     Err(Quiesce::Broken(why)) => return self.close(&point, start, &why),
                 }
-                let pausing = Box::pin(self.paused(&mut r, ctl, &point, start, Some(t)));
+                let holding = !held.is_empty();
+                let pausing =
+                    Box::pin(self.paused(&mut r, ctl, &point, start, Some(t), holding));
                 match pausing.await {
                     Ok(Paused::Resumed(t)) => {
                         // A new stream: an app that had half-closed gives its
@@ -502,7 +514,7 @@ impl Relay {
         let mut answers = Vec::new();
         let drained = tokio::time::timeout(
             PAUSE_BOUND,
-            drain(t, &mut self.app, r, point, ask, false, ctl, &mut answers),
+            drain(t, &mut self.app, r, point, ask, false, ctl, &mut answers, None),
         )
         .await
         .unwrap_or(Err(Drain::Broken("not paused in time".into())));
@@ -527,6 +539,7 @@ impl Relay {
         peer_sent: u64,
         answer: oneshot::Sender<u64>,
         ctl: &Mailbox,
+        held: &mut Vec<u8>,
     ) -> Result<(), Quiesce> {
         let acts = r.peer_quiesce(peer_sent);
         closed(&acts).map_err(Quiesce::Broken)?;
@@ -534,7 +547,7 @@ impl Relay {
         let mut answers = vec![answer];
         let drained = tokio::time::timeout(
             PAUSE_BOUND,
-            drain(t, &mut self.app, r, point, never, true, ctl, &mut answers),
+            drain(t, &mut self.app, r, point, never, true, ctl, &mut answers, Some(held)),
         )
         .await
         .unwrap_or(Err(Drain::Broken("the peer's bytes did not arrive in time".into())));
@@ -564,7 +577,9 @@ impl Relay {
     /// Paused: offer the stream to the next daemon when this one is going,
     /// else get it resumed (send RESUME as the client, wait for it as the
     /// server) within [`PAUSE_BOUND`]. `old` is the old tunnel stream, kept
-    /// open until then.
+    /// open until then. A stream `holding` bytes its app wrote during the
+    /// pause is not offered (the bytes would stay behind): it is resumed
+    /// here first, and moves at its next turn.
     async fn paused(
         &mut self,
         r: &mut Resume,
@@ -572,6 +587,7 @@ impl Relay {
         point: &SplicePoint,
         start: (u64, u64),
         old: Option<BoxIo>,
+        holding: bool,
     ) -> Result<Paused, String> {
         self.stream.sent = r.sent();
         self.stream.received = r.received();
@@ -586,7 +602,7 @@ impl Relay {
                 // A daemon that is going hands the stream over before it
                 // would resume it itself.
                 biased;
-                () = self.guard.handover_requested(), if !offered => {
+                () = self.guard.handover_requested(), if !offered && !holding => {
                     offered = true;
                     let t = moved(r.sent(), r.received(), start);
                     let what = Offered::Stream { stream: &self.stream, app: self.app.as_fd() };
@@ -697,6 +713,11 @@ enum Drain {
     Broken(String),
 }
 
+/// Most bytes a side holds from its app while it drains a peer's QUIESCE
+/// (see [`drain`]): enough to take what an echo of full socket buffers and
+/// a full stream window writes back.
+const HOLD_BUDGET: usize = 16 << 20;
+
 /// Copies the old stream to the app until the machine is paused: it has
 /// received what the peer said it sent. The peer's count comes from `count`
 /// (the answer to our QUIESCE, read meanwhile so that the peer can flush)
@@ -704,9 +725,17 @@ enum Drain {
 ///
 /// A QUIESCE from the peer meanwhile (both moving at once) is the peer's
 /// answer; its own answer waits in `answers` until this side is paused.
+///
+/// With `hold` (the side that stays, answering a peer's QUIESCE), the app
+/// is read meanwhile, into `hold`, up to [`HOLD_BUDGET`]: an app that
+/// answers what it reads (an echo, a request/response server with full
+/// windows both ways) is blocked writing to us and reads the peer's
+/// in-flight bytes only once we read it. Those bytes are not sent on the
+/// old stream (this side's count is already final) but first on the one it
+/// relays on ([`send_held`]).
 #[expect(
     clippy::too_many_arguments,
-    reason = "the two streams, the machine and its point, the peer's count and its messages: one step of the driver"
+    reason = "the two streams, the machine and its point, the peer's count, its messages and the held bytes: one step of the driver"
 )]
 async fn drain(
     t: &mut BoxIo,
@@ -717,10 +746,13 @@ async fn drain(
     known: bool,
     ctl: &Mailbox,
     answers: &mut Vec<oneshot::Sender<u64>>,
+    mut hold: Option<&mut Vec<u8>>,
 ) -> Result<(), Drain> {
     tokio::pin!(count);
     let mut known = known;
     let mut buf = vec![0u8; 64 * 1024];
+    let (mut app_r, mut app_w) = app.split();
+    let mut holding = Holding { buf: Vec::new(), eof: false };
     loop {
         match r.phase() {
             Phase::Paused => return Ok(()),
@@ -757,18 +789,97 @@ async fn drain(
                 let n = n.map_err(|e| Drain::Broken(format!("reading the old stream: {e}")))?;
                 if n == 0 {
                     // The peer's app had half-closed: its end reaches ours.
-                    let _ = app.shutdown().await;
+                    let _ = app_w.shutdown().await;
                     point.b_to_a_done = true;
                     continue;
                 }
-                app.write_all(&buf[..n])
+                holding
+                    .write_all(&mut app_w, &buf[..n], &mut app_r, hold.as_deref_mut())
                     .await
                     .map_err(|e| Drain::Broken(format!("writing to the app: {e}")))?;
                 point.b_to_a += n as u64;
                 closed(&r.tunnel_received(n as u64)).map_err(Drain::Broken)?;
             }
+            got = holding.read(&mut app_r, hold.as_deref_mut()), if holding.may(hold.as_deref()) => {
+                got.map_err(|e| Drain::Broken(format!("reading the app: {e}")))?;
+            }
         }
     }
+}
+
+/// Reading an app into the held bytes while draining (see [`drain`]).
+struct Holding {
+    /// Read buffer, made at the first read.
+    buf: Vec<u8>,
+    /// The app half-closed: read no more (the relay reads it again after
+    /// the pause and sees the end again).
+    eof: bool,
+}
+
+impl Holding {
+    /// Whether the app may be read into `hold`.
+    fn may(&self, hold: Option<&Vec<u8>>) -> bool {
+        !self.eof && hold.is_some_and(|h| h.len() < HOLD_BUDGET)
+    }
+
+    /// One read of the app into `hold` (cancel-safe: bytes are kept only
+    /// when the read returned).
+    async fn read(
+        &mut self,
+        app: &mut tokio::net::tcp::ReadHalf<'_>,
+        hold: Option<&mut Vec<u8>>,
+    ) -> std::io::Result<()> {
+        let Some(hold) = hold else { return std::future::pending().await };
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; 64 * 1024];
+        }
+        let room = (HOLD_BUDGET - hold.len().min(HOLD_BUDGET)).min(self.buf.len());
+        let n = app.read(&mut self.buf[..room]).await?;
+        if n == 0 {
+            self.eof = true;
+        }
+        hold.extend_from_slice(&self.buf[..n]);
+        Ok(())
+    }
+
+    /// Writes `data` to the app, reading it into `hold` meanwhile.
+    async fn write_all(
+        &mut self,
+        w: &mut tokio::net::tcp::WriteHalf<'_>,
+        mut data: &[u8],
+        r: &mut tokio::net::tcp::ReadHalf<'_>,
+        mut hold: Option<&mut Vec<u8>>,
+    ) -> std::io::Result<()> {
+        while !data.is_empty() {
+            let may = self.may(hold.as_deref());
+            tokio::select! {
+                n = w.write(data) => match n? {
+                    0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                    n => data = &data[n..],
+                },
+                got = self.read(r, hold.as_deref_mut()), if may => got?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sends what the app wrote during the pause ([`drain`]) on the stream this
+/// side relays on, before anything else, and counts it as sent.
+async fn send_held(
+    t: &mut BoxIo,
+    held: &mut Vec<u8>,
+    r: &mut Resume,
+    point: &mut SplicePoint,
+) -> Result<(), String> {
+    let held = std::mem::take(held);
+    t.write_all(&held).await.map_err(|e| format!("sending what the app wrote during the pause: {e}"))?;
+    t.flush().await.map_err(|e| format!("sending what the app wrote during the pause: {e}"))?;
+    let n = held.len() as u64;
+    r.app_read(n);
+    let _ = r.tunnel_wrote(n);
+    point.a_to_b += n;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -866,6 +977,99 @@ mod tests {
         let size = std::mem::size_of_val(&f);
         eprintln!("resumable::Relay::run future: {size} bytes");
         assert!(size < 2048, "an idle resumable stream's task grew to {size} bytes");
+    }
+
+    /// The side that answers a QUIESCE writes the mover's in-flight bytes
+    /// to an echo app that is itself blocked writing back (small socket
+    /// buffers, more in flight than they hold): without holding what the
+    /// app writes the drain can never finish; holding it, it does, and the
+    /// held bytes are exactly what the app echoed, in order.
+    #[tokio::test]
+    async fn a_drain_into_an_echo_in_full_flow_completes_by_holding_what_it_writes_back() {
+        const IN_FLIGHT: usize = 4 << 20;
+        let data: Vec<u8> = (0..IN_FLIGHT).map(|i| (i % 251) as u8).collect();
+
+        async fn setup(data: &[u8]) -> (BoxIo, TcpStream, Resume) {
+            let small = |s: &tokio::net::TcpSocket| {
+                s.set_recv_buffer_size(16 << 10).unwrap();
+                s.set_send_buffer_size(16 << 10).unwrap();
+            };
+            let ls = tokio::net::TcpSocket::new_v4().unwrap();
+            small(&ls);
+            ls.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let l = ls.listen(1).unwrap();
+            let cs = tokio::net::TcpSocket::new_v4().unwrap();
+            small(&cs);
+            let app = cs.connect(l.local_addr().unwrap()).await.unwrap();
+            let (mut echo, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut b = vec![0u8; 64 << 10];
+                loop {
+                    match echo.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if echo.write_all(&b[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+            // The mover's side of the old stream: everything it sent.
+            let (ours, mut peer) = tokio::io::duplex(64 << 10);
+            let push = data.to_vec();
+            tokio::spawn(async move {
+                let _ = peer.write_all(&push).await;
+                // Keep the old stream open (a pause does not end it).
+                std::future::pending::<()>().await;
+                drop(peer);
+            });
+            let mut r = Resume::open_at(0, 0);
+            let _ = r.peer_quiesce(data.len() as u64);
+            assert!(matches!(r.phase(), Phase::Draining { .. }), "{:?}", r.phase());
+            (Box::new(ours), app, r)
+        }
+
+        let point = || SplicePoint { a_to_b: 0, b_to_a: 0, a_to_b_done: false, b_to_a_done: false };
+        let never = || std::future::pending::<Result<u64, String>>();
+
+        // Without holding: stuck (the scenario is real).
+        let (mut t, mut app, mut r) = setup(&data).await;
+        let (ctl, mut answers, mut p) = (Mailbox::default(), Vec::new(), point());
+        let stuck = tokio::time::timeout(
+            Duration::from_secs(2),
+            drain(&mut t, &mut app, &mut r, &mut p, never(), true, &ctl, &mut answers, None),
+        )
+        .await;
+        assert!(stuck.is_err(), "the drain finished without holding: the echo was not blocked");
+
+        // Holding: done, every in-flight byte written, the echo held.
+        let (mut t, mut app, mut r) = setup(&data).await;
+        let (ctl, mut answers, mut p) = (Mailbox::default(), Vec::new(), point());
+        let mut held = Vec::new();
+        let done = tokio::time::timeout(
+            Duration::from_secs(60),
+            drain(&mut t, &mut app, &mut r, &mut p, never(), true, &ctl, &mut answers, Some(&mut held)),
+        )
+        .await;
+        assert!(matches!(done, Ok(Ok(()))), "the drain did not finish holding the echo: {:?}", done.map(|r| r.is_ok()));
+        assert_eq!(r.phase(), Phase::Paused);
+        assert_eq!(p.b_to_a, IN_FLIGHT as u64, "every in-flight byte reached the app");
+        assert_eq!(r.sent(), 0, "held bytes are not counted as sent on the old stream");
+        assert!(!held.is_empty() && held.len() <= IN_FLIGHT);
+        assert_eq!(held[..], data[..held.len()], "the held bytes are the echo, in order");
+
+        // Relaying on: the held bytes go first on the new stream and are counted.
+        let (new_ours, mut new_peer) = tokio::io::duplex(IN_FLIGHT * 2);
+        let _ = r.resumed();
+        let n = held.len();
+        let mut new_t: BoxIo = Box::new(new_ours);
+        send_held(&mut new_t, &mut held, &mut r, &mut p).await.unwrap();
+        assert!(held.is_empty());
+        assert_eq!((r.sent(), p.a_to_b), (n as u64, n as u64));
+        let mut got = vec![0u8; n];
+        new_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(got[..], data[..n]);
     }
 
     #[test]
