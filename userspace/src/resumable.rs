@@ -748,11 +748,14 @@ async fn drain(
     answers: &mut Vec<oneshot::Sender<u64>>,
     mut hold: Option<&mut Vec<u8>>,
 ) -> Result<(), Drain> {
+    use bytes::BufMut as _;
     tokio::pin!(count);
     let mut known = known;
-    let mut buf = vec![0u8; 64 * 1024];
+    // Not zeroed: every moving stream drains, most of them nothing (the
+    // kernel writes only what it reads).
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let (mut app_r, mut app_w) = app.split();
-    let mut holding = Holding { buf: Vec::new(), eof: false };
+    let mut holding = Holding { eof: false };
     loop {
         match r.phase() {
             Phase::Paused => return Ok(()),
@@ -761,10 +764,12 @@ async fn drain(
         }
         let want = match r.phase() {
             Phase::Draining { peer_sent } => {
-                usize::try_from(peer_sent - r.received()).unwrap_or(usize::MAX).min(buf.len())
+                usize::try_from(peer_sent - r.received()).unwrap_or(usize::MAX).min(buf.capacity())
             }
-            _ => buf.len(),
+            _ => buf.capacity(),
         };
+        buf.clear();
+        let mut room = (&mut buf).limit(want);
         if point.b_to_a_done && known {
             return Err(Drain::Broken("the old stream ended before the peer's count".into()));
         }
@@ -785,7 +790,7 @@ async fn drain(
                 let m = c.map_err(Drain::NoAnswer)?;
                 closed(&r.peer_quiesce(m)).map_err(Drain::Broken)?;
             }
-            n = t.read(&mut buf[..want]), if !point.b_to_a_done => {
+            n = t.read_buf(&mut room), if !point.b_to_a_done => {
                 let n = n.map_err(|e| Drain::Broken(format!("reading the old stream: {e}")))?;
                 if n == 0 {
                     // The peer's app had half-closed: its end reaches ours.
@@ -809,8 +814,6 @@ async fn drain(
 
 /// Reading an app into the held bytes while draining (see [`drain`]).
 struct Holding {
-    /// Read buffer, made at the first read.
-    buf: Vec<u8>,
     /// The app half-closed: read no more (the relay reads it again after
     /// the pause and sees the end again).
     eof: bool,
@@ -822,24 +825,30 @@ impl Holding {
         !self.eof && hold.is_some_and(|h| h.len() < HOLD_BUDGET)
     }
 
-    /// One read of the app into `hold` (cancel-safe: bytes are kept only
-    /// when the read returned).
+    /// One read of the app into `hold`, once it has something (an app with
+    /// nothing to say costs no buffer). Cancel-safe: bytes are taken only
+    /// when the read returns.
     async fn read(
         &mut self,
         app: &mut tokio::net::tcp::ReadHalf<'_>,
         hold: Option<&mut Vec<u8>>,
     ) -> std::io::Result<()> {
+        use bytes::BufMut as _;
         let Some(hold) = hold else { return std::future::pending().await };
-        if self.buf.is_empty() {
-            self.buf = vec![0u8; 64 * 1024];
+        loop {
+            app.readable().await?;
+            let room = HOLD_BUDGET.saturating_sub(hold.len()).min(64 * 1024);
+            hold.reserve(room);
+            match app.try_read_buf(&mut (&mut *hold).limit(room)) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(());
+                }
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
         }
-        let room = (HOLD_BUDGET - hold.len().min(HOLD_BUDGET)).min(self.buf.len());
-        let n = app.read(&mut self.buf[..room]).await?;
-        if n == 0 {
-            self.eof = true;
-        }
-        hold.extend_from_slice(&self.buf[..n]);
-        Ok(())
     }
 
     /// Writes `data` to the app, reading it into `hold` meanwhile.
