@@ -315,6 +315,10 @@ impl Relay {
     /// `async fn` keeps its arguments twice in the future (the captured
     /// values and the locals they are moved to), and every open stream's
     /// task holds this future.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an `async fn` would hold `self` twice in every stream's task"
+    )]
     pub fn run(mut self, mut tunnel: Option<BoxIo>) -> impl Future<Output = ()> {
         async move {
             let (_registration, ctl) = self.registry.register(&self.pod, &self.stream);
@@ -402,23 +406,22 @@ impl Relay {
                         // any more, or did not answer): relay on here.
                         info!(reason = %why, "tunnel stream could not be quiesced; it stays with this daemon");
                         self.guard.keep_here();
-                        turn = None;
-                        r = Resume::open_at(r.sent(), r.received());
+                        (turn, r) = (None, Resume::open_at(r.sent(), r.received()));
                         tunnel = Some(t);
                         continue;
                     }
                     Err(Quiesce::Withdrawn) => {
-                        info!("the peer withdrew its QUIESCE; tunnel stream relays on where it was");
-                        turn = None;
-                        r = Resume::open_at(r.sent(), r.received());
+                        info!(
+                            "the peer withdrew its QUIESCE; tunnel stream relays on where it was"
+                        );
+                        (turn, r) = (None, Resume::open_at(r.sent(), r.received()));
                         tunnel = Some(t);
                         continue;
                     }
                     Err(Quiesce::Broken(why)) => return self.close(&point, start, &why),
                 }
                 let holding = !held.is_empty();
-                let pausing =
-                    Box::pin(self.paused(&mut r, ctl, &point, start, Some(t), holding));
+                let pausing = Box::pin(self.paused(&mut r, ctl, &point, start, Some(t), holding));
                 match pausing.await {
                     Ok(Paused::Resumed(t)) => {
                         // A new stream: an app that had half-closed gives its
@@ -531,6 +534,10 @@ impl Relay {
     }
 
     /// The peer is moving: pause, then answer with this side's count.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the machine, the stream and its point, the peer's count and answer, the mailbox, the held bytes: one step of the driver"
+    )]
     async fn peer_quiesced(
         &mut self,
         r: &mut Resume,
@@ -882,7 +889,9 @@ async fn send_held(
     point: &mut SplicePoint,
 ) -> Result<(), String> {
     let held = std::mem::take(held);
-    t.write_all(&held).await.map_err(|e| format!("sending what the app wrote during the pause: {e}"))?;
+    t.write_all(&held)
+        .await
+        .map_err(|e| format!("sending what the app wrote during the pause: {e}"))?;
     t.flush().await.map_err(|e| format!("sending what the app wrote during the pause: {e}"))?;
     let n = held.len() as u64;
     r.app_read(n);
@@ -985,7 +994,9 @@ mod tests {
         let f = relay.run(None);
         let size = std::mem::size_of_val(&f);
         eprintln!("resumable::Relay::run future: {size} bytes");
-        assert!(size < 2048, "an idle resumable stream's task grew to {size} bytes");
+        // 1,408 B in a debug build (1,400 B release), 1,728 B while `run`
+        // was an `async fn` (its arguments twice).
+        assert!(size < 1536, "an idle resumable stream's task grew to {size} bytes");
     }
 
     /// The side that answers a QUIESCE writes the mover's in-flight bytes
@@ -995,9 +1006,6 @@ mod tests {
     /// held bytes are exactly what the app echoed, in order.
     #[tokio::test]
     async fn a_drain_into_an_echo_in_full_flow_completes_by_holding_what_it_writes_back() {
-        const IN_FLIGHT: usize = 4 << 20;
-        let data: Vec<u8> = (0..IN_FLIGHT).map(|i| (i % 251) as u8).collect();
-
         async fn setup(data: &[u8]) -> (BoxIo, TcpStream, Resume) {
             let small = |s: &tokio::net::TcpSocket| {
                 s.set_recv_buffer_size(16 << 10).unwrap();
@@ -1039,6 +1047,9 @@ mod tests {
             (Box::new(ours), app, r)
         }
 
+        const IN_FLIGHT: usize = 4 << 20;
+        let data: Vec<u8> = (0..IN_FLIGHT).map(|i| u8::try_from(i % 251).unwrap()).collect();
+
         let point = || SplicePoint { a_to_b: 0, b_to_a: 0, a_to_b_done: false, b_to_a_done: false };
         let never = || std::future::pending::<Result<u64, String>>();
 
@@ -1058,10 +1069,24 @@ mod tests {
         let mut held = Vec::new();
         let done = tokio::time::timeout(
             Duration::from_secs(60),
-            drain(&mut t, &mut app, &mut r, &mut p, never(), true, &ctl, &mut answers, Some(&mut held)),
+            drain(
+                &mut t,
+                &mut app,
+                &mut r,
+                &mut p,
+                never(),
+                true,
+                &ctl,
+                &mut answers,
+                Some(&mut held),
+            ),
         )
         .await;
-        assert!(matches!(done, Ok(Ok(()))), "the drain did not finish holding the echo: {:?}", done.map(|r| r.is_ok()));
+        assert!(
+            matches!(done, Ok(Ok(()))),
+            "the drain did not finish holding the echo: {:?}",
+            done.map(|r| r.is_ok())
+        );
         assert_eq!(r.phase(), Phase::Paused);
         assert_eq!(p.b_to_a, IN_FLIGHT as u64, "every in-flight byte reached the app");
         assert_eq!(r.sent(), 0, "held bytes are not counted as sent on the old stream");

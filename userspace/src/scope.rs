@@ -80,7 +80,10 @@ pin_project_lite::pin_project! {
 impl<F: Future<Output = ()>> Future for Scoped<F> {
     type Output = ();
 
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
         let this = self.project();
         // The end of the scope first: a cancelled task is not polled again.
         if this.cancelled.poll(cx).is_ready() {

@@ -277,8 +277,9 @@ mod tests {
     };
 
     /// The state an idle captured connection's task holds (every open
-    /// connection pays it): 2,024 bytes in a debug build when the tunnel's
-    /// connect future is boxed, 5,776 when it was inline.
+    /// connection but a resumable tunnel stream pays it; that one's relay
+    /// runs in a task of its own): 2,224 bytes in a debug build, 5,776 when
+    /// the tunnel's connect future was inline.
     #[tokio::test]
     async fn future_sizes() {
         let stats = Arc::new(Stats::default());
@@ -302,7 +303,7 @@ mod tests {
         let size = std::mem::size_of_val(&f);
         eprintln!("outbound::serve future: {size} bytes");
         assert!(
-            size < 4096,
+            size < 2560,
             "a captured connection's task grew to {size} bytes (box what it awaits only at set-up)"
         );
         drop(f);
