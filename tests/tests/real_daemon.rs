@@ -256,6 +256,107 @@ fn policy_crds(c: &Client) -> impl std::future::Future<Output = ()> + '_ {
     install_crds(c, crds)
 }
 
+/// A client in pod `p` (its netns and cgroup, as a pod's app runs): one
+/// connection to `dst`, `payload` sent, the write side shut, the echo read.
+/// `None` when refused or reset.
+fn echo_from_pod(topo: &Topology, p: &Pod, dst: SocketAddr, payload: &str) -> Option<String> {
+    let script = format!(
+        "import socket\ns = socket.create_connection(('{}', {}), 5)\ns.settimeout(10)\n\
+         s.sendall(b'{payload}')\ns.shutdown(socket.SHUT_WR)\nb = b''\nwhile True:\n    \
+         c = s.recv(4096)\n    if not c:\n        break\n    b += c\nprint(b.decode(), end='')\n",
+        dst.ip(),
+        dst.port()
+    );
+    let out = topo.run_in_pod(p, "python3", &["-c", &script]).expect("python3 in the pod");
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ipBlocks` match a same-node client (the local route, an app in its
+/// pod's netns and cgroup) by its pod address: a DENY of it refuses, an
+/// ALLOW of other addresses refuses, an ALLOW of it lets it through; the
+/// access log names it by that address.
+#[test]
+fn real_apiserver_ip_blocks_match_a_same_node_client_by_its_pod_address() {
+    if !require_root("real_apiserver_ip_blocks_match_a_same_node_client_by_its_pod_address") {
+        return;
+    }
+    let _turn = one_at_a_time();
+    let mut cl = Cluster::start(2);
+    let (client, server) = (cl.topo.pod(0, 0).clone(), cl.topo.pod(0, 1).clone());
+    let c = cl.client();
+    cl.rt.block_on(async {
+        policy_crds(&c).await;
+        namespace(&c, "shop", Some("strict")).await;
+    });
+    cl.running_pod("shop", &client, "web");
+    cl.running_pod("shop", &server, "db");
+    echo_server(&server.netns, SocketAddr::new(server.ip4.into(), PORT));
+    let d0 = cl.daemon(0);
+    until_served(&d0, &["shop/n0p0", "shop/n0p1"], "both pods on node 0");
+    let dst = SocketAddr::new(server.ip4.into(), PORT);
+    let topo = &cl.topo;
+    let passes = |what: &str| {
+        wait_for(Duration::from_secs(20), || {
+            echo_from_pod(topo, &client, dst, what).filter(|b| b == what)
+        })
+        .is_some()
+    };
+    let is_refused = |what: &str| {
+        wait_for(Duration::from_secs(20), || {
+            (echo_from_pod(topo, &client, dst, what).as_deref() != Some(what)).then_some(())
+        })
+        .is_some()
+    };
+    assert!(passes("open"), "no policy: the local route passes\n{}", d0.log_text());
+    let row = d0.config_dump()["connections"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["direction"] == "outbound").cloned());
+    assert!(row.is_none(), "the connection is over: {row:?}");
+    let logged = d0
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("connection complete") && l.contains("route=\"local\""))
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    assert!(
+        !logged.is_empty() && logged.iter().all(|l| l.contains(&format!("src={}:", client.ip4))),
+        "the access log names the client by its pod address: {logged:#?}"
+    );
+
+    let aps = authorization_policies(&c, "shop");
+    let block = format!("{}/32", client.ip4);
+    cl.rt.block_on(create_object(
+        &aps,
+        json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "no-web-ip", "namespace": "shop"},
+            "spec": {"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": [block]}}]}]}}),
+    ));
+    assert!(is_refused("deny"), "a DENY of the client's address refuses it\n{}", d0.log_text());
+    assert!(d0.counter("policy_denied") >= 1, "{}", d0.stats());
+    cl.rt.block_on(delete_object(&aps, "no-web-ip"));
+    assert!(passes("after"), "the deny removed, connections pass");
+
+    // An ALLOW of other addresses refuses the client (the ALLOW is in
+    // force); added beside it, an ALLOW of the client's address lets it
+    // through.
+    let allow = |name: &str, block: &str| {
+        json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"action": "ALLOW", "rules": [{"from": [{"source": {"ipBlocks": [block]}}]}]}})
+    };
+    cl.rt.block_on(create_object(&aps, allow("others-only", "192.0.2.0/24")));
+    assert!(is_refused("others"), "an ALLOW of other addresses refuses the client");
+    cl.rt.block_on(create_object(&aps, allow("web-ip-too", &block)));
+    assert!(
+        passes("allowed"),
+        "an ALLOW of the client's address lets it through\n{}",
+        d0.log_text()
+    );
+    cl.rt.block_on(delete_object(&aps, "others-only"));
+    cl.rt.block_on(delete_object(&aps, "web-ip-too"));
+    drop(d0);
+}
+
 #[test]
 fn real_apiserver_policy_objects_are_enforced_and_open_streams_rechecked() {
     if !require_root("real_apiserver_policy_objects_are_enforced_and_open_streams_rechecked") {

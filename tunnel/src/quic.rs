@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-pub use pool::{Dial, Pool};
+pub use pool::{Dial, PathView, Pool};
 pub use server::{serve, serve_until, OnConnection, OnRefused, ServerCtx};
 
 use crate::error::Error;
@@ -105,19 +105,37 @@ impl QuicConfig {
 /// `net.core.rmem_max` / `wmem_max`).
 pub const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
+/// What [`tune_udp_socket`] obtained for a tunnel UDP socket: the buffer
+/// sizes the kernel granted and the segmentation offloads quinn uses on it.
+/// `gso_segments` > 1 means one `sendmsg` carries that many datagrams
+/// (UDP GSO; quinn caps a transmit at 10), `gro_segments` > 1 that one
+/// receive may return that many coalesced (UDP GRO). Both 1 means every
+/// datagram costs a system call and a trip through the stack.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct UdpTuning {
+    pub recv_buffer: usize,
+    pub send_buffer: usize,
+    pub gso_segments: usize,
+    pub gro_segments: usize,
+}
+
 /// Raises a tunnel UDP socket's receive and send buffers to
 /// [`UDP_SOCKET_BUFFER`] before it is handed to `quinn::Endpoint::new`.
 /// The kernel default (about 208 KiB) overflows at a few Gbit/s whenever the
 /// daemon is descheduled briefly; every drop is a loss that halves the
-/// congestion window. Best effort: returns the sizes obtained (receive,
-/// send).
-pub fn tune_udp_socket(socket: &std::net::UdpSocket) -> io::Result<(usize, usize)> {
+/// congestion window. Best effort: returns what was obtained.
+pub fn tune_udp_socket(socket: &std::net::UdpSocket) -> io::Result<UdpTuning> {
     let state = quinn::udp::UdpSocketState::new(socket.into())?;
     // Errors (e.g. a capped size) are not fatal: whatever the kernel grants
     // is reported below.
     let _ = state.set_recv_buffer_size(socket.into(), UDP_SOCKET_BUFFER);
     let _ = state.set_send_buffer_size(socket.into(), UDP_SOCKET_BUFFER);
-    Ok((state.recv_buffer_size(socket.into())?, state.send_buffer_size(socket.into())?))
+    Ok(UdpTuning {
+        recv_buffer: state.recv_buffer_size(socket.into())?,
+        send_buffer: state.send_buffer_size(socket.into())?,
+        gso_segments: state.max_gso_segments(),
+        gro_segments: state.gro_segments(),
+    })
 }
 
 /// Builds the quinn server configuration from the node's rustls server

@@ -209,13 +209,16 @@ async fn sequential_streams_beyond_the_stream_limit_reuse_one_connection() {
     }
 }
 
-/// The socket helper raises the UDP buffers above the kernel default.
+/// The socket helper raises the UDP buffers above the kernel default and
+/// reports the segmentation offloads quinn will use.
 #[test]
 fn udp_socket_buffers_are_raised() {
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let before = socket_rcvbuf(&sock);
-    let (rcv, snd) = tlsmesh_tunnel::quic::tune_udp_socket(&sock).unwrap();
-    assert!(rcv >= before && snd > 0, "rcv {rcv} (was {before}), snd {snd}");
+    let t = tlsmesh_tunnel::quic::tune_udp_socket(&sock).unwrap();
+    assert!(t.recv_buffer >= before && t.send_buffer > 0, "{t:?} (receive buffer was {before})");
+    // Linux has had UDP GSO and GRO since 4.18 / 5.0: quinn uses both.
+    assert!(t.gso_segments > 1 && t.gro_segments > 1, "segmentation offloads off: {t:?}");
 }
 
 fn socket_rcvbuf(sock: &std::net::UdpSocket) -> usize {

@@ -260,7 +260,8 @@ fn config_dump(a: &Admin) -> serde_json::Value {
         "pool": mesh.map(|m| {
             let (hc, hs) = m.client.hbone().stats();
             let (qc, qs) = m.client.quic().stats();
-            json!({"hbone_connections": hc, "hbone_streams": hs, "quic_connections": qc, "quic_streams": qs})
+            json!({"hbone_connections": hc, "hbone_streams": hs, "quic_connections": qc, "quic_streams": qs,
+                "quic_socket": m.quic_socket, "quic_paths": m.client.quic().paths()})
         }),
         "problems": a.state.problems(),
         "capture": capture,

@@ -70,6 +70,8 @@ pub struct Mesh {
     pub client: tlsmesh_tunnel::Client,
     /// QUIC client endpoint in the node netns (when QUIC is the transport).
     pub quic_endpoint: Option<quinn::Endpoint>,
+    /// What its UDP socket got (buffers, GSO/GRO; `/config_dump`).
+    pub quic_socket: Option<quic::UdpTuning>,
     /// Open tunnels.
     pub registry: Arc<Registry>,
     /// Resumable tunnel streams, by token.
@@ -90,13 +92,21 @@ impl std::fmt::Debug for Mesh {
 impl Mesh {
     /// Builds the tunnel side; `transport` decides whether a QUIC endpoint is made.
     pub fn new(certs: Certs, transport: Transport) -> Result<Self, MeshError> {
+        let mut quic_socket = None;
         let quic_endpoint = match transport {
             Transport::Quic => {
                 let sock = std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))
                     .or_else(|_| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
                     .map_err(MeshError::QuicSocket)?;
-                if let Err(e) = quic::tune_udp_socket(&sock) {
-                    warn!(error = %e, "cannot raise the QUIC socket buffers");
+                match quic::tune_udp_socket(&sock) {
+                    Ok(t) => {
+                        if t.gso_segments <= 1 || t.gro_segments <= 1 {
+                            warn!(gso_segments = t.gso_segments, gro_segments = t.gro_segments,
+                                "the kernel offers no UDP GSO/GRO: QUIC sends and receives one datagram per system call (slow; TCP is faster here)");
+                        }
+                        quic_socket = Some(t);
+                    }
+                    Err(e) => warn!(error = %e, "cannot raise the QUIC socket buffers"),
                 }
                 Some(
                     quinn::Endpoint::new(
@@ -114,6 +124,7 @@ impl Mesh {
             certs,
             client: tlsmesh_tunnel::Client::new(tlsmesh_tunnel::ClientConfig::default()),
             quic_endpoint,
+            quic_socket,
             registry: Arc::new(Registry::default()),
             streams: Arc::default(),
             handshake_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),

@@ -47,6 +47,36 @@ struct Inner {
     next_id: AtomicU64,
 }
 
+/// One pooled QUIC connection's path (see [`Pool::paths`]).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PathView {
+    pub peer: SocketAddr,
+    pub streams: usize,
+    pub rtt_us: u64,
+    pub cwnd: u64,
+    /// The datagram size in use (MTU discovery raises it from 1,200).
+    pub mtu: u16,
+    pub sent_packets: u64,
+    pub lost_packets: u64,
+    pub congestion_events: u64,
+}
+
+impl PathView {
+    fn of(c: &quinn::Connection, streams: usize) -> Self {
+        let p = c.stats().path;
+        Self {
+            peer: c.remote_address(),
+            streams,
+            rtt_us: u64::try_from(p.rtt.as_micros()).unwrap_or(u64::MAX),
+            cwnd: p.cwnd,
+            mtu: p.current_mtu,
+            sent_packets: p.sent_packets,
+            lost_packets: p.lost_packets,
+            congestion_events: p.congestion_events,
+        }
+    }
+}
+
 #[derive(Default)]
 struct KeyState {
     conns: Vec<(Arc<Usage>, quinn::Connection)>,
@@ -79,6 +109,14 @@ impl Pool {
     pub fn stats(&self) -> (usize, usize) {
         let keys = lock(&self.inner.keys);
         keys.values().flat_map(|k| &k.conns).fold((0, 0), |(c, s), (u, _)| (c + 1, s + u.active()))
+    }
+
+    /// The path of every pooled connection as quinn sees it: what an
+    /// operator (and the benchmark) reads to tell a lossy or mis-sized path
+    /// from a slow daemon (`/config_dump` `pool.quic_paths`).
+    pub fn paths(&self) -> Vec<PathView> {
+        let keys = lock(&self.inner.keys);
+        keys.values().flat_map(|k| &k.conns).map(|(u, c)| PathView::of(c, u.active())).collect()
     }
 
     /// Closes every pooled connection whose key `doomed` selects, with all

@@ -1,7 +1,10 @@
 //! A pod's captured outbound connection: route it, then relay it through
 //! the tunnel, to a pod on this node, or out as passthrough.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use tokio::net::TcpStream;
 use tracing::{info_span, warn, Instrument};
@@ -35,12 +38,14 @@ pub async fn serve(p: Proxy, pod: Arc<PodEntry>, client: TcpStream, peer: Socket
     let dst = resolved.unwrap_or(dst);
     let route = inv.route(p.state.node(), dst.ip());
     let span = info_span!("outbound", src = %pod.key(), %dst, route = ?route);
+    let src_ip = pod.pod.ips.iter().copied().find(|ip| ip.is_ipv4() == dst.ip().is_ipv4());
+    let src = source_of(peer, src_ip);
     async move {
         let info = |route: Route, peer_pod: Option<&Pod>| ConnInfo {
             direction: Direction::Outbound,
             route,
             pod: pod.key(),
-            src: peer,
+            src,
             dst,
             peer_pod: peer_pod.map(Pod::key),
             src_identity: Some(pod.identity.clone()),
@@ -48,7 +53,6 @@ pub async fn serve(p: Proxy, pod: Arc<PodEntry>, client: TcpStream, peer: Socket
             transport: None,
             dst_service: dst_service.clone(),
         };
-        let src_ip = pod.pod.ips.iter().copied().find(|ip| ip.is_ipv4() == dst.ip().is_ipv4());
         match route {
             inventory::Route::RemotePod { pod: dst_key, .. } => {
                 let Some(dst_pod) = inv.inv.pods.get(&dst_key) else {
@@ -65,7 +69,7 @@ pub async fn serve(p: Proxy, pod: Arc<PodEntry>, client: TcpStream, peer: Socket
                     // pod is known from the netns it was captured in.
                     let policy = p.state.policy();
                     if let Err(reason) =
-                        authz::authorize_local(&policy, &dst_pod.pod, &pod.identity, peer, dst)
+                        authz::authorize_local(&policy, &dst_pod.pod, &pod.identity, src, dst)
                     {
                         Stats::inc(&p.stats.policy_denied);
                         p.conns.refused(&info(Route::Local, Some(&dst_pod.pod)), Failure::PolicyDenied);
@@ -98,6 +102,22 @@ pub async fn serve(p: Proxy, pod: Arc<PodEntry>, client: TcpStream, peer: Socket
     }
     .instrument(span)
     .await;
+}
+
+/// The client's address as its destination sees it, and as policy and
+/// telemetry name it. Capture points the app's connect at the daemon's
+/// listener on the pod's loopback; the destination is reached from the
+/// pod's own address (tunnel, local delivery and passthrough alike). Where
+/// the accepted socket's peer reads `127.0.0.1:port` (every captured
+/// connection of the benchmark's run logged so; the netns tests' peers read
+/// the pod's address), it is named by the pod's address with the app's
+/// port: an `ipBlocks` rule matched against `127.0.0.1` would let a
+/// same-node client past a deny of its address, and deny one an allow names.
+fn source_of(peer: SocketAddr, pod_ip: Option<IpAddr>) -> SocketAddr {
+    match pod_ip {
+        Some(ip) if peer.ip().to_canonical().is_loopback() => SocketAddr::new(ip, peer.port()),
+        _ => peer,
+    }
 }
 
 /// Relays the client with a plain TCP upstream (local delivery, passthrough).
@@ -275,6 +295,29 @@ mod tests {
         state::{NodeState, StateSettings},
         testing,
     };
+
+    #[test]
+    fn a_loopback_peer_is_named_by_the_pod_address() {
+        let pod: IpAddr = "10.77.1.2".parse().unwrap();
+        let got = source_of("127.0.0.1:56600".parse().unwrap(), Some(pod));
+        assert_eq!(got, "10.77.1.2:56600".parse().unwrap());
+        let v6: IpAddr = "fd77:1::2".parse().unwrap();
+        assert_eq!(
+            source_of("[::1]:4000".parse().unwrap(), Some(v6)),
+            "[fd77:1::2]:4000".parse().unwrap()
+        );
+        assert_eq!(
+            source_of("[::ffff:127.0.0.1]:4000".parse().unwrap(), Some(pod)),
+            "10.77.1.2:4000".parse().unwrap()
+        );
+        // A peer that already is an address of the network is kept, and so
+        // is a loopback peer of a pod without an address of that family.
+        assert_eq!(
+            source_of("10.77.1.9:1".parse().unwrap(), Some(pod)),
+            "10.77.1.9:1".parse().unwrap()
+        );
+        assert_eq!(source_of("127.0.0.1:1".parse().unwrap(), None), "127.0.0.1:1".parse().unwrap());
+    }
 
     /// The state an idle captured connection's task holds (every open
     /// connection but a resumable tunnel stream pays it; that one's relay

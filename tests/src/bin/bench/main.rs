@@ -625,6 +625,12 @@ fn run_round(ctx: &Ctx, cand: &mut Candidate, round: u32) {
     };
 
     measure_throughput(ctx, cand, &running, &pids);
+    if let (Running::Tlsmesh(p), Kind::TlsmeshQuic) = (&running, cand.kind) {
+        let note = tlsmesh::quic_path_note(p)
+            .unwrap_or_else(|e| format!("cannot read the QUIC path: {e}"));
+        eprintln!("bench:   {note}");
+        cand.notes.push(format!("round {}: {note}", round + 1));
+    }
     if !stopped() {
         measure_rr(ctx, cand, &running);
     }

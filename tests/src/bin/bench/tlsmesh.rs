@@ -161,6 +161,37 @@ pub struct Routes {
     pub inbound_plaintext_accepted: u64,
 }
 
+/// The QUIC client's UDP socket (buffers, GSO/GRO) and its busiest pooled
+/// connection's path (`/config_dump` `pool`): a note that tells whether the
+/// offloads were on, what datagram size MTU discovery reached and whether
+/// the throughput runs lost packets.
+pub fn quic_path_note(pair: &Pair) -> Result<String, String> {
+    let (_, v) = pair
+        .client
+        .get("/config_dump")
+        .map_err(|e| format!("{} /config_dump: {e}", pair.client.node))?;
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+    let sock = &v["pool"]["quic_socket"];
+    let path = v["pool"]["quic_paths"]
+        .as_array()
+        .and_then(|ps| ps.iter().max_by_key(|p| n(p, "sent_packets")))
+        .ok_or("no QUIC connection in the client's pool")?;
+    Ok(format!(
+        "QUIC client socket: GSO {} segments, GRO {} segments, buffers {} / {} KiB (receive / send); \
+         busiest connection after the throughput runs: {} B datagrams, {} of {} packets lost, \
+         {} congestion events, RTT {} µs",
+        n(sock, "gso_segments"),
+        n(sock, "gro_segments"),
+        n(sock, "recv_buffer") / 1024,
+        n(sock, "send_buffer") / 1024,
+        n(path, "mtu"),
+        n(path, "lost_packets"),
+        n(path, "sent_packets"),
+        n(path, "congestion_events"),
+        n(path, "rtt_us"),
+    ))
+}
+
 impl Routes {
     /// Reads the counters now (missing counters read as 0).
     pub fn read(pair: &Pair) -> Result<Self, String> {
