@@ -256,6 +256,23 @@ fn policy_crds(c: &Client) -> impl std::future::Future<Output = ()> + '_ {
     install_crds(c, crds)
 }
 
+/// A cluster with the policy CRDs and a strict namespace `shop`: pod
+/// `web` (node 0's first pod, the client) and pod `db` (the topology pod
+/// `server`, an echo server on [`PORT`]), both Running.
+fn shop_web_and_db(pods_per_node: usize, server: (usize, usize)) -> (Cluster, Client, Pod, Pod) {
+    let mut cl = Cluster::start(pods_per_node);
+    let (client, server) = (cl.topo.pod(0, 0).clone(), cl.topo.pod(server.0, server.1).clone());
+    let c = cl.client();
+    cl.rt.block_on(async {
+        policy_crds(&c).await;
+        namespace(&c, "shop", Some("strict")).await;
+    });
+    cl.running_pod("shop", &client, "web");
+    cl.running_pod("shop", &server, "db");
+    echo_server(&server.netns, SocketAddr::new(server.ip4.into(), PORT));
+    (cl, c, client, server)
+}
+
 /// A client in pod `p` (its netns and cgroup, as a pod's app runs): one
 /// connection to `dst`, `payload` sent, the write side shut, the echo read.
 /// `None` when refused or reset.
@@ -281,16 +298,7 @@ fn real_apiserver_ip_blocks_match_a_same_node_client_by_its_pod_address() {
         return;
     }
     let _turn = one_at_a_time();
-    let mut cl = Cluster::start(2);
-    let (client, server) = (cl.topo.pod(0, 0).clone(), cl.topo.pod(0, 1).clone());
-    let c = cl.client();
-    cl.rt.block_on(async {
-        policy_crds(&c).await;
-        namespace(&c, "shop", Some("strict")).await;
-    });
-    cl.running_pod("shop", &client, "web");
-    cl.running_pod("shop", &server, "db");
-    echo_server(&server.netns, SocketAddr::new(server.ip4.into(), PORT));
+    let (cl, c, client, server) = shop_web_and_db(2, (0, 1));
     let d0 = cl.daemon(0);
     until_served(&d0, &["shop/n0p0", "shop/n0p1"], "both pods on node 0");
     let dst = SocketAddr::new(server.ip4.into(), PORT);
@@ -363,16 +371,7 @@ fn real_apiserver_policy_objects_are_enforced_and_open_streams_rechecked() {
         return;
     }
     let _turn = one_at_a_time();
-    let mut cl = Cluster::start(1);
-    let (client, server) = (cl.topo.pod(0, 0).clone(), cl.topo.pod(1, 0).clone());
-    let c = cl.client();
-    cl.rt.block_on(async {
-        policy_crds(&c).await;
-        namespace(&c, "shop", Some("strict")).await;
-    });
-    cl.running_pod("shop", &client, "web");
-    cl.running_pod("shop", &server, "db");
-    echo_server(&server.netns, SocketAddr::new(server.ip4.into(), PORT));
+    let (cl, c, client, server) = shop_web_and_db(1, (1, 0));
     let d0 = cl.daemon(0);
     let d1 = cl.daemon(1);
     until_served(&d0, &["shop/n0p0"], "client");
