@@ -237,7 +237,13 @@ pub(crate) async fn relay_sockets(
     };
     let mut point = from;
     loop {
-        let stop = guard.handover_requested();
+        let mut turn = None;
+        let stop = async {
+            guard.handover_requested().await;
+            // Relays on until its turn (boxed: an idle relay's future does
+            // not carry the wait).
+            turn = Box::pin(guard.handover_turn()).await;
+        };
         let end = tokio::select! {
             end = tlsmesh_tunnel::splice_pausable(&mut first, &mut second, point, stop) => Some(end),
             () = guard.closed() => None,
@@ -259,7 +265,9 @@ pub(crate) async fn relay_sockets(
             }
             Some(SpliceEnd::Paused(at)) => {
                 let what = Offered::Relay { point: at, sockets: [first.as_fd(), second.as_fd()] };
-                if guard.hand_off(moved(&at), what).await {
+                let taken = guard.hand_off(moved(&at), what).await;
+                drop(turn);
+                if taken {
                     // The next daemon relays it: close our copies, no reset.
                     return;
                 }
