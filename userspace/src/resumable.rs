@@ -150,8 +150,9 @@ fn key(token: &str) -> Option<[u8; 32]> {
 /// At most this many of a going daemon's streams are moving (quiescing,
 /// offered, waiting for the new daemon's resume) at once; the others relay
 /// on until their turn. A stream stalls only while it moves itself, not
-/// for the whole handover of every stream before it.
-const MOVING_AT_ONCE: usize = 1024;
+/// for the whole handover of every stream before it. The same bound as the
+/// connection table's relays of two sockets, in a pool of its own.
+const MOVING_AT_ONCE: usize = crate::conns::MOVING_AT_ONCE;
 
 /// The resumable streams of this daemon, by token (a tunnel server looks a
 /// QUIESCE or RESUME up here).
